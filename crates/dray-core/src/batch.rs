@@ -1,0 +1,90 @@
+//! Helpers both stores share for bulk inserts.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::types::{Enqueued, NewMessage};
+
+/// A batch with repeated dedup keys folded: `send` lists the rows to insert (indexes into the
+/// input), and `answer[i]` names the position in `send` whose outcome answers input `i`.
+#[derive(Debug)]
+pub struct DedupedBatch {
+    /// Indexes of the input rows to insert, in input order.
+    pub send: Vec<usize>,
+    /// For every input row, the position in `send` that answers it.
+    pub answer: Vec<usize>,
+}
+
+/// Folds rows whose (queue, key) repeats an earlier row of the same batch into that row: one
+/// statement may not insert and then find the same key, and the later rows are duplicates of
+/// the first anyway.
+pub fn dedup_keys(messages: &[NewMessage]) -> DedupedBatch {
+    let mut send = Vec::with_capacity(messages.len());
+    let mut answer = Vec::with_capacity(messages.len());
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(key) = &m.key {
+            if let Some(&pos) = seen.get(&(m.queue.as_str(), key.as_str())) {
+                answer.push(pos);
+                continue;
+            }
+            seen.insert((m.queue.as_str(), key.as_str()), send.len());
+        }
+        answer.push(send.len());
+        send.push(i);
+    }
+    DedupedBatch { send, answer }
+}
+
+impl DedupedBatch {
+    /// Spreads the outcomes of the sent rows back over the input: a folded row reports its
+    /// first row's id, as a duplicate.
+    pub fn spread(&self, sent: &[Enqueued]) -> Result<Vec<Enqueued>> {
+        if sent.len() != self.send.len() {
+            return Err(Error::CorruptRow {
+                id: String::new(),
+                reason: format!(
+                    "insert returned {} rows for {} messages",
+                    sent.len(),
+                    self.send.len()
+                ),
+            });
+        }
+        let mut first = vec![true; sent.len()];
+        Ok(self
+            .answer
+            .iter()
+            .map(|&pos| {
+                let mut e = sent[pos];
+                if !std::mem::replace(&mut first[pos], false) {
+                    e.duplicate = true;
+                }
+                e
+            })
+            .collect())
+    }
+}
+
+/// Reads stored headers (a JSON object of strings).
+pub fn decode_headers(
+    id: &uuid::Uuid,
+    value: serde_json::Value,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    serde_json::from_value(value).map_err(|e| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("headers are not a JSON object of strings: {e}"),
+    })
+}
+
+/// Reads a stored state name.
+pub fn decode_state(id: &uuid::Uuid, s: &str) -> Result<crate::MessageState> {
+    crate::MessageState::parse(s).map_err(|e| Error::CorruptRow {
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Microseconds in `d`, saturating (for SQL interval arithmetic).
+pub fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,120 @@
+//! Human durations: `"250ms"`, `"30s"`, `"5m"`, `"1h30m"`, `"2d"`.
+//!
+//! Used by the CLI, the HTTP API and the `#[dray::job(timeout = "5m")]` attributes, so one
+//! grammar serves them all: one or more `<integer><unit>` groups, units `ms s m h d`.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Parses a human duration such as `"30s"` or `"1h30m"`.
+pub fn parse_duration(input: &str) -> Result<Duration> {
+    let bad = |why: &str| {
+        Error::invalid(
+            "duration",
+            format!("{input:?} {why}; write it like 250ms, 30s, 5m, 1h30m or 2d"),
+        )
+    };
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(bad("is empty"));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad("needs a number before each unit"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| bad("has a number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => n
+                .checked_mul(60)
+                .map(Duration::from_secs)
+                .ok_or_else(|| bad("is too large"))?,
+            "h" => n
+                .checked_mul(3600)
+                .map(Duration::from_secs)
+                .ok_or_else(|| bad("is too large"))?,
+            "d" => n
+                .checked_mul(86_400)
+                .map(Duration::from_secs)
+                .ok_or_else(|| bad("is too large"))?,
+            "" => return Err(bad("needs a unit after each number")),
+            _ => return Err(bad("has an unknown unit")),
+        };
+        total = total.checked_add(part).ok_or_else(|| bad("is too large"))?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration in the grammar [`parse_duration`] reads (`"1h30m"`, `"250ms"`).
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+        ("ms", 1),
+    ] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_grammar() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration(" 5m ").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn refuses_bad_input_with_a_reason() {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 parsecs",
+            "5x",
+            "-1s",
+            "99999999999999999999s",
+            "1.5s",
+        ] {
+            let err = parse_duration(bad).unwrap_err().to_string();
+            assert!(err.contains("write it like"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for d in [1u64, 999, 1000, 61_000, 5_400_000, 90_061_001] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+    }
+}

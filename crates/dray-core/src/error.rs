@@ -1,0 +1,184 @@
+//! Dray's error type.
+//!
+//! Every fallible call in Dray returns [`Error`]. Each variant says what was wrong and what to
+//! do about it; the [`Error::code`] of a variant is stable, so scripts and other-language clients
+//! can match on it without parsing prose.
+
+use uuid::Uuid;
+
+/// Shorthand for `Result<T, dray_core::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in Dray.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A queue name was empty, too long, or had characters outside `[A-Za-z0-9_.:-]`.
+    #[error("invalid queue name {name:?}: {reason}; use 1-{max} characters from A-Z a-z 0-9 _ . : -", max = crate::QueueName::MAX_LEN)]
+    InvalidQueueName {
+        /// The name as given.
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// An argument was outside what Dray accepts (a negative limit, an over-long key, …).
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// Which argument.
+        what: &'static str,
+        /// Why it was refused, and what is accepted.
+        reason: String,
+    },
+
+    /// Both `delay` and `not_before` were set on one enqueue; they are mutually exclusive.
+    #[error(
+        "delay and not_before are mutually exclusive: set one of them (delay is relative to the database clock, not_before is an absolute time); nothing was enqueued"
+    )]
+    DelayConflict,
+
+    /// A payload was larger than the configured maximum.
+    #[error(
+        "payload of {size} bytes exceeds the limit of {limit} bytes; store large data elsewhere and enqueue a reference, or raise the limit with QueueConfig::max_payload_bytes; nothing was enqueued"
+    )]
+    PayloadTooLarge {
+        /// Size of the serialized payload in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+
+    /// A payload could not be serialized to or deserialized from JSON.
+    #[error("payload is not valid JSON for this use: {0}")]
+    Payload(#[from] serde_json::Error),
+
+    /// No message or job has this id.
+    #[error(
+        "no message or job with id {id}; check the id (list them with `dray queue stats` or the dashboard)"
+    )]
+    NotFound {
+        /// The id that was looked up.
+        id: Uuid,
+    },
+
+    /// A worker's write about a claimed message was rejected because it no longer holds the
+    /// lease: the lease expired and the message was redelivered (or finished) meanwhile.
+    #[error(
+        "lease lost on {id} (delivery {attempt}): it expired and the message was taken back; this worker's result is discarded, the new delivery is authoritative"
+    )]
+    LeaseLost {
+        /// The message or job.
+        id: Uuid,
+        /// The delivery (attempt) whose lease was lost.
+        attempt: i32,
+    },
+
+    /// The database schema was written by a newer version of Dray than this binary.
+    #[error(
+        "the database schema is at version {found}, newer than this build of Dray understands (up to {supported}); upgrade Dray, or point it at another database or schema"
+    )]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i64,
+        /// Highest version this build knows.
+        supported: i64,
+    },
+
+    /// The database schema is missing or older than this binary needs.
+    #[error(
+        "the database schema is at version {found}, this build of Dray needs version {required}; run `dray migrate` (or Store::migrate) first"
+    )]
+    SchemaOutdated {
+        /// Version found in the database (0 when Dray's tables do not exist).
+        found: i64,
+        /// Version this build needs.
+        required: i64,
+    },
+
+    /// A database URL could not be understood.
+    #[error(
+        "invalid database URL {url:?}: {reason}; expected postgres://user@host:port/db or sqlite://path/to/file.db"
+    )]
+    InvalidUrl {
+        /// The URL as given (passwords are not echoed).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The database could not be reached.
+    #[error(
+        "cannot connect to the database: {source}; check that the server is running and the URL (host, port, user, database) is right"
+    )]
+    Connect {
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A stored row could not be read back (written by another tool, or corrupted).
+    #[error(
+        "stored row {id} is unreadable: {reason}; inspect it in the database, fix or delete it"
+    )]
+    CorruptRow {
+        /// The row's id, when known.
+        id: String,
+        /// What could not be decoded.
+        reason: String,
+    },
+
+    /// A database operation failed.
+    #[error("database error during {op}: {source}")]
+    Database {
+        /// The store operation that failed.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A wait ran out of time.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+impl Error {
+    /// A stable, machine-readable code for this error (`"invalid_queue_name"`, `"lease_lost"`…).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidQueueName { .. } => "invalid_queue_name",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::DelayConflict => "delay_conflict",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::Payload(_) => "invalid_payload",
+            Error::NotFound { .. } => "not_found",
+            Error::LeaseLost { .. } => "lease_lost",
+            Error::SchemaTooNew { .. } => "schema_too_new",
+            Error::SchemaOutdated { .. } => "schema_outdated",
+            Error::InvalidUrl { .. } => "invalid_url",
+            Error::Connect { .. } => "connect",
+            Error::CorruptRow { .. } => "corrupt_row",
+            Error::Database { .. } => "database",
+            Error::Timeout(_) => "timeout",
+        }
+    }
+
+    /// Wraps a driver error raised by store operation `op`. Connection failures become
+    /// [`Error::Connect`] so callers can tell "unreachable" from "the query failed".
+    pub fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| match source {
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
+                Error::Connect { source }
+            }
+            source => Error::Database { op, source },
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(what: &'static str, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            what,
+            reason: reason.into(),
+        }
+    }
+}

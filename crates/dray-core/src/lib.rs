@@ -1,0 +1,29 @@
+//! Dray's engine: the types, the [`Store`] contract and the queue port.
+//!
+//! Applications depend on the `dray` facade crate, which re-exports this crate and the stores.
+//! This crate holds no SQL: the stores (`dray-postgres`, `dray-sqlite`) implement [`Store`].
+
+#![forbid(unsafe_code)]
+
+pub mod batch;
+pub mod duration;
+pub mod error;
+pub mod migrate;
+pub mod queue;
+pub mod store;
+pub mod types;
+pub mod wake;
+
+pub use duration::{format_duration, parse_duration};
+pub use error::{Error, Result};
+pub use migrate::{Migration, SchemaMode};
+pub use queue::{EnqueueOptions, Queue, QueueConfig, ReceiveOptions};
+pub use store::{Store, StoreConnection};
+pub use types::{
+    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, RunAt,
+};
+pub use wake::WakeHub;
+
+/// Re-exported so callers name the same versions Dray uses.
+pub use {chrono, serde_json, sqlx, uuid};

@@ -1,0 +1,635 @@
+//! The queue port: named queues of JSON messages with leases.
+//!
+//! This is the raw port of Forze's queue contract (`enqueue`, `enqueue_many`, `receive`,
+//! `consume`, `ack`, `nack`), the layer typed jobs are built on, and what non-Rust workers use
+//! over HTTP.
+//!
+//! * **Delivery** is at-least-once. A received message is *leased* (invisible to other
+//!   receivers) until it is acked, nacked, or its lease (visibility timeout) ends; then it is
+//!   delivered again with its [`Message::attempt`] raised by one.
+//! * **Order**: priority (higher first), then due time, then id (UUIDv7, so enqueue order).
+//! * **Time** is the database's clock: `delay` is added to the database's `now()`, and leases
+//!   end by the database's clock, so skewed worker clocks cannot deliver early or twice.
+//! * **Keys**: while a message of a queue with key `k` is unfinished (not completed, dead or
+//!   cancelled), enqueuing another message with key `k` on that queue stores nothing and returns
+//!   the existing id with [`Enqueued::duplicate`] set. Once it is finished the key is free again.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures_core::Stream;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::{Store, StoreConnection};
+use crate::types::{
+    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, NackAction, NewMessage, Priority,
+    QueueName, QueueStats, RescueReport, RunAt,
+};
+
+/// Default largest payload, serialized: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Default lease (visibility timeout) of a received message: 30 seconds.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default deliveries before a message is dead: 25.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
+/// How often receivers sweep expired leases back to available, by default: every second.
+pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most messages one `receive` returns.
+pub const MAX_RECEIVE_LIMIT: u32 = 10_000;
+/// Longest accepted dedup key, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+/// Longest accepted message type, in bytes.
+pub const MAX_KIND_LEN: usize = 256;
+
+/// Settings of a [`Queue`] handle.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    /// Largest payload accepted, serialized ([`DEFAULT_MAX_PAYLOAD_BYTES`]).
+    pub max_payload_bytes: usize,
+    /// Lease of received messages unless [`ReceiveOptions::lease`] says otherwise
+    /// ([`DEFAULT_LEASE`]).
+    pub default_lease: Duration,
+    /// Deliveries allowed unless [`EnqueueOptions::max_attempts`] says otherwise
+    /// ([`DEFAULT_MAX_ATTEMPTS`]).
+    pub max_attempts: i32,
+    /// How often this handle's receivers sweep expired leases ([`DEFAULT_RESCUE_INTERVAL`]).
+    pub rescue_interval: Duration,
+    /// Recorded as the lease holder of received messages, for operators.
+    pub receiver_id: Option<String>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            default_lease: DEFAULT_LEASE,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            rescue_interval: DEFAULT_RESCUE_INTERVAL,
+            receiver_id: None,
+        }
+    }
+}
+
+/// Options of one enqueue (Forze's keyword arguments). All are optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EnqueueOptions {
+    /// Message type (Forze's `type`).
+    pub kind: Option<String>,
+    /// Dedup key (see the module docs).
+    pub key: Option<String>,
+    /// Delivery priority (default [`Priority::NORMAL`]).
+    pub priority: Priority,
+    /// Deliver this long after the database's `now()`. Exclusive with `not_before`.
+    pub delay: Option<Duration>,
+    /// Deliver no earlier than this instant. Exclusive with `delay`.
+    pub not_before: Option<DateTime<Utc>>,
+    /// Recorded enqueue time (Forze's `enqueued_at`); the database's `now()` when unset.
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// Headers carried with the message.
+    pub headers: BTreeMap<String, String>,
+    /// Deliveries allowed before the message is dead.
+    pub max_attempts: Option<i32>,
+}
+
+impl EnqueueOptions {
+    /// No options: due now, normal priority.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the message type.
+    pub fn kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+    /// Sets the dedup key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+    /// Delays delivery.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+    /// Holds delivery until `at`.
+    pub fn not_before(mut self, at: DateTime<Utc>) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+    /// Records a caller-chosen enqueue time.
+    pub fn enqueued_at(mut self, at: DateTime<Utc>) -> Self {
+        self.enqueued_at = Some(at);
+        self
+    }
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+    /// Sets the deliveries allowed before the message is dead.
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    fn run_at(&self) -> Result<RunAt> {
+        match (self.delay, self.not_before) {
+            (Some(_), Some(_)) => Err(Error::DelayConflict),
+            (Some(d), None) if d.is_zero() => Ok(RunAt::Now),
+            (Some(d), None) => {
+                if chrono::Duration::from_std(d).is_err()
+                    || d > Duration::from_secs(100 * 365 * 86_400)
+                {
+                    return Err(Error::invalid(
+                        "delay",
+                        format!("{d:?} is longer than 100 years"),
+                    ));
+                }
+                Ok(RunAt::After(d))
+            }
+            (None, Some(at)) => Ok(RunAt::At(at)),
+            (None, None) => Ok(RunAt::Now),
+        }
+    }
+}
+
+/// Options of one `receive`.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    /// Most messages to return (1 to [`MAX_RECEIVE_LIMIT`]).
+    pub limit: u32,
+    /// Longest time to wait for a first message (long poll); zero returns at once.
+    pub wait: Duration,
+    /// Lease (visibility timeout) of the returned messages; the queue's default when `None`.
+    pub lease: Option<Duration>,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            limit: 1,
+            wait: Duration::ZERO,
+            lease: None,
+        }
+    }
+}
+
+/// A handle on a store's queues. Cheap to clone; clones share settings.
+#[derive(Clone)]
+pub struct Queue<S: Store> {
+    store: S,
+    config: Arc<QueueConfig>,
+    last_rescue: Arc<Mutex<Option<Instant>>>,
+}
+
+impl<S: Store> std::fmt::Debug for Queue<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("backend", &self.store.backend())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S: Store> Queue<S> {
+    /// A handle with the default [`QueueConfig`].
+    pub fn new(store: S) -> Self {
+        Self::with_config(store, QueueConfig::default())
+    }
+
+    /// A handle with the given settings.
+    pub fn with_config(store: S, config: QueueConfig) -> Self {
+        Queue {
+            store,
+            config: Arc::new(config),
+            last_rescue: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Builds the row for one message without storing it: validates the queue name, options
+    /// and payload size, and makes the id (UUIDv7).
+    pub fn message(
+        &self,
+        queue: &str,
+        payload: &impl Serialize,
+        options: &EnqueueOptions,
+    ) -> Result<NewMessage> {
+        let queue = QueueName::new(queue)?;
+        self.build(queue, payload, options, options.run_at()?)
+    }
+
+    fn build(
+        &self,
+        queue: QueueName,
+        payload: &impl Serialize,
+        options: &EnqueueOptions,
+        run_at: RunAt,
+    ) -> Result<NewMessage> {
+        let payload = serde_json::to_string(payload)?;
+        if payload.len() > self.config.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size: payload.len(),
+                limit: self.config.max_payload_bytes,
+            });
+        }
+        if let Some(key) = &options.key {
+            if key.is_empty() || key.len() > MAX_KEY_LEN {
+                return Err(Error::invalid(
+                    "key",
+                    format!("a key must be 1 to {MAX_KEY_LEN} bytes, got {}", key.len()),
+                ));
+            }
+        }
+        if let Some(kind) = &options.kind {
+            if kind.is_empty() || kind.len() > MAX_KIND_LEN {
+                return Err(Error::invalid(
+                    "type",
+                    format!(
+                        "a message type must be 1 to {MAX_KIND_LEN} bytes, got {}",
+                        kind.len()
+                    ),
+                ));
+            }
+        }
+        let max_attempts = options.max_attempts.unwrap_or(self.config.max_attempts);
+        if max_attempts < 1 {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("must be at least 1, got {max_attempts}"),
+            ));
+        }
+        Ok(NewMessage {
+            id: Uuid::now_v7(),
+            queue,
+            kind: options.kind.clone(),
+            key: options.key.clone(),
+            payload,
+            headers: serde_json::to_string(&options.headers)?,
+            priority: options.priority,
+            run_at,
+            enqueued_at: options.enqueued_at,
+            max_attempts,
+        })
+    }
+
+    fn build_many<P: Serialize>(
+        &self,
+        queue: &str,
+        payloads: impl IntoIterator<Item = P>,
+        options: &EnqueueOptions,
+    ) -> Result<Vec<NewMessage>> {
+        let queue = QueueName::new(queue)?;
+        let run_at = options.run_at()?;
+        payloads
+            .into_iter()
+            .map(|p| self.build(queue.clone(), &p, options, run_at))
+            .collect()
+    }
+
+    /// Enqueues one message; returns its id (or the existing one, for a duplicate key).
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        payload: &impl Serialize,
+        options: &EnqueueOptions,
+    ) -> Result<Enqueued> {
+        let msg = self.message(queue, payload, options)?;
+        let mut out = self
+            .store
+            .message_insert_many(std::slice::from_ref(&msg))
+            .await?;
+        Ok(out.remove(0))
+    }
+
+    /// Enqueues many messages with the same options, in one statement where the database
+    /// allows and always in one transaction: all are stored, or none.
+    pub async fn enqueue_many<P: Serialize>(
+        &self,
+        queue: &str,
+        payloads: impl IntoIterator<Item = P>,
+        options: &EnqueueOptions,
+    ) -> Result<Vec<Enqueued>> {
+        let msgs = self.build_many(queue, payloads, options)?;
+        self.enqueue_messages(&msgs).await
+    }
+
+    /// Enqueues prepared messages (see [`Queue::message`]), possibly of different queues and
+    /// options, in one transaction.
+    pub async fn enqueue_messages(&self, messages: &[NewMessage]) -> Result<Vec<Enqueued>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.message_insert_many(messages).await
+    }
+
+    /// [`Queue::enqueue`] inside your transaction: the message exists if and only if it
+    /// commits. Pass `&mut *tx` for a `sqlx::Transaction` begun on the same database (for
+    /// SQLite, on [`Store::pool`]).
+    pub async fn enqueue_in(
+        &self,
+        conn: &mut StoreConnection<S>,
+        queue: &str,
+        payload: &impl Serialize,
+        options: &EnqueueOptions,
+    ) -> Result<Enqueued> {
+        let msg = self.message(queue, payload, options)?;
+        let mut out = self
+            .store
+            .message_insert_many_in(conn, std::slice::from_ref(&msg))
+            .await?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Queue::enqueue_many`] inside your transaction.
+    pub async fn enqueue_many_in<P: Serialize>(
+        &self,
+        conn: &mut StoreConnection<S>,
+        queue: &str,
+        payloads: impl IntoIterator<Item = P>,
+        options: &EnqueueOptions,
+    ) -> Result<Vec<Enqueued>> {
+        let msgs = self.build_many(queue, payloads, options)?;
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.message_insert_many_in(conn, &msgs).await
+    }
+
+    /// Receives up to `limit` messages, waiting up to `timeout` for the first one. Returned
+    /// messages are leased for the queue's default lease.
+    pub async fn receive(
+        &self,
+        queue: &str,
+        limit: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Message>> {
+        self.receive_with(
+            queue,
+            &ReceiveOptions {
+                limit,
+                wait: timeout,
+                lease: None,
+            },
+        )
+        .await
+    }
+
+    /// Receives with every option spelled out.
+    pub async fn receive_with(
+        &self,
+        queue: &str,
+        options: &ReceiveOptions,
+    ) -> Result<Vec<Message>> {
+        let queue = QueueName::new(queue)?;
+        if options.limit == 0 || options.limit > MAX_RECEIVE_LIMIT {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be 1 to {MAX_RECEIVE_LIMIT}, got {}", options.limit),
+            ));
+        }
+        let lease = options.lease.unwrap_or(self.config.default_lease);
+        if lease < Duration::from_millis(1) {
+            return Err(Error::invalid("lease", "must be at least 1ms"));
+        }
+        let params = ClaimParams {
+            queue,
+            limit: options.limit,
+            lease,
+            leased_by: self.config.receiver_id.clone(),
+        };
+        let deadline = Instant::now() + options.wait;
+        if !options.wait.is_zero() {
+            self.store.listen().await?;
+        }
+        let signal = self.store.wake().signal(params.queue.as_str());
+        loop {
+            // Register for wake-ups before looking, so one that lands between the look and the
+            // wait is not lost.
+            let mut notified = pin!(signal.notify().notified());
+            notified.as_mut().enable();
+            self.rescue_if_due().await?;
+            let got = self.store.message_claim(&params).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(got);
+            }
+            let mut wait = (deadline - now).min(self.store.poll_interval());
+            if let Some(due) = self.store.queue_next_due(&params.queue).await? {
+                wait = wait.min(due);
+            }
+            let _waiting = signal.waiting_guard();
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Sweeps expired leases at most once per [`QueueConfig::rescue_interval`].
+    async fn rescue_if_due(&self) -> Result<()> {
+        {
+            let mut last = self.last_rescue.lock().unwrap_or_else(|p| p.into_inner());
+            match *last {
+                Some(t) if t.elapsed() < self.config.rescue_interval => return Ok(()),
+                _ => *last = Some(Instant::now()),
+            }
+        }
+        self.store.message_rescue_expired(None).await.map(|_| ())
+    }
+
+    /// Takes back every expired lease now (normally done by receivers as they poll).
+    pub async fn rescue_expired(&self) -> Result<RescueReport> {
+        self.store.message_rescue_expired(None).await
+    }
+
+    /// A stream of messages: receives in batches of up to `batch`, yields them one by one, and
+    /// ends when no message arrives for `timeout` (or after yielding an error). Each yielded
+    /// message is leased; ack or nack it.
+    pub fn consume(
+        &self,
+        queue: &str,
+        batch: u32,
+        timeout: Duration,
+    ) -> impl Stream<Item = Result<Message>> + Send + 'static {
+        struct State<S: Store> {
+            queue: Queue<S>,
+            name: String,
+            options: ReceiveOptions,
+            buffer: std::collections::VecDeque<Message>,
+            done: bool,
+        }
+        let state = State {
+            queue: self.clone(),
+            name: queue.to_owned(),
+            options: ReceiveOptions {
+                limit: batch,
+                wait: timeout,
+                lease: None,
+            },
+            buffer: Default::default(),
+            done: false,
+        };
+        futures_util::stream::unfold(state, |mut st| async move {
+            if let Some(m) = st.buffer.pop_front() {
+                return Some((Ok(m), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.queue.receive_with(&st.name, &st.options).await {
+                Ok(batch) if batch.is_empty() => None,
+                Ok(batch) => {
+                    st.buffer.extend(batch);
+                    let first = st.buffer.pop_front()?;
+                    Some((Ok(first), st))
+                }
+                Err(e) => {
+                    st.done = true;
+                    Some((Err(e), st))
+                }
+            }
+        })
+    }
+
+    /// Acknowledges leased messages (they are completed); returns how many were.
+    pub async fn ack<R: Into<LeaseRef>>(
+        &self,
+        queue: &str,
+        refs: impl IntoIterator<Item = R>,
+    ) -> Result<u64> {
+        let (queue, refs) = Self::refs(queue, refs)?;
+        Ok(self
+            .store
+            .message_ack_many(&queue, &refs)
+            .await?
+            .applied
+            .len() as u64)
+    }
+
+    /// Acknowledges one message you received, fenced: [`Error::LeaseLost`] if its lease was
+    /// taken back meanwhile.
+    pub async fn ack_lease(&self, message: &Message) -> Result<()> {
+        let queue = QueueName::new(message.queue.as_str())?;
+        let w = self
+            .store
+            .message_ack_many(&queue, &[message.lease()])
+            .await?;
+        Self::fenced(message, w)
+    }
+
+    /// Negative-acknowledges leased messages: requeued for another delivery (dead instead
+    /// when out of attempts), or dead at once when `requeue` is false. Returns how many changed.
+    pub async fn nack<R: Into<LeaseRef>>(
+        &self,
+        queue: &str,
+        refs: impl IntoIterator<Item = R>,
+        requeue: bool,
+    ) -> Result<u64> {
+        let action = if requeue {
+            NackAction::Requeue {
+                delay: Duration::ZERO,
+            }
+        } else {
+            NackAction::Dead
+        };
+        self.nack_with(queue, refs, action)
+            .await
+            .map(|w| w.applied.len() as u64)
+    }
+
+    /// [`Queue::nack`] with a redelivery delay or an explicit action; reports which went dead.
+    pub async fn nack_with<R: Into<LeaseRef>>(
+        &self,
+        queue: &str,
+        refs: impl IntoIterator<Item = R>,
+        action: NackAction,
+    ) -> Result<LeaseWrite> {
+        let (queue, refs) = Self::refs(queue, refs)?;
+        self.store.message_nack_many(&queue, &refs, action).await
+    }
+
+    /// Extends leases: each now ends `by` from the database's `now()` (a heartbeat). Returns
+    /// how many leases were extended.
+    pub async fn extend<R: Into<LeaseRef>>(
+        &self,
+        queue: &str,
+        refs: impl IntoIterator<Item = R>,
+        by: Duration,
+    ) -> Result<u64> {
+        if by < Duration::from_millis(1) {
+            return Err(Error::invalid("lease", "must be at least 1ms"));
+        }
+        let (queue, refs) = Self::refs(queue, refs)?;
+        Ok(self
+            .store
+            .message_extend_many(&queue, &refs, by)
+            .await?
+            .applied
+            .len() as u64)
+    }
+
+    /// Extends the lease of one message you received, fenced.
+    pub async fn extend_lease(&self, message: &Message, by: Duration) -> Result<()> {
+        let queue = QueueName::new(message.queue.as_str())?;
+        let w = self
+            .store
+            .message_extend_many(&queue, &[message.lease()], by)
+            .await?;
+        Self::fenced(message, w)
+    }
+
+    /// Counts the queue's messages by state.
+    pub async fn stats(&self, queue: &str) -> Result<QueueStats> {
+        self.store.queue_stats(&QueueName::new(queue)?).await
+    }
+
+    /// Reads one message by id.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Message>> {
+        self.store.message_get(id).await
+    }
+
+    fn refs<R: Into<LeaseRef>>(
+        queue: &str,
+        refs: impl IntoIterator<Item = R>,
+    ) -> Result<(QueueName, Vec<LeaseRef>)> {
+        let queue = QueueName::new(queue)?;
+        let mut refs: Vec<LeaseRef> = refs.into_iter().map(Into::into).collect();
+        refs.sort_by_key(|r| r.id);
+        refs.dedup_by_key(|r| r.id);
+        Ok((queue, refs))
+    }
+
+    fn fenced(message: &Message, w: LeaseWrite) -> Result<()> {
+        if w.applied.contains(&message.id) {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost {
+                id: message.id,
+                attempt: message.attempt,
+            })
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The store seam: the only place Dray's engine meets a database.
+//!
+//! Every state transition is one method here and one transaction in the implementation, named
+//! noun-then-verb (`message_claim`, `message_ack_many`) so the trait reads as the list of
+//! everything that can happen to a row. Database differences live in the implementations
+//! (`dray-postgres`, `dray-sqlite`), never as `if sqlite` branches above this line. Both
+//! implementations pass the same conformance suite (`dray-testkit`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::types::{
+    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage,
+    QueueName, QueueStats, RescueReport,
+};
+use crate::wake::WakeHub;
+
+/// The connection type a caller's transaction dereferences to, for store `S`
+/// (`sqlx::PgConnection` or `sqlx::SqliteConnection`). Pass `&mut *tx` where a method asks for it.
+pub type StoreConnection<S> = <<S as Store>::Database as sqlx::Database>::Connection;
+
+/// A Dray store: PostgreSQL or SQLite behind one contract.
+///
+/// Implementations are cheap to clone (they share pools) and are safe to use from many tasks.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The sqlx database this store runs on; a caller's own transaction of this database can
+    /// carry Dray writes (see [`Store::message_insert_many_in`]).
+    type Database: sqlx::Database;
+
+    /// `"postgres"` or `"sqlite"`, for messages and reports.
+    fn backend(&self) -> &'static str;
+
+    /// The pool to begin transactions on when you want Dray writes to commit or roll back
+    /// with your own (on SQLite this is the single writer connection).
+    fn pool(&self) -> &sqlx::Pool<Self::Database>;
+
+    /// The in-process wake-up hub this store signals when work may have become available.
+    fn wake(&self) -> &WakeHub;
+
+    /// How often a waiting receiver re-checks the database when no wake-up arrives.
+    fn poll_interval(&self) -> Duration;
+
+    /// Makes sure wake-ups from other processes reach [`Store::wake`] (PostgreSQL: starts the
+    /// LISTEN connection, re-established if it drops). Cheap once started.
+    fn listen(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Applies every migration this build has that the database lacks; running it again
+    /// changes nothing. Refuses a schema newer than this build.
+    fn migrate(&self) -> impl Future<Output = Result<MigrationReport>> + Send;
+
+    /// The schema version in the database (0 when Dray's tables do not exist yet).
+    fn schema_version(&self) -> impl Future<Output = Result<i64>> + Send;
+
+    /// The database clock's `now()`. Leases, due times and schedules all use this clock.
+    fn now(&self) -> impl Future<Output = Result<DateTime<Utc>>> + Send;
+
+    /// Inserts messages in one transaction (one statement where the database allows).
+    /// Returns one [`Enqueued`] per input, in input order; a key that matches an unfinished
+    /// message of the same queue (or an earlier message of this batch) yields the existing id
+    /// with `duplicate = true`.
+    fn message_insert_many(
+        &self,
+        messages: &[NewMessage],
+    ) -> impl Future<Output = Result<Vec<Enqueued>>> + Send;
+
+    /// [`Store::message_insert_many`] inside the caller's transaction: the messages exist if and
+    /// only if that transaction commits.
+    fn message_insert_many_in(
+        &self,
+        conn: &mut StoreConnection<Self>,
+        messages: &[NewMessage],
+    ) -> impl Future<Output = Result<Vec<Enqueued>>> + Send;
+
+    /// Leases up to `limit` due messages of a queue, in delivery order (priority descending,
+    /// then due time, then id), raising each one's attempt by one. No message is leased by
+    /// two concurrent callers.
+    fn message_claim(
+        &self,
+        params: &ClaimParams,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// Marks leased messages completed. A fenced [`LeaseRef`] applies only while its delivery
+    /// still holds the lease.
+    fn message_ack_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Gives leased messages back: requeued (dead instead when out of attempts) or dead.
+    fn message_nack_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        action: NackAction,
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Sets the lease of leased messages to end `lease` from now (database clock).
+    fn message_extend_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        lease: Duration,
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Takes back every lease that has ended: the message becomes available again, or dead when
+    /// it has used all its attempts. `queue = None` sweeps every queue.
+    fn message_rescue_expired(
+        &self,
+        queue: Option<&QueueName>,
+    ) -> impl Future<Output = Result<RescueReport>> + Send;
+
+    /// Reads one message by id, in any state.
+    fn message_get(&self, id: Uuid) -> impl Future<Output = Result<Option<Message>>> + Send;
+
+    /// Counts a queue's messages by state, at one instant of the database clock.
+    fn queue_stats(&self, queue: &QueueName) -> impl Future<Output = Result<QueueStats>> + Send;
+
+    /// How long until the earliest not-yet-due message of the queue becomes due (database
+    /// clock), or `None` when there is none.
+    fn queue_next_due(
+        &self,
+        queue: &QueueName,
+    ) -> impl Future<Output = Result<Option<Duration>>> + Send;
+}

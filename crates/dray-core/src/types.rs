@@ -1,0 +1,416 @@
+//! The values that cross the store seam: queue names, priorities, messages and their states.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// A validated queue name: 1 to [`QueueName::MAX_LEN`] characters from `A-Z a-z 0-9 _ . : -`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct QueueName(String);
+
+impl QueueName {
+    /// Longest accepted queue name, in bytes.
+    pub const MAX_LEN: usize = 128;
+
+    /// Validates `name`.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let reason = if name.is_empty() {
+            Some("it is empty")
+        } else if name.len() > Self::MAX_LEN {
+            Some("it is too long")
+        } else if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        {
+            Some("it has characters outside the allowed set")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => Err(Error::InvalidQueueName { name, reason }),
+            None => Ok(QueueName(name)),
+        }
+    }
+
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl AsRef<str> for QueueName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for QueueName {
+    type Error = Error;
+    fn try_from(value: &str) -> Result<Self> {
+        QueueName::new(value)
+    }
+}
+
+impl TryFrom<String> for QueueName {
+    type Error = Error;
+    fn try_from(value: String) -> Result<Self> {
+        QueueName::new(value)
+    }
+}
+
+impl TryFrom<&QueueName> for QueueName {
+    type Error = Error;
+    fn try_from(value: &QueueName) -> Result<Self> {
+        Ok(value.clone())
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        QueueName::new(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Delivery priority: higher is delivered first. Any `i16` is accepted; the named levels are
+/// the ones Forge's `priority = "…"` attribute uses.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Priority(pub i16);
+
+impl Priority {
+    /// Runs after everything else.
+    pub const BACKGROUND: Priority = Priority(-20);
+    /// Behind normal work.
+    pub const LOW: Priority = Priority(-10);
+    /// The default.
+    pub const NORMAL: Priority = Priority(0);
+    /// Ahead of normal work.
+    pub const HIGH: Priority = Priority(10);
+    /// Ahead of everything else.
+    pub const CRITICAL: Priority = Priority(20);
+
+    /// Parses a level name (`background`, `low`, `normal`, `high`, `critical`) or an integer.
+    pub fn parse(s: &str) -> Result<Priority> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "background" => Self::BACKGROUND,
+            "low" => Self::LOW,
+            "normal" => Self::NORMAL,
+            "high" => Self::HIGH,
+            "critical" => Self::CRITICAL,
+            other => Priority(other.parse::<i16>().map_err(|_| {
+                Error::invalid(
+                    "priority",
+                    format!("{s:?} is not one of background, low, normal, high, critical or an integer from -32768 to 32767"),
+                )
+            })?),
+        })
+    }
+}
+
+/// Where a message is in its life.
+///
+/// `scheduled → available → running → completed`, with `retryable` between attempts, and the
+/// terminal states `completed`, `dead` and `cancelled`, which change only by an explicit re-drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Waiting for its due time.
+    Scheduled,
+    /// Due and waiting for a receiver.
+    Available,
+    /// Delivered and leased to a receiver.
+    Running,
+    /// Failed an attempt, waiting for the next one.
+    Retryable,
+    /// Acknowledged / finished successfully. Terminal.
+    Completed,
+    /// Rejected for good (nack without requeue, or attempts exhausted). Terminal.
+    Dead,
+    /// Cancelled before it finished. Terminal.
+    Cancelled,
+}
+
+impl MessageState {
+    /// Every state, in life order.
+    pub const ALL: [MessageState; 7] = [
+        MessageState::Scheduled,
+        MessageState::Available,
+        MessageState::Running,
+        MessageState::Retryable,
+        MessageState::Completed,
+        MessageState::Dead,
+        MessageState::Cancelled,
+    ];
+
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageState::Scheduled => "scheduled",
+            MessageState::Available => "available",
+            MessageState::Running => "running",
+            MessageState::Retryable => "retryable",
+            MessageState::Completed => "completed",
+            MessageState::Dead => "dead",
+            MessageState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored state name.
+    pub fn parse(s: &str) -> Result<MessageState> {
+        MessageState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "state",
+                    format!("{s:?} is not one of scheduled, available, running, retryable, completed, dead, cancelled"),
+                )
+            })
+    }
+
+    /// True for `completed`, `dead` and `cancelled`.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MessageState::Completed | MessageState::Dead | MessageState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for MessageState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When a new message becomes due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RunAt {
+    /// At once (the database's `now()` at insert).
+    #[default]
+    Now,
+    /// This long after the database's `now()` at insert.
+    After(Duration),
+    /// Not before this instant.
+    At(DateTime<Utc>),
+}
+
+/// A message as the store inserts it. Built by [`crate::Queue`] from a payload and
+/// [`crate::EnqueueOptions`]; the id is made client-side (UUIDv7), so batches need no round trip
+/// for ids.
+#[derive(Clone, Debug)]
+pub struct NewMessage {
+    /// UUIDv7 made by the client.
+    pub id: Uuid,
+    /// Target queue.
+    pub queue: QueueName,
+    /// Message type (Forze's `type`, a job's kind).
+    pub kind: Option<String>,
+    /// Dedup key: while a message of this queue with this key is unfinished, enqueuing another
+    /// returns the existing id.
+    pub key: Option<String>,
+    /// The payload, serialized JSON text.
+    pub payload: String,
+    /// Headers as serialized JSON object text.
+    pub headers: String,
+    /// Delivery priority.
+    pub priority: Priority,
+    /// When it becomes due.
+    pub run_at: RunAt,
+    /// Caller-supplied enqueue time; the database's `now()` when `None`.
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// Deliveries allowed before the message is dead.
+    pub max_attempts: i32,
+}
+
+/// What one enqueue did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enqueued {
+    /// The message's id: new, or the existing one when `duplicate`.
+    pub id: Uuid,
+    /// True when the key matched an unfinished message and nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// A stored message (a job row seen through the queue port).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Id (UUIDv7).
+    pub id: Uuid,
+    /// Queue it belongs to.
+    pub queue: String,
+    /// Message type, if given.
+    pub kind: Option<String>,
+    /// Dedup key, if given.
+    pub key: Option<String>,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// Headers.
+    pub headers: BTreeMap<String, String>,
+    /// Delivery priority.
+    pub priority: Priority,
+    /// Current state.
+    pub state: MessageState,
+    /// Deliveries so far (1 on the first delivery).
+    pub attempt: i32,
+    /// Deliveries allowed before it is dead.
+    pub max_attempts: i32,
+    /// When it was enqueued.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it is (or was) due.
+    pub run_at: DateTime<Utc>,
+    /// When the current lease ends, while `running`.
+    pub leased_until: Option<DateTime<Utc>>,
+    /// Who holds the lease, while `running`.
+    pub leased_by: Option<String>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Message {
+    /// A reference to this delivery, for fenced `ack`/`nack`/`extend`.
+    pub fn lease(&self) -> LeaseRef {
+        LeaseRef {
+            id: self.id,
+            attempt: Some(self.attempt),
+        }
+    }
+
+    /// Deserializes the payload into `T`.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        Ok(T::deserialize(&self.payload)?)
+    }
+}
+
+/// Names a leased message in `ack`, `nack` and `extend`.
+///
+/// Built from a [`Message`] (`&msg`), it is *fenced*: it names the delivery (attempt) you hold,
+/// and the write is refused if the lease was taken back meanwhile. Built from a bare [`Uuid`], it
+/// acts on whatever delivery currently holds the message (what the CLI does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    /// The message id.
+    pub id: Uuid,
+    /// The delivery it must still be on, or `None` for any.
+    pub attempt: Option<i32>,
+}
+
+impl From<Uuid> for LeaseRef {
+    fn from(id: Uuid) -> Self {
+        LeaseRef { id, attempt: None }
+    }
+}
+
+impl From<&Uuid> for LeaseRef {
+    fn from(id: &Uuid) -> Self {
+        LeaseRef {
+            id: *id,
+            attempt: None,
+        }
+    }
+}
+
+impl From<&Message> for LeaseRef {
+    fn from(m: &Message) -> Self {
+        m.lease()
+    }
+}
+
+impl From<Message> for LeaseRef {
+    fn from(m: Message) -> Self {
+        m.lease()
+    }
+}
+
+/// Counts of one queue's messages by where they stand, read at one instant of the database clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Due and waiting for a receiver.
+    pub available: i64,
+    /// Waiting for their due time (delayed, or retrying later).
+    pub scheduled: i64,
+    /// Delivered and under lease.
+    pub leased: i64,
+    /// Acknowledged.
+    pub completed: i64,
+    /// Dead (nacked without requeue, or out of attempts).
+    pub dead: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+}
+
+/// A request to lease up to `limit` due messages of `queue`.
+#[derive(Clone, Debug)]
+pub struct ClaimParams {
+    /// The queue.
+    pub queue: QueueName,
+    /// Most messages to lease.
+    pub limit: u32,
+    /// Lease (visibility timeout) length.
+    pub lease: Duration,
+    /// Who takes the lease (worker id), recorded for operators.
+    pub leased_by: Option<String>,
+}
+
+/// What a `nack` does with each message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NackAction {
+    /// Make it deliverable again after `delay` (dead instead when out of attempts).
+    Requeue {
+        /// How long to wait before redelivery.
+        delay: Duration,
+    },
+    /// Make it dead at once.
+    Dead,
+}
+
+/// The result of a store write about leased messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseWrite {
+    /// Ids the write applied to.
+    pub applied: Vec<Uuid>,
+    /// Ids of messages that went dead instead of being requeued (out of attempts).
+    pub dead: Vec<Uuid>,
+}
+
+/// What a sweep of expired leases did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RescueReport {
+    /// Made available again.
+    pub requeued: u64,
+    /// Out of attempts, now dead.
+    pub dead: u64,
+}
+
+/// What a migration run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationReport {
+    /// Schema version before the run (0: no Dray tables).
+    pub from: i64,
+    /// Schema version after the run.
+    pub to: i64,
+    /// Versions applied by this run, in order.
+    pub applied: Vec<i64>,
+}

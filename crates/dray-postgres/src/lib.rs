@@ -1,0 +1,776 @@
+//! Dray's PostgreSQL store: the scale-out store. Any number of processes on any number of
+//! machines share one database; claims use `FOR UPDATE SKIP LOCKED`, wake-ups use
+//! LISTEN/NOTIFY, and all time comes from the database clock.
+//!
+//! ```no_run
+//! # async fn f() -> dray_core::Result<()> {
+//! use dray_postgres::PgStore;
+//! let store = PgStore::builder("postgres://postgres@127.0.0.1/postgres")
+//!     .schema("dray")
+//!     .migrate(true)
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod sql;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dray_core::batch::{decode_headers, decode_state, dedup_keys, micros};
+use dray_core::migrate::{self, Migration, SchemaMode};
+use dray_core::{
+    ClaimParams, Enqueued, Error, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
+};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
+use uuid::Uuid;
+
+use crate::sql::Sql;
+
+/// The migrations this build knows, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs",
+    sql: include_str!("../migrations/0001_jobs.sql"),
+}];
+
+/// Default schema for Dray's tables.
+pub const DEFAULT_SCHEMA: &str = "dray";
+/// Default pool size.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// Default fallback poll interval of waiting receivers (LISTEN/NOTIFY wakes them sooner).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Settings for opening a [`PgStore`].
+#[derive(Clone, Debug)]
+pub struct PgStoreBuilder {
+    url: String,
+    schema: String,
+    max_connections: u32,
+    schema_mode: SchemaMode,
+    poll_interval: Duration,
+    application_name: Option<String>,
+}
+
+impl PgStoreBuilder {
+    /// Schema holding Dray's tables ([`DEFAULT_SCHEMA`]): lowercase letters, digits and `_`,
+    /// starting with a letter or `_`, at most 63 bytes.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+    /// Pool size ([`DEFAULT_MAX_CONNECTIONS`]); the LISTEN connection is extra.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+    /// `true`: apply pending migrations on connect. `false` (the default): refuse to open a
+    /// schema that is not exactly this build's ([`SchemaMode::Check`]).
+    pub fn migrate(mut self, yes: bool) -> Self {
+        self.schema_mode = if yes {
+            SchemaMode::Migrate
+        } else {
+            SchemaMode::Check
+        };
+        self
+    }
+    /// What to do about the schema on connect.
+    pub fn schema_mode(mut self, mode: SchemaMode) -> Self {
+        self.schema_mode = mode;
+        self
+    }
+    /// Fallback poll interval of waiting receivers ([`DEFAULT_POLL_INTERVAL`]).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+    /// `application_name` of the store's connections (shown in `pg_stat_activity`); the LISTEN
+    /// connection gets the same name with `:listen` appended.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Connects (one connection is opened at once, so a bad URL or an unreachable server fails
+    /// here), then handles the schema as configured.
+    pub async fn connect(self) -> Result<PgStore> {
+        validate_schema(&self.schema)?;
+        if self.max_connections == 0 {
+            return Err(Error::invalid("max_connections", "must be at least 1"));
+        }
+        let mut options = PgConnectOptions::from_str(&self.url).map_err(|e| Error::InvalidUrl {
+            url: redact(&self.url),
+            reason: e.to_string(),
+        })?;
+        let app = self
+            .application_name
+            .clone()
+            .unwrap_or_else(|| format!("dray:{}", self.schema));
+        options = options.application_name(&app);
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .map_err(|source| Error::Connect { source })?;
+        let listen_options = options.application_name(&format!("{app}:listen"));
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(listen_options);
+        let quoted = format!("\"{}\"", self.schema);
+        let store = PgStore {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&quoted),
+                channel: format!("{}.dray", self.schema),
+                schema: self.schema,
+                pool,
+                listen_pool,
+                hub: Arc::new(WakeHub::new()),
+                listener: tokio::sync::OnceCell::new(),
+                poll_interval: self.poll_interval,
+            }),
+        };
+        match self.schema_mode {
+            SchemaMode::Migrate => {
+                store.migrate().await?;
+            }
+            SchemaMode::Check => migrate::check(MIGRATIONS, store.schema_version().await?)?,
+            SchemaMode::Skip => {}
+        }
+        Ok(store)
+    }
+}
+
+fn validate_schema(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "schema",
+            format!("{schema:?}: use 1-63 characters from a-z 0-9 _, not starting with a digit"),
+        ))
+    }
+}
+
+/// Hides a password in a URL before it is echoed in an error.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone; clones share the pool, the LISTEN connection and the
+/// wake-up hub.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    schema: String,
+    channel: String,
+    pool: PgPool,
+    listen_pool: PgPool,
+    sql: Sql,
+    hub: Arc<WakeHub>,
+    listener: tokio::sync::OnceCell<ListenerTask>,
+    poll_interval: Duration,
+}
+
+/// The background task feeding NOTIFYs into the hub; aborted when the store is dropped.
+struct ListenerTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ListenerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.inner.schema)
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Settings for a store at `url` (`postgres://user:password@host:port/database`).
+    pub fn builder(url: impl Into<String>) -> PgStoreBuilder {
+        PgStoreBuilder {
+            url: url.into(),
+            schema: DEFAULT_SCHEMA.into(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            schema_mode: SchemaMode::Check,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            application_name: None,
+        }
+    }
+
+    /// Connects with the default settings (schema `dray`, schema checked, not migrated).
+    pub async fn connect(url: &str) -> Result<PgStore> {
+        Self::builder(url).connect().await
+    }
+
+    /// The schema holding Dray's tables.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+
+    /// Drops the schema and everything in it. For tests and `dray` tooling; irreversible.
+    pub async fn drop_schema(&self) -> Result<()> {
+        let stmt = format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.inner.schema);
+        sqlx::query(AssertSqlSafe(stmt))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(Error::db("drop_schema"))?;
+        Ok(())
+    }
+
+    /// Closes the pools and stops the LISTEN task.
+    pub async fn close(&self) {
+        self.inner.pool.close().await;
+        self.inner.listen_pool.close().await;
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Enqueued>> {
+        let batch = dedup_keys(messages);
+        let n = batch.send.len();
+        let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut prios, mut delays, mut not_befores, mut enqueued, mut max_attempts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for &i in &batch.send {
+            let m = &messages[i];
+            ids.push(m.id);
+            queues.push(m.queue.as_str());
+            kinds.push(m.kind.as_deref());
+            keys.push(m.key.as_deref());
+            payloads.push(m.payload.as_str());
+            headers.push(m.headers.as_str());
+            prios.push(m.priority.0);
+            let (delay, nb): (i64, Option<DateTime<Utc>>) = match m.run_at {
+                RunAt::Now => (0, None),
+                RunAt::After(d) => (micros(d), None),
+                RunAt::At(t) => (0, Some(t)),
+            };
+            delays.push(delay);
+            not_befores.push(nb);
+            enqueued.push(m.enqueued_at);
+            max_attempts.push(m.max_attempts);
+        }
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
+            .bind(&ids)
+            .bind(&queues)
+            .bind(&kinds)
+            .bind(&keys)
+            .bind(&payloads)
+            .bind(&headers)
+            .bind(&prios)
+            .bind(&delays)
+            .bind(&not_befores)
+            .bind(&enqueued)
+            .bind(&max_attempts)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(Error::db("message_insert_many"))?;
+        // RETURNING order is not input order: a fresh row is found by its id, a duplicate by
+        // its (queue, key), which the batch holds at most once.
+        let mut by_id = std::collections::HashMap::with_capacity(rows.len());
+        let mut by_key = std::collections::HashMap::new();
+        for row in &rows {
+            let id: Uuid = row.try_get(0).map_err(Error::db("message_insert_many"))?;
+            let dup: bool = row.try_get(3).map_err(Error::db("message_insert_many"))?;
+            if dup {
+                let q: String = row.try_get(1).map_err(Error::db("message_insert_many"))?;
+                let k: Option<String> = row.try_get(2).map_err(Error::db("message_insert_many"))?;
+                by_key.insert((q, k.unwrap_or_default()), id);
+            } else {
+                by_id.insert(id, ());
+            }
+        }
+        let sent: Vec<Enqueued> = batch
+            .send
+            .iter()
+            .map(|&i| {
+                let m = &messages[i];
+                if by_id.contains_key(&m.id) {
+                    Ok(Enqueued {
+                        id: m.id,
+                        duplicate: false,
+                    })
+                } else {
+                    let k = (
+                        m.queue.as_str().to_owned(),
+                        m.key.clone().unwrap_or_default(),
+                    );
+                    by_key
+                        .get(&k)
+                        .map(|&id| Enqueued {
+                            id,
+                            duplicate: true,
+                        })
+                        .ok_or_else(|| Error::CorruptRow {
+                            id: m.id.to_string(),
+                            reason: "insert returned no row for this message".into(),
+                        })
+                }
+            })
+            .collect::<Result<_>>()?;
+        batch.spread(&sent)
+    }
+
+    async fn lease_write(
+        &self,
+        op: &'static str,
+        sql: &Arc<str>,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        extra: impl FnOnce(
+            sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+        )
+            -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<LeaseWrite> {
+        if refs.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let ids: Vec<Uuid> = refs.iter().map(|r| r.id).collect();
+        let attempts: Vec<Option<i32>> = refs.iter().map(|r| r.attempt).collect();
+        let q = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(queue.as_str().to_owned())
+            .bind(ids)
+            .bind(attempts);
+        let rows = extra(q)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        let mut out = LeaseWrite::default();
+        let mut requeued = false;
+        for row in rows {
+            let id: Uuid = row.try_get(0).map_err(Error::db(op))?;
+            let state: String = row.try_get(1).map_err(Error::db(op))?;
+            match state.as_str() {
+                "dead" => out.dead.push(id),
+                "available" => requeued = true,
+                _ => {}
+            }
+            out.applied.push(id);
+        }
+        if requeued {
+            self.notify(&[queue.as_str().to_owned()]).await?;
+        }
+        Ok(out)
+    }
+
+    /// Wakes receivers of `queues`, here at once and in other processes by NOTIFY.
+    async fn notify(&self, queues: &[String]) -> Result<()> {
+        for q in queues {
+            self.inner.hub.wake(q);
+        }
+        sqlx::query(sql::NOTIFY)
+            .bind(&self.inner.channel)
+            .bind(queues)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(Error::db("notify"))?;
+        Ok(())
+    }
+}
+
+fn decode_message(row: &PgRow) -> Result<Message> {
+    let e = Error::db("decode");
+    let id: Uuid = row.try_get(0).map_err(e)?;
+    let corrupt = |what: &str, err: sqlx::Error| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("{what}: {err}"),
+    };
+    let state: String = row.try_get(7).map_err(|e| corrupt("state", e))?;
+    let headers: serde_json::Value = row.try_get(5).map_err(|e| corrupt("headers", e))?;
+    Ok(Message {
+        queue: row.try_get(1).map_err(|e| corrupt("queue", e))?,
+        kind: row.try_get(2).map_err(|e| corrupt("kind", e))?,
+        key: row.try_get(3).map_err(|e| corrupt("key", e))?,
+        payload: row.try_get(4).map_err(|e| corrupt("payload", e))?,
+        headers: decode_headers(&id, headers)?,
+        priority: Priority(row.try_get(6).map_err(|e| corrupt("priority", e))?),
+        state: decode_state(&id, &state)?,
+        attempt: row.try_get(8).map_err(|e| corrupt("attempt", e))?,
+        max_attempts: row.try_get(9).map_err(|e| corrupt("max_attempts", e))?,
+        enqueued_at: row.try_get(10).map_err(|e| corrupt("enqueued_at", e))?,
+        run_at: row.try_get(11).map_err(|e| corrupt("run_at", e))?,
+        leased_until: row.try_get(12).map_err(|e| corrupt("leased_until", e))?,
+        leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
+        finished_at: row.try_get(14).map_err(|e| corrupt("finished_at", e))?,
+        id,
+    })
+}
+
+/// Delivery order, for sorting rows that `RETURNING` hands back in no particular order.
+fn delivery_order(a: &Message, b: &Message) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.run_at.cmp(&b.run_at))
+        .then(a.id.cmp(&b.id))
+}
+
+/// Runs the LISTEN loop: every NOTIFY wakes its queue's receivers; a lost connection wakes
+/// everyone (notifications may have been missed) and is re-established with backoff.
+async fn listen_loop(mut listener: PgListener, pool: PgPool, channel: String, hub: Arc<WakeHub>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(n)) => hub.wake(n.payload()),
+            Ok(None) => hub.wake_all(),
+            Err(err) => {
+                tracing::warn!(%err, "dray: LISTEN connection lost; reconnecting");
+                hub.wake_all();
+                let mut backoff = Duration::from_millis(50);
+                listener = loop {
+                    tokio::time::sleep(backoff).await;
+                    match open_listener(&pool, &channel).await {
+                        Ok(l) => break l,
+                        Err(err) => {
+                            tracing::warn!(%err, "dray: cannot re-establish LISTEN; retrying");
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                };
+                hub.wake_all();
+            }
+        }
+    }
+}
+
+async fn open_listener(
+    pool: &PgPool,
+    channel: &str,
+) -> std::result::Result<PgListener, sqlx::Error> {
+    let mut l = PgListener::connect_with(pool).await?;
+    l.listen(channel).await?;
+    Ok(l)
+}
+
+impl Store for PgStore {
+    type Database = Postgres;
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    fn wake(&self) -> &WakeHub {
+        &self.inner.hub
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.inner.poll_interval
+    }
+
+    async fn listen(&self) -> Result<()> {
+        self.inner
+            .listener
+            .get_or_try_init(|| async {
+                let l = open_listener(&self.inner.listen_pool, &self.inner.channel)
+                    .await
+                    .map_err(Error::db("listen"))?;
+                let task = tokio::spawn(listen_loop(
+                    l,
+                    self.inner.listen_pool.clone(),
+                    self.inner.channel.clone(),
+                    self.inner.hub.clone(),
+                ));
+                Ok::<_, Error>(ListenerTask(task))
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn migrate(&self) -> Result<MigrationReport> {
+        let op = "migrate";
+        let schema = &self.inner.schema;
+        let mut tx = self.inner.pool.begin().await.map_err(Error::db(op))?;
+        // One migrator at a time per schema, across processes.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('dray.migrate.' || $1))")
+            .bind(schema)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        let setup = format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+             SET LOCAL search_path TO \"{schema}\";
+             CREATE TABLE IF NOT EXISTS dray_schema_version (
+                 version    bigint PRIMARY KEY,
+                 name       text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());"
+        );
+        sqlx::raw_sql(AssertSqlSafe(setup))
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM dray_schema_version")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(Error::db(op))?;
+        let pending = migrate::pending(MIGRATIONS, found)?;
+        let mut report = MigrationReport {
+            from: found,
+            to: found,
+            applied: Vec::new(),
+        };
+        for m in pending {
+            sqlx::raw_sql(AssertSqlSafe(m.sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(op))?;
+            sqlx::query("INSERT INTO dray_schema_version (version, name) VALUES ($1, $2)")
+                .bind(m.version)
+                .bind(m.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(op))?;
+            report.applied.push(m.version);
+            report.to = m.version;
+        }
+        tx.commit().await.map_err(Error::db(op))?;
+        Ok(report)
+    }
+
+    async fn schema_version(&self) -> Result<i64> {
+        let op = "schema_version";
+        let table = format!("\"{}\".dray_schema_version", self.inner.schema);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        if !exists {
+            return Ok(0);
+        }
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COALESCE(max(version), 0) FROM {table}"
+        )))
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(Error::db(op))
+    }
+
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT now()")
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(Error::db("now"))
+    }
+
+    async fn message_insert_many(&self, messages: &[NewMessage]) -> Result<Vec<Enqueued>> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(Error::db("message_insert_many"))?;
+        let out = self.insert(&mut conn, messages).await?;
+        // Local receivers need not wait for the NOTIFY round trip through the server.
+        let mut woken: Vec<&str> = Vec::new();
+        for m in messages {
+            if matches!(m.run_at, RunAt::Now) && !woken.contains(&m.queue.as_str()) {
+                woken.push(m.queue.as_str());
+                self.inner.hub.wake(m.queue.as_str());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn message_insert_many_in(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Enqueued>> {
+        // No local wake-up here: the rows are invisible until the caller commits, and the
+        // trigger's NOTIFY is delivered exactly then.
+        self.insert(conn, messages).await
+    }
+
+    async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
+            .bind(p.queue.as_str())
+            .bind(i64::from(p.limit))
+            .bind(micros(p.lease))
+            .bind(p.leased_by.as_deref())
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db("message_claim"))?;
+        let mut out = rows
+            .iter()
+            .map(decode_message)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(delivery_order);
+        Ok(out)
+    }
+
+    async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {
+        self.lease_write("message_ack_many", &self.inner.sql.ack, queue, refs, |q| q)
+            .await
+    }
+
+    async fn message_nack_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        action: NackAction,
+    ) -> Result<LeaseWrite> {
+        let (requeue, delay) = match action {
+            NackAction::Requeue { delay } => (true, micros(delay)),
+            NackAction::Dead => (false, 0),
+        };
+        self.lease_write(
+            "message_nack_many",
+            &self.inner.sql.nack,
+            queue,
+            refs,
+            |q| q.bind(requeue).bind(delay),
+        )
+        .await
+    }
+
+    async fn message_extend_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        lease: Duration,
+    ) -> Result<LeaseWrite> {
+        let lease = micros(lease);
+        self.lease_write(
+            "message_extend_many",
+            &self.inner.sql.extend,
+            queue,
+            refs,
+            |q| q.bind(lease),
+        )
+        .await
+    }
+
+    async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.rescue.clone()))
+            .bind(queue.map(|q| q.as_str().to_owned()))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db("message_rescue_expired"))?;
+        let mut report = RescueReport::default();
+        let mut woken: Vec<String> = Vec::new();
+        for row in rows {
+            let q: String = row
+                .try_get(0)
+                .map_err(Error::db("message_rescue_expired"))?;
+            let state: String = row
+                .try_get(1)
+                .map_err(Error::db("message_rescue_expired"))?;
+            if state == MessageState::Dead.as_str() {
+                report.dead += 1;
+            } else {
+                report.requeued += 1;
+                if !woken.contains(&q) {
+                    woken.push(q);
+                }
+            }
+        }
+        if !woken.is_empty() {
+            self.notify(&woken).await?;
+        }
+        Ok(report)
+    }
+
+    async fn message_get(&self, id: Uuid) -> Result<Option<Message>> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.get.clone()))
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(Error::db("message_get"))?;
+        row.as_ref().map(decode_message).transpose()
+    }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.stats.clone()))
+            .bind(queue.as_str())
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(Error::db("queue_stats"))?;
+        let g = |i: usize| -> Result<i64> { row.try_get(i).map_err(Error::db("queue_stats")) };
+        Ok(QueueStats {
+            available: g(0)?,
+            scheduled: g(1)?,
+            leased: g(2)?,
+            completed: g(3)?,
+            dead: g(4)?,
+            cancelled: g(5)?,
+        })
+    }
+
+    async fn queue_next_due(&self, queue: &QueueName) -> Result<Option<Duration>> {
+        let us: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.inner.sql.next_due.clone()))
+            .bind(queue.as_str())
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(Error::db("queue_next_due"))?;
+        Ok(us.map(|us| Duration::from_micros(us.max(0) as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        assert!(validate_schema("dray").is_ok());
+        assert!(validate_schema("dray_test_01").is_ok());
+        for bad in ["", "Dray", "1dray", "dr\"ay", "a-b", &"x".repeat(64)] {
+            assert!(validate_schema(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

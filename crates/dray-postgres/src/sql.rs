@@ -1,0 +1,184 @@
+//! Every SQL statement the PostgreSQL store runs at steady state, with the reasons.
+//!
+//! Table names are qualified with Dray's schema (`{s}`, substituted once when the store opens)
+//! rather than relying on `search_path`, because some statements run on the caller's own
+//! connection (enqueue inside the caller's transaction), whose `search_path` is theirs.
+//! Every time comparison uses the database clock, `now()` (the transaction's start time).
+
+use std::sync::Arc;
+
+/// The columns a [`dray_core::Message`] is decoded from, in `decode_message`'s order.
+const COLS: &str = "j.id, j.queue, j.kind, j.key, j.payload, j.headers, j.priority, j.state, \
+     j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, j.leased_by, j.finished_at";
+
+/// The pending states: rows the claim may take once `run_at <= now()`. Must match the
+/// predicate of `dray_jobs_claim_idx` for the planner to use that index.
+const PENDING: &str = "('scheduled', 'available', 'retryable')";
+
+/// Bulk insert: one statement for any number of rows, each column passed as one array
+/// (UNNEST), so a batch of 1,000 costs one round trip and one parse.
+///
+/// * The due time is computed here from the database clock: `delay` is added to `now()`;
+///   `not_before` is taken as given.
+/// * Dedup keys: `ON CONFLICT` names the partial unique index over unfinished rows. `DO UPDATE`
+///   (a no-op assignment) rather than `DO NOTHING` so that `RETURNING` yields the *existing* row,
+///   and `xmax <> 0` tells an existing row (updated by us) from a fresh insert, in the same
+///   round trip. The client removes repeated keys from a batch first, because one statement may
+///   not update the same row twice.
+/// * The statement trigger `dray_jobs_notify` sends one NOTIFY per queue, delivered at commit.
+const INSERT: &str = "
+INSERT INTO {s}.dray_jobs AS j
+    (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
+     enqueued_at, run_at)
+SELECT r.id, r.queue, r.kind, r.key, r.payload::jsonb, r.headers::jsonb, r.priority,
+       CASE WHEN r.due > now() THEN 'scheduled' ELSE 'available' END,
+       0, r.max_attempts, COALESCE(r.enqueued_at, now()), r.due
+FROM (
+    SELECT u.*, COALESCE(u.not_before, now() + u.delay_us * interval '1 microsecond') AS due
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[])
+         AS u(id, queue, kind, key, payload, headers, priority, delay_us, not_before,
+              enqueued_at, max_attempts)
+) r
+ON CONFLICT (queue, key)
+    WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
+    DO UPDATE SET key = EXCLUDED.key
+RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
+
+/// Claim: pick and lease in ONE statement, so the row lock taken by `FOR UPDATE SKIP LOCKED`
+/// is held until the state change commits (a separate SELECT then UPDATE would let two
+/// receivers take the same row).
+///
+/// The CTE is `MATERIALIZED` as an optimization fence: without it the planner may fold the
+/// subquery into the UPDATE and lock more rows than `LIMIT` asks for. The ORDER BY matches
+/// `dray_jobs_claim_idx` exactly, so the pick is an index range scan that stops after `LIMIT`
+/// unlocked rows.
+const CLAIM: &str = "
+WITH picked AS MATERIALIZED (
+    SELECT id FROM {s}.dray_jobs
+    WHERE queue = $1 AND state IN {pending} AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {s}.dray_jobs j
+SET state = 'running',
+    attempt = j.attempt + 1,
+    leased_until = now() + $3 * interval '1 microsecond',
+    leased_by = $4
+FROM picked
+WHERE j.id = picked.id
+RETURNING {cols}";
+
+/// Ack: completes leased rows. Fencing: a row named with an attempt is touched only while that
+/// attempt still holds the lease (`state = 'running' AND attempt = r.attempt`); a late ack by a
+/// receiver whose lease was rescued matches nothing.
+const ACK: &str = "
+UPDATE {s}.dray_jobs j
+SET state = 'completed', finished_at = now(), leased_until = NULL
+FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+  AND (r.attempt IS NULL OR j.attempt = r.attempt)
+RETURNING j.id, j.state";
+
+/// Nack: requeue after a delay ($4 = true), or dead ($4 = false). A requeue of a row that has
+/// used all its attempts makes it dead instead, so a poison message cannot loop forever.
+const NACK: &str = "
+UPDATE {s}.dray_jobs j
+SET state = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN 'dead'
+                 WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END,
+    run_at = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN j.run_at
+                  ELSE now() + $5 * interval '1 microsecond' END,
+    finished_at = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN now() END,
+    leased_until = NULL
+FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+  AND (r.attempt IS NULL OR j.attempt = r.attempt)
+RETURNING j.id, j.state";
+
+/// Extend (heartbeat): the lease now ends `$4` microseconds after the database's now().
+const EXTEND: &str = "
+UPDATE {s}.dray_jobs j
+SET leased_until = now() + $4 * interval '1 microsecond'
+FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+  AND (r.attempt IS NULL OR j.attempt = r.attempt)
+RETURNING j.id, j.state";
+
+/// Rescue: expired leases go back to available (or dead when out of attempts), in bounded
+/// batches. `SKIP LOCKED` so the sweep never waits on (or races) a receiver that is acking the
+/// same row right now: whichever commits first wins, the other matches nothing.
+const RESCUE: &str = "
+WITH expired AS MATERIALIZED (
+    SELECT id FROM {s}.dray_jobs
+    WHERE state = 'running' AND leased_until <= now() AND ($1::text IS NULL OR queue = $1)
+    ORDER BY leased_until
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {s}.dray_jobs j
+SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
+    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
+    leased_until = NULL
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.queue, j.state";
+
+const GET: &str = "SELECT {cols} FROM {s}.dray_jobs j WHERE j.id = $1";
+
+/// Stats: one scan of the queue's rows, every count at the same now().
+const STATS: &str = "
+SELECT
+    count(*) FILTER (WHERE state IN {pending} AND run_at <= now()) AS available,
+    count(*) FILTER (WHERE state IN {pending} AND run_at > now())  AS scheduled,
+    count(*) FILTER (WHERE state = 'running')   AS leased,
+    count(*) FILTER (WHERE state = 'completed') AS completed,
+    count(*) FILTER (WHERE state = 'dead')      AS dead,
+    count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+FROM {s}.dray_jobs WHERE queue = $1";
+
+/// Time until the queue's next not-yet-due row is due, in microseconds (NULL: none).
+const NEXT_DUE: &str = "
+SELECT (EXTRACT(EPOCH FROM min(run_at) - now()) * 1000000)::int8
+FROM {s}.dray_jobs WHERE queue = $1 AND state IN {pending} AND run_at > now()";
+
+/// Wakes receivers in other processes (used after requeues and rescues; inserts notify from
+/// their trigger).
+pub const NOTIFY: &str = "SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q";
+
+/// The statements above with the schema filled in, built once per store.
+#[derive(Debug)]
+pub struct Sql {
+    pub insert: Arc<str>,
+    pub claim: Arc<str>,
+    pub ack: Arc<str>,
+    pub nack: Arc<str>,
+    pub extend: Arc<str>,
+    pub rescue: Arc<str>,
+    pub get: Arc<str>,
+    pub stats: Arc<str>,
+    pub next_due: Arc<str>,
+}
+
+impl Sql {
+    /// Fills in the quoted schema name.
+    pub fn new(quoted_schema: &str) -> Sql {
+        let f = |t: &str| -> Arc<str> {
+            t.replace("{cols}", COLS)
+                .replace("{pending}", PENDING)
+                .replace("{s}", quoted_schema)
+                .into()
+        };
+        Sql {
+            insert: f(INSERT),
+            claim: f(CLAIM),
+            ack: f(ACK),
+            nack: f(NACK),
+            extend: f(EXTEND),
+            rescue: f(RESCUE),
+            get: f(GET),
+            stats: f(STATS),
+            next_due: f(NEXT_DUE),
+        }
+    }
+}
