@@ -115,12 +115,16 @@ impl PgStoreBuilder {
             .clone()
             .unwrap_or_else(|| format!("dray:{}", self.schema));
         options = options.application_name(&app);
+        // One direct connection first: the pool would retry a refused connection until its
+        // acquire timeout, and a wrong URL should fail now, with the driver's reason.
+        let first = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(|source| Error::Connect { source })?;
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(options.clone())
-            .await
-            .map_err(|source| Error::Connect { source })?;
+            .connect_lazy_with(options.clone());
+        drop(first);
         let listen_options = options.application_name(&format!("{app}:listen"));
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -249,8 +253,11 @@ impl PgStore {
         Ok(())
     }
 
-    /// Closes the pools and stops the LISTEN task.
+    /// Stops the LISTEN task and closes the pools.
     pub async fn close(&self) {
+        if let Some(task) = self.inner.listener.get() {
+            task.0.abort();
+        }
         self.inner.pool.close().await;
         self.inner.listen_pool.close().await;
     }
@@ -452,25 +459,35 @@ fn delivery_order(a: &Message, b: &Message) -> std::cmp::Ordering {
 
 /// Runs the LISTEN loop: every NOTIFY wakes its queue's receivers; a lost connection wakes
 /// everyone (notifications may have been missed) and is re-established with backoff.
-async fn listen_loop(mut listener: PgListener, pool: PgPool, channel: String, hub: Arc<WakeHub>) {
+async fn listen_loop(listener: PgListener, pool: PgPool, channel: String, hub: Arc<WakeHub>) {
+    let mut listener = Some(listener);
+    let mut backoff = Duration::from_millis(50);
     loop {
-        match listener.try_recv().await {
+        let Some(l) = listener.as_mut() else {
+            // Reconnecting: the broken listener was dropped, so its connection went back.
+            tokio::time::sleep(backoff).await;
+            match open_listener(&pool, &channel).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    backoff = Duration::from_millis(50);
+                    // Anything sent while we were away was missed: everyone re-checks.
+                    hub.wake_all();
+                }
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(err) => {
+                    tracing::warn!(%err, "dray: cannot re-establish LISTEN; retrying");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            continue;
+        };
+        match l.try_recv().await {
             Ok(Some(n)) => hub.wake(n.payload()),
             Ok(None) => hub.wake_all(),
+            Err(sqlx::Error::PoolClosed) => return,
             Err(err) => {
                 tracing::warn!(%err, "dray: LISTEN connection lost; reconnecting");
-                hub.wake_all();
-                let mut backoff = Duration::from_millis(50);
-                listener = loop {
-                    tokio::time::sleep(backoff).await;
-                    match open_listener(&pool, &channel).await {
-                        Ok(l) => break l,
-                        Err(err) => {
-                            tracing::warn!(%err, "dray: cannot re-establish LISTEN; retrying");
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                };
+                listener = None;
                 hub.wake_all();
             }
         }

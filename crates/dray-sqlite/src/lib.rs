@@ -1,1 +1,638 @@
-//! placeholder
+//! Dray's embedded SQLite store: the zero-setup default. One file, WAL mode, one writer
+//! connection (every write is `BEGIN IMMEDIATE` or a single statement on it) and a pool of
+//! readers; receivers in the same process are woken in-process the moment a write commits.
+//!
+//! ```no_run
+//! # async fn f() -> dray_core::Result<()> {
+//! let store = dray_sqlite::SqliteStore::open("sqlite://dray.db").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Several processes may open the same file (SQLite serializes their writes), but wake-ups
+//! cross process boundaries only by polling ([`DEFAULT_POLL_INTERVAL`]); use PostgreSQL to
+//! scale out.
+
+#![forbid(unsafe_code)]
+
+mod sql;
+
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dray_core::batch::{decode_headers, decode_state, dedup_keys};
+use dray_core::migrate::{self, Migration, SchemaMode};
+use dray_core::{
+    ClaimParams, Enqueued, Error, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, SqlitePool};
+use uuid::Uuid;
+
+/// The migrations this build knows, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs",
+    sql: include_str!("../migrations/0001_jobs.sql"),
+}];
+
+/// Fallback poll interval of waiting receivers: wake-ups from other processes, and from
+/// enqueues inside a caller's transaction, arrive by polling.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a write waits for another process's write lock before failing.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reader connections.
+pub const DEFAULT_READERS: u32 = 4;
+
+struct Statements {
+    insert: String,
+    find_key: String,
+    claim: String,
+    ack: String,
+    nack: String,
+    extend: String,
+    rescue: String,
+    get: String,
+    stats: String,
+    next_due: String,
+    now: String,
+}
+
+static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
+    insert: sql::expand(sql::INSERT),
+    find_key: sql::expand(sql::FIND_KEY),
+    claim: sql::expand(sql::CLAIM),
+    ack: sql::expand(sql::ACK),
+    nack: sql::expand(sql::NACK),
+    extend: sql::expand(sql::EXTEND),
+    rescue: sql::expand(sql::RESCUE),
+    get: sql::expand(sql::GET),
+    stats: sql::expand(sql::STATS),
+    next_due: sql::expand(sql::NEXT_DUE),
+    now: sql::expand(sql::NOW_MS),
+});
+
+fn q(s: &'static String) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(s.as_str())
+}
+
+/// Settings for opening a [`SqliteStore`].
+#[derive(Clone, Debug)]
+pub struct SqliteStoreBuilder {
+    url: String,
+    schema_mode: SchemaMode,
+    poll_interval: Duration,
+    busy_timeout: Duration,
+    readers: u32,
+}
+
+impl SqliteStoreBuilder {
+    /// What to do about the schema on open (default: migrate).
+    pub fn schema_mode(mut self, mode: SchemaMode) -> Self {
+        self.schema_mode = mode;
+        self
+    }
+    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+    /// How long a write waits on another process's lock ([`DEFAULT_BUSY_TIMEOUT`]).
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.busy_timeout = d;
+        self
+    }
+    /// Reader connections ([`DEFAULT_READERS`]).
+    pub fn readers(mut self, n: u32) -> Self {
+        self.readers = n.max(1);
+        self
+    }
+
+    /// Opens (creating the file if needed) and handles the schema as configured.
+    pub async fn open(self) -> Result<SqliteStore> {
+        let url = if self.url.starts_with("sqlite:") {
+            self.url.clone()
+        } else {
+            format!("sqlite://{}", self.url)
+        };
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        // PRAGMAs live in the connect options so that every connection of both pools gets them
+        // (a PRAGMA run once through a pool reaches only one connection).
+        let options = SqliteConnectOptions::from_str(&url)
+            .map_err(|e| Error::InvalidUrl {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })?
+            .create_if_missing(true)
+            .journal_mode(if memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(self.busy_timeout)
+            .foreign_keys(true)
+            .pragma("temp_store", "memory");
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await
+            .map_err(|source| Error::Connect { source })?;
+        let reader = if memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(self.readers)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_lazy_with(options.create_if_missing(false))
+        };
+        let store = SqliteStore {
+            inner: Arc::new(Inner {
+                url,
+                writer,
+                reader,
+                hub: WakeHub::new(),
+                poll_interval: self.poll_interval,
+            }),
+        };
+        match self.schema_mode {
+            SchemaMode::Migrate => {
+                store.migrate().await?;
+            }
+            SchemaMode::Check => migrate::check(MIGRATIONS, store.schema_version().await?)?,
+            SchemaMode::Skip => {}
+        }
+        Ok(store)
+    }
+}
+
+/// The SQLite store. Cheap to clone; clones share the connections and the wake-up hub.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    writer: SqlitePool,
+    reader: SqlitePool,
+    hub: WakeHub,
+    poll_interval: Duration,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Settings for a store at `url` (`sqlite://path/to/file.db`, or a bare path).
+    pub fn builder(url: impl Into<String>) -> SqliteStoreBuilder {
+        SqliteStoreBuilder {
+            url: url.into(),
+            schema_mode: SchemaMode::Migrate,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            readers: DEFAULT_READERS,
+        }
+    }
+
+    /// Opens `url`, creating the file and applying migrations as needed.
+    pub async fn open(url: &str) -> Result<SqliteStore> {
+        Self::builder(url).open().await
+    }
+
+    /// The URL this store was opened with (`sqlite://…`); open it again for another handle.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Closes both pools.
+    pub async fn close(&self) {
+        self.inner.writer.close().await;
+        self.inner.reader.close().await;
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut SqliteConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Enqueued>> {
+        let op = "message_insert_many";
+        let batch = dedup_keys(messages);
+        let mut sent = Vec::with_capacity(batch.send.len());
+        for &i in &batch.send {
+            let m = &messages[i];
+            let (delay_ms, not_before) = match m.run_at {
+                RunAt::Now => (0i64, None),
+                // Rounded up: a delay is a promise not to deliver early.
+                RunAt::After(d) => (
+                    i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX),
+                    None,
+                ),
+                RunAt::At(t) => (0, Some(t.timestamp_millis())),
+            };
+            let row = q(&SQL.insert)
+                .bind(m.id)
+                .bind(m.queue.as_str())
+                .bind(m.kind.as_deref())
+                .bind(m.key.as_deref())
+                .bind(m.payload.as_str())
+                .bind(m.headers.as_str())
+                .bind(m.priority.0)
+                .bind(delay_ms)
+                .bind(not_before)
+                .bind(m.max_attempts)
+                .bind(m.enqueued_at.map(|t| t.timestamp_millis()))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(Error::db(op))?;
+            let e = match row {
+                Some(_) => Enqueued {
+                    id: m.id,
+                    duplicate: false,
+                },
+                None => {
+                    let id: Uuid = sqlx::query_scalar(SQL.find_key.as_str())
+                        .bind(m.queue.as_str())
+                        .bind(m.key.as_deref())
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(Error::db(op))?;
+                    Enqueued {
+                        id,
+                        duplicate: true,
+                    }
+                }
+            };
+            sent.push(e);
+        }
+        batch.spread(&sent)
+    }
+
+    fn wake_new(&self, messages: &[NewMessage]) {
+        let mut woken: Vec<&str> = Vec::new();
+        for m in messages {
+            if matches!(m.run_at, RunAt::Now) && !woken.contains(&m.queue.as_str()) {
+                woken.push(m.queue.as_str());
+                self.inner.hub.wake(m.queue.as_str());
+            }
+        }
+    }
+
+    async fn lease_write(
+        &self,
+        op: &'static str,
+        query: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>,
+        queue: &QueueName,
+    ) -> Result<LeaseWrite> {
+        let rows = query
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db(op))?;
+        let mut out = LeaseWrite::default();
+        let mut requeued = false;
+        for row in rows {
+            let id: Uuid = row.try_get(0).map_err(Error::db(op))?;
+            let state: String = row.try_get(1).map_err(Error::db(op))?;
+            match state.as_str() {
+                "dead" => out.dead.push(id),
+                "available" => requeued = true,
+                _ => {}
+            }
+            out.applied.push(id);
+        }
+        if requeued {
+            self.inner.hub.wake(queue.as_str());
+        }
+        Ok(out)
+    }
+}
+
+/// Encodes lease refs for the `json_each` in the lease-write statements.
+fn refs_json(refs: &[LeaseRef]) -> String {
+    let items: Vec<serde_json::Value> = refs
+        .iter()
+        .map(|r| serde_json::json!([r.id.simple().to_string(), r.attempt]))
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+fn ms_to_time(id: &Uuid, what: &str, ms: i64) -> Result<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("{what} {ms} is not a valid time"),
+    })
+}
+
+fn decode_message(row: &SqliteRow) -> Result<Message> {
+    let id: Uuid = row.try_get(0).map_err(|e| Error::CorruptRow {
+        id: String::new(),
+        reason: format!("id: {e}"),
+    })?;
+    let corrupt = |what: &str, err: sqlx::Error| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("{what}: {err}"),
+    };
+    let payload: String = row.try_get(4).map_err(|e| corrupt("payload", e))?;
+    let payload = serde_json::from_str(&payload).map_err(|e| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("payload is not JSON: {e}"),
+    })?;
+    let headers: String = row.try_get(5).map_err(|e| corrupt("headers", e))?;
+    let headers: serde_json::Value =
+        serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
+            id: id.to_string(),
+            reason: format!("headers are not JSON: {e}"),
+        })?;
+    let state: String = row.try_get(7).map_err(|e| corrupt("state", e))?;
+    let opt_time = |i: usize, what: &str| -> Result<Option<DateTime<Utc>>> {
+        let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(what, e))?;
+        v.map(|ms| ms_to_time(&id, what, ms)).transpose()
+    };
+    let time = |i: usize, what: &str| -> Result<DateTime<Utc>> {
+        let v: i64 = row.try_get(i).map_err(|e| corrupt(what, e))?;
+        ms_to_time(&id, what, v)
+    };
+    Ok(Message {
+        queue: row.try_get(1).map_err(|e| corrupt("queue", e))?,
+        kind: row.try_get(2).map_err(|e| corrupt("kind", e))?,
+        key: row.try_get(3).map_err(|e| corrupt("key", e))?,
+        payload,
+        headers: decode_headers(&id, headers)?,
+        priority: Priority(row.try_get(6).map_err(|e| corrupt("priority", e))?),
+        state: decode_state(&id, &state)?,
+        attempt: row.try_get(8).map_err(|e| corrupt("attempt", e))?,
+        max_attempts: row.try_get(9).map_err(|e| corrupt("max_attempts", e))?,
+        enqueued_at: time(10, "enqueued_at")?,
+        run_at: time(11, "run_at")?,
+        leased_until: opt_time(12, "leased_until")?,
+        leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
+        finished_at: opt_time(14, "finished_at")?,
+        id,
+    })
+}
+
+fn delivery_order(a: &Message, b: &Message) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.run_at.cmp(&b.run_at))
+        .then(a.id.cmp(&b.id))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store for SqliteStore {
+    type Database = Sqlite;
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn pool(&self) -> &SqlitePool {
+        &self.inner.writer
+    }
+
+    fn wake(&self) -> &WakeHub {
+        &self.inner.hub
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.inner.poll_interval
+    }
+
+    async fn listen(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn migrate(&self) -> Result<MigrationReport> {
+        let op = "migrate";
+        // BEGIN IMMEDIATE takes the write lock up front: two processes migrating at once run
+        // one after the other, and the second finds nothing to do.
+        let mut tx = self
+            .inner
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::db(op))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS dray_schema_version (
+                 version    INTEGER PRIMARY KEY,
+                 name       TEXT NOT NULL,
+                 applied_at INTEGER NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(op))?;
+        let found: i64 =
+            sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM dray_schema_version")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(Error::db(op))?;
+        let pending = migrate::pending(MIGRATIONS, found)?;
+        let mut report = MigrationReport {
+            from: found,
+            to: found,
+            applied: Vec::new(),
+        };
+        for m in pending {
+            sqlx::raw_sql(AssertSqlSafe(m.sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(op))?;
+            sqlx::query(
+                "INSERT INTO dray_schema_version (version, name, applied_at)
+                 VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER))",
+            )
+            .bind(m.version)
+            .bind(m.name)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+            report.applied.push(m.version);
+            report.to = m.version;
+        }
+        tx.commit().await.map_err(Error::db(op))?;
+        Ok(report)
+    }
+
+    async fn schema_version(&self) -> Result<i64> {
+        let op = "schema_version";
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dray_schema_version')",
+        )
+        .fetch_one(&self.inner.reader)
+        .await
+        .map_err(Error::db(op))?;
+        if !exists {
+            return Ok(0);
+        }
+        sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM dray_schema_version")
+            .fetch_one(&self.inner.reader)
+            .await
+            .map_err(Error::db(op))
+    }
+
+    async fn now(&self) -> Result<DateTime<Utc>> {
+        let ms: i64 = sqlx::query_scalar(SQL.now.as_str())
+            .fetch_one(&self.inner.reader)
+            .await
+            .map_err(Error::db("now"))?;
+        ms_to_time(&Uuid::nil(), "now", ms)
+    }
+
+    async fn message_insert_many(&self, messages: &[NewMessage]) -> Result<Vec<Enqueued>> {
+        let op = "message_insert_many";
+        let mut tx = self
+            .inner
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::db(op))?;
+        let out = self.insert(&mut tx, messages).await?;
+        tx.commit().await.map_err(Error::db(op))?;
+        self.wake_new(messages);
+        Ok(out)
+    }
+
+    async fn message_insert_many_in(
+        &self,
+        conn: &mut SqliteConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Enqueued>> {
+        // The caller commits; receivers see the rows at their next poll.
+        self.insert(conn, messages).await
+    }
+
+    async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
+        let rows = q(&SQL.claim)
+            .bind(p.queue.as_str().to_owned())
+            .bind(i64::from(p.limit))
+            .bind(millis(p.lease).max(1))
+            .bind(p.leased_by.clone())
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db("message_claim"))?;
+        let mut out = rows
+            .iter()
+            .map(decode_message)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(delivery_order);
+        Ok(out)
+    }
+
+    async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {
+        if refs.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let query = q(&SQL.ack)
+            .bind(queue.as_str().to_owned())
+            .bind(refs_json(refs));
+        self.lease_write("message_ack_many", query, queue).await
+    }
+
+    async fn message_nack_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        action: NackAction,
+    ) -> Result<LeaseWrite> {
+        if refs.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let (requeue, delay) = match action {
+            NackAction::Requeue { delay } => (true, millis(delay)),
+            NackAction::Dead => (false, 0),
+        };
+        let query = q(&SQL.nack)
+            .bind(queue.as_str().to_owned())
+            .bind(refs_json(refs))
+            .bind(requeue)
+            .bind(delay);
+        self.lease_write("message_nack_many", query, queue).await
+    }
+
+    async fn message_extend_many(
+        &self,
+        queue: &QueueName,
+        refs: &[LeaseRef],
+        lease: Duration,
+    ) -> Result<LeaseWrite> {
+        if refs.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let query = q(&SQL.extend)
+            .bind(queue.as_str().to_owned())
+            .bind(refs_json(refs))
+            .bind(millis(lease).max(1));
+        self.lease_write("message_extend_many", query, queue).await
+    }
+
+    async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
+        let op = "message_rescue_expired";
+        let rows = q(&SQL.rescue)
+            .bind(queue.map(|q| q.as_str().to_owned()))
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db(op))?;
+        let mut report = RescueReport::default();
+        for row in rows {
+            let q: String = row.try_get(0).map_err(Error::db(op))?;
+            let state: String = row.try_get(1).map_err(Error::db(op))?;
+            if state == MessageState::Dead.as_str() {
+                report.dead += 1;
+            } else {
+                report.requeued += 1;
+                self.inner.hub.wake(&q);
+            }
+        }
+        Ok(report)
+    }
+
+    async fn message_get(&self, id: Uuid) -> Result<Option<Message>> {
+        let row = q(&SQL.get)
+            .bind(id)
+            .fetch_optional(&self.inner.reader)
+            .await
+            .map_err(Error::db("message_get"))?;
+        row.as_ref().map(decode_message).transpose()
+    }
+
+    async fn queue_stats(&self, queue: &QueueName) -> Result<QueueStats> {
+        let row = q(&SQL.stats)
+            .bind(queue.as_str().to_owned())
+            .fetch_one(&self.inner.reader)
+            .await
+            .map_err(Error::db("queue_stats"))?;
+        let g = |i: usize| -> Result<i64> { row.try_get(i).map_err(Error::db("queue_stats")) };
+        Ok(QueueStats {
+            available: g(0)?,
+            scheduled: g(1)?,
+            leased: g(2)?,
+            completed: g(3)?,
+            dead: g(4)?,
+            cancelled: g(5)?,
+        })
+    }
+
+    async fn queue_next_due(&self, queue: &QueueName) -> Result<Option<Duration>> {
+        let ms: Option<i64> = sqlx::query_scalar(SQL.next_due.as_str())
+            .bind(queue.as_str().to_owned())
+            .fetch_one(&self.inner.reader)
+            .await
+            .map_err(Error::db("queue_next_due"))?;
+        Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+}

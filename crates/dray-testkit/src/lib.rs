@@ -1,1 +1,110 @@
-//! placeholder
+//! The store conformance suite: every test here runs, unchanged, against every store.
+//!
+//! A store crate implements [`Fixture`] (how to make a fresh, isolated store: a temp file for
+//! SQLite, a schema of its own for PostgreSQL) and expands [`conformance_tests!`] in one
+//! integration-test file; each test then runs in its own process under nextest, in parallel.
+//! Where a store differs on purpose, the fixture says so through a capability
+//! ([`Fixture::CROSS_HANDLE_WAKE`]) and the test checks the weaker promise — never a silent skip.
+
+#![allow(missing_docs)] // test code: the test names are the documentation
+
+pub mod queue;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dray_core::Store;
+
+/// How a store crate makes stores for the suite.
+pub trait Fixture: Send + Sync + Sized + 'static {
+    /// The store under test.
+    type Store: Store;
+
+    /// True when a receiver on one handle is woken within milliseconds by an enqueue on another
+    /// handle (another process): PostgreSQL's LISTEN/NOTIFY. False when it is woken by polling
+    /// (SQLite): then the suite checks wake-up within the poll interval instead.
+    const CROSS_HANDLE_WAKE: bool;
+
+    /// A fresh, migrated store that no other test sees.
+    fn store(&self) -> impl Future<Output = Self::Store> + Send;
+
+    /// A second, independent handle on the same database (its own connections and wake-up
+    /// hub), as another process would have.
+    fn reopen(&self, store: &Self::Store) -> impl Future<Output = Self::Store> + Send;
+
+    /// Removes what [`Fixture::store`] made.
+    fn cleanup(&self, store: Self::Store) -> impl Future<Output = ()> + Send;
+}
+
+/// Runs one suite test on a fresh store and cleans up after it, even when it fails.
+pub async fn run<F, T, Fut>(fixture: F, test: T)
+where
+    F: Fixture,
+    T: FnOnce(Arc<F>, F::Store) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let fixture = Arc::new(fixture);
+    let store = fixture.store().await;
+    let outcome = tokio::spawn(test(fixture.clone(), store.clone())).await;
+    fixture.cleanup(store).await;
+    if let Err(e) = outcome {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        panic!("test task failed: {e}");
+    }
+}
+
+/// Waits until `cond` holds, checking often, failing after `limit`. This waits on a condition,
+/// not for a guessed amount of time.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance test, each running against the fixture
+/// expression given.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($fixture:expr) => {
+        $crate::conformance_tests!(@each $fixture;
+            enqueue_receive_ack_round_trip,
+            enqueue_many_is_one_batch_in_id_order,
+            keys_dedup_unfinished_messages,
+            keys_dedup_under_concurrent_enqueues,
+            delay_and_not_before_are_exclusive,
+            payload_limit_is_enforced,
+            bad_arguments_are_refused,
+            priority_then_due_time_then_id,
+            delay_is_measured_on_the_database_clock,
+            not_before_is_honoured,
+            expired_lease_is_redelivered_and_fenced,
+            nack_requeue_and_dead,
+            exhausted_attempts_go_dead,
+            extend_keeps_the_lease,
+            caller_transaction_rollback_and_commit,
+            consume_streams_until_idle,
+            concurrent_consumers_receive_each_message_once,
+            receiver_wakes_on_enqueue_in_process,
+            receiver_wakes_on_enqueue_from_another_handle,
+            stats_count_every_state,
+            get_unknown_id_is_none,
+            migrations_twice_change_nothing,
+        );
+    };
+    (@each $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run($fixture, |fx, store| $crate::queue::$name(fx, store)).await
+            }
+        )*
+    };
+}

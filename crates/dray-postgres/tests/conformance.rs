@@ -1,0 +1,242 @@
+//! The conformance suite against the local PostgreSQL server, each test in its own schema.
+//! PostgreSQL must be running: these tests fail (never skip) when it is not.
+
+use std::time::Duration;
+
+use dray_core::{Error, Queue, SchemaMode, Store};
+use dray_postgres::PgStore;
+use dray_testkit::Fixture;
+use serde_json::json;
+
+fn url() -> String {
+    std::env::var("DRAY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn fresh_schema() -> String {
+    format!("dray_t_{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn open(schema: &str, mode: SchemaMode) -> dray_core::Result<PgStore> {
+    PgStore::builder(url())
+        .schema(schema)
+        .max_connections(6)
+        .schema_mode(mode)
+        .connect()
+        .await
+}
+
+struct Pg;
+
+impl Fixture for Pg {
+    type Store = PgStore;
+    const CROSS_HANDLE_WAKE: bool = true;
+
+    async fn store(&self) -> PgStore {
+        open(&fresh_schema(), SchemaMode::Migrate)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL is required for these tests ({}): {e}", url()))
+    }
+
+    async fn reopen(&self, store: &PgStore) -> PgStore {
+        open(store.schema(), SchemaMode::Check).await.unwrap()
+    }
+
+    async fn cleanup(&self, store: PgStore) {
+        store.drop_schema().await.unwrap();
+        store.close().await;
+    }
+}
+
+dray_testkit::conformance_tests!(Pg);
+
+/// Runs `f` on a fresh schema and drops it afterwards.
+async fn with_store<Fut: std::future::Future<Output = ()> + Send + 'static>(
+    f: impl FnOnce(PgStore) -> Fut,
+) {
+    dray_testkit::run(Pg, |_, s| f(s)).await
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    with_store(|store| async move {
+        let table = format!("\"{}\".dray_schema_version", store.schema());
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} (version, name) VALUES (9999, 'from the future')"
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let err = open(store.schema(), SchemaMode::Check).await.unwrap_err();
+        assert!(
+            matches!(err, Error::SchemaTooNew { found: 9999, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade Dray"));
+        let err = store.migrate().await.unwrap_err();
+        assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+        // Skip opens it anyway (for tools that only inspect).
+        open(store.schema(), SchemaMode::Skip).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn missing_schema_is_refused_until_migrated() {
+    let schema = fresh_schema();
+    let err = open(&schema, SchemaMode::Check).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaOutdated { found: 0, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("dray migrate"));
+    let store = open(&schema, SchemaMode::Skip).await.unwrap();
+    let r = store.migrate().await.unwrap();
+    assert_eq!(r.from, 0);
+    assert_eq!(r.applied, vec![1]);
+    open(&schema, SchemaMode::Check).await.unwrap();
+    store.drop_schema().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once() {
+    let schema = fresh_schema();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let schema = schema.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = open(&schema, SchemaMode::Skip).await.unwrap();
+            s.migrate().await.unwrap().applied.len()
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap();
+    }
+    assert_eq!(
+        applied, 1,
+        "one process applies each migration; the others find nothing to do"
+    );
+    open(&schema, SchemaMode::Check)
+        .await
+        .unwrap()
+        .drop_schema()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_urls_and_unreachable_servers_say_so() {
+    let err = PgStore::connect("postgres://u:secret@127.0.0.1:1/db")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("server is running"), "{err}");
+    let err = PgStore::connect("postgres://[not a host")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
+    let err = PgStore::builder(url())
+        .schema("Bad-Schema")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn unreadable_rows_give_a_typed_error() {
+    with_store(|store| async move {
+        let q = Queue::new(store.clone());
+        let e = q
+            .enqueue("c", &json!(1), &Default::default())
+            .await
+            .unwrap();
+        // Written by something else: headers that are not an object of strings.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{}\".dray_jobs SET headers = '{{\"n\": 1}}' WHERE id = $1",
+            store.schema()
+        )))
+        .bind(e.id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let err = q.get(e.id).await.unwrap_err();
+        assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
+        assert!(err.to_string().contains(&e.id.to_string()));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn listen_connection_is_re_established() {
+    with_store(|store| async move {
+        // A receiver whose only timely wake-up source is LISTEN (polling every 60 s).
+        let app = format!("rl_{}", &store.schema()[7..20]);
+        let rstore = PgStore::builder(url())
+            .schema(store.schema())
+            .max_connections(2)
+            .poll_interval(Duration::from_secs(60))
+            .application_name(app.clone())
+            .connect()
+            .await
+            .unwrap();
+        let rq = Queue::new(rstore.clone());
+        let eq = Queue::new(store.clone());
+        rstore.listen().await.unwrap();
+        // Kill the LISTEN connection from the server side.
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1) t",
+        )
+        .bind(format!("{app}:listen"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(killed, 1);
+        // Wait until it is back (a new backend with that name is listening).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(format!("{app}:listen"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            if n == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "LISTEN never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let receiver = tokio::spawn(async move {
+            let got = rq
+                .receive("relisten", 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            (std::time::Instant::now(), got)
+        });
+        let hub = rstore.clone();
+        dray_testkit::wait_until("receiver blocked", Duration::from_secs(10), || {
+            hub.wake().waiting("relisten") == 1
+        })
+        .await;
+        eq.enqueue("relisten", &json!(1), &Default::default())
+            .await
+            .unwrap();
+        let sent = std::time::Instant::now();
+        let (woke, got) = receiver.await.unwrap();
+        assert_eq!(got.len(), 1);
+        let latency = woke.saturating_duration_since(sent);
+        assert!(
+            latency < Duration::from_millis(500),
+            "woke after {latency:?}"
+        );
+        rstore.close().await;
+    })
+    .await
+}

@@ -1,0 +1,139 @@
+//! The conformance suite against SQLite, each test on its own file in a temp dir.
+
+use dray_core::{Error, Queue, SchemaMode, Store};
+use dray_sqlite::SqliteStore;
+use dray_testkit::Fixture;
+use serde_json::json;
+
+struct Lite;
+
+impl Fixture for Lite {
+    type Store = SqliteStore;
+    const CROSS_HANDLE_WAKE: bool = false;
+
+    async fn store(&self) -> SqliteStore {
+        // The directory is removed at cleanup (from the store's URL).
+        let dir = tempfile::tempdir().unwrap().keep();
+        SqliteStore::open(dir.join("dray.db").to_str().unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn reopen(&self, store: &SqliteStore) -> SqliteStore {
+        SqliteStore::builder(store.url())
+            .schema_mode(SchemaMode::Check)
+            .open()
+            .await
+            .unwrap()
+    }
+
+    async fn cleanup(&self, store: SqliteStore) {
+        store.close().await;
+        let path = std::path::PathBuf::from(store.url().trim_start_matches("sqlite://"));
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+dray_testkit::conformance_tests!(Lite);
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let path = path.to_str().unwrap();
+    let store = SqliteStore::open(path).await.unwrap();
+    sqlx::query(
+        "INSERT INTO dray_schema_version (version, name, applied_at) VALUES (9999, 'future', 0)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let err = SqliteStore::open(path).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { found: 9999, .. }),
+        "{err}"
+    );
+    let err = SqliteStore::builder(path)
+        .schema_mode(SchemaMode::Check)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn opening_migrates_a_new_file_and_check_refuses_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.db");
+    let err = SqliteStore::builder(path.to_str().unwrap())
+        .schema_mode(SchemaMode::Check)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaOutdated { found: 0, .. }),
+        "{err}"
+    );
+    let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(store.schema_version().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn bad_paths_say_so() {
+    let err = SqliteStore::open("/nonexistent-dir/sub/x.db")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+}
+
+#[tokio::test]
+async fn in_memory_works_for_a_single_process() {
+    let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+    let q = Queue::new(store);
+    let e = q
+        .enqueue("m", &json!(1), &Default::default())
+        .await
+        .unwrap();
+    let got = q.receive("m", 1, std::time::Duration::ZERO).await.unwrap();
+    assert_eq!(got[0].id, e.id);
+    assert_eq!(q.get(e.id).await.unwrap().unwrap().attempt, 1);
+}
+
+#[tokio::test]
+async fn unreadable_rows_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("c.db").to_str().unwrap())
+        .await
+        .unwrap();
+    let q = Queue::new(store.clone());
+    let e = q
+        .enqueue("c", &json!(1), &Default::default())
+        .await
+        .unwrap();
+    // The schema's CHECKs refuse JSON that is not JSON, and headers that are not an object.
+    for stmt in [
+        "UPDATE dray_jobs SET payload = 'not json' WHERE id = ?1",
+        "UPDATE dray_jobs SET headers = '[1]' WHERE id = ?1",
+        "UPDATE dray_jobs SET state = 'bogus' WHERE id = ?1",
+    ] {
+        let err = sqlx::query(stmt)
+            .bind(e.id)
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("CHECK"), "{stmt}: {err}");
+    }
+    // Headers of the wrong shape that pass the CHECK still give a typed error, not a panic.
+    sqlx::query("UPDATE dray_jobs SET headers = '{\"n\": 1}' WHERE id = ?1")
+        .bind(e.id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let err = q.get(e.id).await.unwrap_err();
+    assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
+}

@@ -1,0 +1,818 @@
+//! Conformance tests of the queue port (seed 001), run against every store.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dray_core::{
+    EnqueueOptions, Error, MessageState, Priority, Queue, QueueConfig, ReceiveOptions, Store,
+};
+use futures_util::StreamExt;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{Fixture, wait_until};
+
+const NO_WAIT: Duration = Duration::ZERO;
+const LONG: Duration = Duration::from_secs(10);
+
+fn opts() -> EnqueueOptions {
+    EnqueueOptions::new()
+}
+
+pub async fn enqueue_receive_ack_round_trip<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let e = q
+        .enqueue(
+            "emails",
+            &json!({"to": "a@b.c", "n": 1}),
+            &opts()
+                .kind("welcome")
+                .header("trace", "t-1")
+                .priority(Priority::HIGH),
+        )
+        .await
+        .unwrap();
+    assert!(!e.duplicate);
+    assert_eq!(e.id.get_version_num(), 7, "ids are UUIDv7");
+
+    let got = q.receive("emails", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.id, e.id);
+    assert_eq!(m.queue, "emails");
+    assert_eq!(m.kind.as_deref(), Some("welcome"));
+    assert_eq!(m.payload, json!({"to": "a@b.c", "n": 1}));
+    assert_eq!(m.headers.get("trace").map(String::as_str), Some("t-1"));
+    assert_eq!(m.priority, Priority::HIGH);
+    assert_eq!(m.state, MessageState::Running);
+    assert_eq!(m.attempt, 1);
+    assert!(m.leased_until.unwrap() > m.enqueued_at);
+    // Leased: invisible to other receivers.
+    assert!(q.receive("emails", 10, NO_WAIT).await.unwrap().is_empty());
+
+    assert_eq!(q.ack("emails", [m]).await.unwrap(), 1);
+    assert_eq!(
+        q.ack("emails", [m]).await.unwrap(),
+        0,
+        "a second ack changes nothing"
+    );
+    let stored = q.get(e.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, MessageState::Completed);
+    assert!(stored.finished_at.is_some());
+    let s = q.stats("emails").await.unwrap();
+    assert_eq!((s.available, s.leased, s.completed), (0, 0, 1));
+    // Another queue is untouched by all this.
+    assert_eq!(q.stats("other").await.unwrap(), Default::default());
+}
+
+pub async fn enqueue_many_is_one_batch_in_id_order<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let payloads: Vec<_> = (0..1000).map(|i| json!({ "i": i })).collect();
+    let out = q.enqueue_many("bulk", &payloads, &opts()).await.unwrap();
+    assert_eq!(out.len(), 1000);
+    let ids: HashSet<Uuid> = out.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), 1000, "distinct ids");
+    assert!(out.iter().all(|e| !e.duplicate));
+    assert_eq!(q.stats("bulk").await.unwrap().available, 1000);
+
+    let got = q.receive("bulk", 1000, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1000);
+    let mut expected: Vec<Uuid> = out.iter().map(|e| e.id).collect();
+    expected.sort();
+    let received: Vec<Uuid> = got.iter().map(|m| m.id).collect();
+    assert_eq!(
+        received, expected,
+        "same priority and due time: delivered in id order"
+    );
+    assert_eq!(q.ack("bulk", &got).await.unwrap(), 1000);
+
+    // An empty batch is a no-op, not an error.
+    let none: Vec<serde_json::Value> = Vec::new();
+    assert!(
+        q.enqueue_many("bulk", none, &opts())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn keys_dedup_unfinished_messages<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let a = q
+        .enqueue("k", &json!(1), &opts().key("order-7"))
+        .await
+        .unwrap();
+    let b = q
+        .enqueue("k", &json!(2), &opts().key("order-7"))
+        .await
+        .unwrap();
+    assert!(!a.duplicate);
+    assert!(b.duplicate);
+    assert_eq!(a.id, b.id);
+    // The same key on another queue is another message.
+    let other = q
+        .enqueue("k2", &json!(1), &opts().key("order-7"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+
+    // Still deduplicated while leased.
+    let got = q.receive("k", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, json!(1), "the first payload is kept");
+    let c = q
+        .enqueue("k", &json!(3), &opts().key("order-7"))
+        .await
+        .unwrap();
+    assert!(c.duplicate);
+    assert_eq!(c.id, a.id);
+
+    // Finished: the key is free again.
+    q.ack("k", &got).await.unwrap();
+    let d = q
+        .enqueue("k", &json!(4), &opts().key("order-7"))
+        .await
+        .unwrap();
+    assert!(!d.duplicate);
+    assert_ne!(d.id, a.id);
+
+    // Inside one batch, and against stored rows, in one call.
+    let out = q
+        .enqueue_messages(&[
+            q.message("k", &json!(5), &opts().key("x")).unwrap(),
+            q.message("k", &json!(6), &opts().key("x")).unwrap(),
+            q.message("k", &json!(7), &opts().key("order-7")).unwrap(),
+            q.message("k", &json!(8), &opts()).unwrap(),
+        ])
+        .await
+        .unwrap();
+    assert!(!out[0].duplicate);
+    assert!(out[1].duplicate);
+    assert_eq!(out[0].id, out[1].id);
+    assert!(out[2].duplicate);
+    assert_eq!(out[2].id, d.id);
+    assert!(!out[3].duplicate);
+    assert_eq!(q.stats("k").await.unwrap().available, 3);
+}
+
+pub async fn keys_dedup_under_concurrent_enqueues<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            q.enqueue("uniq", &json!({ "i": i }), &opts().key("same"))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = HashSet::new();
+    let mut fresh = 0;
+    for t in tasks {
+        let e = t.await.unwrap();
+        ids.insert(e.id);
+        if !e.duplicate {
+            fresh += 1;
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "50 concurrent enqueues of one key make one message"
+    );
+    assert_eq!(fresh, 1, "exactly one enqueue reports a new message");
+    assert_eq!(q.stats("uniq").await.unwrap().available, 1);
+}
+
+pub async fn delay_and_not_before_are_exclusive<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let now = store.now().await.unwrap();
+    let both = opts().delay(Duration::from_secs(1)).not_before(now);
+    let err = q.enqueue("x", &json!(1), &both).await.unwrap_err();
+    assert!(matches!(err, Error::DelayConflict), "{err}");
+    assert_eq!(err.code(), "delay_conflict");
+    let err = q
+        .enqueue_many("x", [json!(1), json!(2)], &both)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DelayConflict));
+    assert_eq!(
+        q.stats("x").await.unwrap(),
+        Default::default(),
+        "nothing stored"
+    );
+}
+
+pub async fn payload_limit_is_enforced<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    // The default limit is 1 MiB.
+    let q = Queue::new(store.clone());
+    let big = "x".repeat(1024 * 1024);
+    let err = q.enqueue("p", &big, &opts()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::PayloadTooLarge {
+                limit: 1_048_576,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let ok = "x".repeat(1024 * 1024 - 2); // plus two quotes = exactly the limit
+    q.enqueue("p", &ok, &opts()).await.unwrap();
+
+    // Configurable; a batch with one oversized payload stores none of them.
+    let small = Queue::with_config(
+        store,
+        QueueConfig {
+            max_payload_bytes: 100,
+            ..QueueConfig::default()
+        },
+    );
+    let err = small
+        .enqueue_many("p2", [json!("short"), json!("y".repeat(200))], &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::PayloadTooLarge { limit: 100, .. }),
+        "{err}"
+    );
+    assert_eq!(small.stats("p2").await.unwrap(), Default::default());
+    let got = q.receive("p", 1, NO_WAIT).await.unwrap();
+    assert_eq!(got[0].payload.as_str().unwrap().len(), 1024 * 1024 - 2);
+}
+
+pub async fn bad_arguments_are_refused<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let long = "q".repeat(129);
+    for bad in [
+        "",
+        "has space",
+        long.as_str(),
+        "ümlaut",
+        "semi;colon",
+        "quote\"",
+    ] {
+        let err = q.enqueue(bad, &json!(1), &opts()).await.unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidQueueName { .. }),
+            "{bad:?}: {err}"
+        );
+        assert!(
+            err.to_string().contains("A-Z a-z 0-9"),
+            "the message says what is allowed"
+        );
+        assert!(matches!(
+            q.receive(bad, 1, NO_WAIT).await.unwrap_err(),
+            Error::InvalidQueueName { .. }
+        ));
+        assert!(matches!(
+            q.ack(bad, [Uuid::now_v7()]).await.unwrap_err(),
+            Error::InvalidQueueName { .. }
+        ));
+    }
+    q.enqueue(&"q".repeat(128), &json!(1), &opts())
+        .await
+        .unwrap();
+    q.enqueue("a.b:c-d_9", &json!(1), &opts()).await.unwrap();
+
+    for limit in [0, dray_core::queue::MAX_RECEIVE_LIMIT + 1] {
+        let err = q.receive("ok", limit, NO_WAIT).await.unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { what: "limit", .. }),
+            "{err}"
+        );
+    }
+    let err = q
+        .enqueue("ok", &json!(1), &opts().max_attempts(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    let err = q
+        .enqueue("ok", &json!(1), &opts().key(""))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { what: "key", .. }),
+        "{err}"
+    );
+    let err = q
+        .extend("ok", [Uuid::now_v7()], Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+    assert_eq!(
+        q.stats("ok").await.unwrap(),
+        Default::default(),
+        "nothing stored"
+    );
+}
+
+/// Enqueues six messages whose delivery order is known; returns their ids in that order.
+async fn enqueue_ordered_set<S: Store>(q: &Queue<S>, queue: &str) -> Vec<Uuid> {
+    let e = |p: Priority| opts().priority(p);
+    let low = q.enqueue(queue, &"low", &e(Priority::LOW)).await.unwrap();
+    let crit = q
+        .enqueue(queue, &"crit", &e(Priority::CRITICAL))
+        .await
+        .unwrap();
+    let norm1 = q.enqueue(queue, &"norm1", &opts()).await.unwrap();
+    let high = q.enqueue(queue, &"high", &e(Priority::HIGH)).await.unwrap();
+    let norm2 = q.enqueue(queue, &"norm2", &opts()).await.unwrap();
+    // Same priority, due earlier: ahead of the other normal ones though enqueued last.
+    let past = q.store().now().await.unwrap() - chrono::Duration::seconds(60);
+    let early = q
+        .enqueue(queue, &"early", &opts().not_before(past))
+        .await
+        .unwrap();
+    vec![crit.id, high.id, early.id, norm1.id, norm2.id, low.id]
+}
+
+pub async fn priority_then_due_time_then_id<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let want = enqueue_ordered_set(&q, "p").await;
+    let got = q.receive("p", 10, NO_WAIT).await.unwrap();
+    let order: Vec<Uuid> = got.iter().map(|m| m.id).collect();
+    assert_eq!(order, want, "one batch comes back in delivery order");
+
+    // The same order holds across separate receives of one message each.
+    let want = enqueue_ordered_set(&q, "p1").await;
+    let mut one_by_one = Vec::new();
+    for _ in 0..6 {
+        one_by_one.push(q.receive("p1", 1, NO_WAIT).await.unwrap()[0].id);
+    }
+    assert_eq!(one_by_one, want);
+
+    // A requeued message is due again from the requeue: behind those due before it.
+    q.nack("p", [&got[2]], true).await.unwrap();
+    let later = q.enqueue("p", &"later", &opts()).await.unwrap();
+    let again = q.receive("p", 2, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].id, got[2].id);
+    assert_eq!(again[1].id, later.id);
+}
+
+pub async fn delay_is_measured_on_the_database_clock<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let e = q
+        .enqueue("d", &json!(1), &opts().delay(Duration::from_millis(800)))
+        .await
+        .unwrap();
+    let stored = q.get(e.id).await.unwrap().unwrap();
+    assert_eq!(stored.state, MessageState::Scheduled);
+    // The due time is the database's now() at insert plus the delay, exactly.
+    assert_eq!(
+        stored.run_at - stored.enqueued_at,
+        chrono::Duration::milliseconds(800)
+    );
+    assert!(
+        q.receive("d", 1, NO_WAIT).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    let s = q.stats("d").await.unwrap();
+    assert_eq!((s.available, s.scheduled), (0, 1));
+
+    let got = q.receive("d", 1, LONG).await.unwrap();
+    assert_eq!(got.len(), 1, "delivered once due, by a waiting receiver");
+    let now = store.now().await.unwrap();
+    assert!(
+        now >= stored.run_at,
+        "not delivered before its due time by the database clock"
+    );
+}
+
+pub async fn not_before_is_honoured<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let at = store.now().await.unwrap() + chrono::Duration::milliseconds(700);
+    let at = at.with_timezone(&chrono::Utc);
+    let e = q
+        .enqueue("nb", &json!(1), &opts().not_before(at))
+        .await
+        .unwrap();
+    let stored = q.get(e.id).await.unwrap().unwrap();
+    let diff = (stored.run_at - at).num_milliseconds().abs();
+    assert!(
+        diff <= 1,
+        "run_at is the given instant (to the store's precision)"
+    );
+    assert!(q.receive("nb", 1, NO_WAIT).await.unwrap().is_empty());
+    let got = q.receive("nb", 1, LONG).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(store.now().await.unwrap() >= stored.run_at);
+
+    // A not_before in the past is due at once.
+    let past = store.now().await.unwrap() - chrono::Duration::hours(1);
+    q.enqueue("nb", &json!(2), &opts().not_before(past))
+        .await
+        .unwrap();
+    assert_eq!(q.receive("nb", 1, NO_WAIT).await.unwrap().len(), 1);
+}
+
+pub async fn expired_lease_is_redelivered_and_fenced<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let e = q.enqueue("l", &json!(1), &opts()).await.unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: NO_WAIT,
+        lease: Some(Duration::from_millis(300)),
+    };
+    let first = q.receive_with("l", &short).await.unwrap();
+    assert_eq!(first[0].attempt, 1);
+
+    // Nobody acks; once the lease ends the message is delivered again, attempt raised.
+    let second = q.receive("l", 1, LONG).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].id, e.id);
+    assert_eq!(second[0].attempt, 2);
+
+    // The first receiver's late writes are fenced off.
+    assert_eq!(q.ack("l", [&first[0]]).await.unwrap(), 0);
+    let err = q.ack_lease(&first[0]).await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { attempt: 1, .. }), "{err}");
+    assert_eq!(err.code(), "lease_lost");
+    assert_eq!(q.nack("l", [&first[0]], false).await.unwrap(), 0);
+    assert!(
+        q.extend_lease(&first[0], Duration::from_secs(5))
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        q.get(e.id).await.unwrap().unwrap().state,
+        MessageState::Running
+    );
+
+    // The current holder's ack works.
+    q.ack_lease(&second[0]).await.unwrap();
+    assert_eq!(
+        q.get(e.id).await.unwrap().unwrap().state,
+        MessageState::Completed
+    );
+}
+
+pub async fn nack_requeue_and_dead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let a = q.enqueue("n", &json!("a"), &opts()).await.unwrap();
+    let got = q.receive("n", 1, NO_WAIT).await.unwrap();
+    assert_eq!(q.nack("n", &got, true).await.unwrap(), 1);
+    let again = q.receive("n", 1, NO_WAIT).await.unwrap();
+    assert_eq!(again[0].id, a.id);
+    assert_eq!(
+        again[0].attempt, 2,
+        "a requeued message counts its deliveries"
+    );
+
+    assert_eq!(q.nack("n", &again, false).await.unwrap(), 1);
+    let dead = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!(dead.state, MessageState::Dead);
+    assert!(dead.finished_at.is_some());
+    assert!(
+        q.receive("n", 1, NO_WAIT).await.unwrap().is_empty(),
+        "dead is not redelivered"
+    );
+    let s = q.stats("n").await.unwrap();
+    assert_eq!((s.available, s.leased, s.dead), (0, 0, 1));
+
+    // A requeue with a delay waits on the database clock.
+    q.enqueue("n", &json!("b"), &opts()).await.unwrap();
+    let got = q.receive("n", 1, NO_WAIT).await.unwrap();
+    let w = q
+        .nack_with(
+            "n",
+            &got,
+            dray_core::NackAction::Requeue {
+                delay: Duration::from_millis(400),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(w.applied.len(), 1);
+    assert!(w.dead.is_empty());
+    assert_eq!(q.stats("n").await.unwrap().scheduled, 1);
+    assert!(q.receive("n", 1, NO_WAIT).await.unwrap().is_empty());
+    assert_eq!(q.receive("n", 1, LONG).await.unwrap().len(), 1);
+
+    // Unknown or never-received ids change nothing.
+    assert_eq!(q.nack("n", [Uuid::now_v7()], true).await.unwrap(), 0);
+    assert_eq!(q.ack("n", [Uuid::now_v7()]).await.unwrap(), 0);
+}
+
+pub async fn exhausted_attempts_go_dead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let a = q
+        .enqueue("x", &json!(1), &opts().max_attempts(2))
+        .await
+        .unwrap();
+    let got = q.receive("x", 1, NO_WAIT).await.unwrap();
+    let w = q
+        .nack_with(
+            "x",
+            &got,
+            dray_core::NackAction::Requeue {
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(w.dead.is_empty(), "one attempt left");
+    let got = q.receive("x", 1, NO_WAIT).await.unwrap();
+    assert_eq!(got[0].attempt, 2);
+    let w = q
+        .nack_with(
+            "x",
+            &got,
+            dray_core::NackAction::Requeue {
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        w.dead,
+        vec![a.id],
+        "out of attempts: dead instead of requeued"
+    );
+    assert_eq!(
+        q.get(a.id).await.unwrap().unwrap().state,
+        MessageState::Dead
+    );
+
+    // An expired lease on the last attempt is dead too, not redelivered.
+    let b = q
+        .enqueue("x", &json!(2), &opts().max_attempts(1))
+        .await
+        .unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: NO_WAIT,
+        lease: Some(Duration::from_millis(50)),
+    };
+    assert_eq!(q.receive_with("x", &short).await.unwrap().len(), 1);
+    let deadline = Instant::now() + LONG;
+    loop {
+        let r = q.rescue_expired().await.unwrap();
+        if r.dead == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lease never expired");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        q.get(b.id).await.unwrap().unwrap().state,
+        MessageState::Dead
+    );
+}
+
+pub async fn extend_keeps_the_lease<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let e = q.enqueue("h", &json!(1), &opts()).await.unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: NO_WAIT,
+        lease: Some(Duration::from_millis(400)),
+    };
+    let got = q.receive_with("h", &short).await.unwrap();
+    let before = got[0].leased_until.unwrap();
+    assert_eq!(
+        q.extend("h", &got, Duration::from_secs(60)).await.unwrap(),
+        1
+    );
+    let after = q.get(e.id).await.unwrap().unwrap().leased_until.unwrap();
+    assert!(
+        after - before > chrono::Duration::seconds(50),
+        "{before} -> {after}"
+    );
+    // Well past the original lease, nothing is redelivered and the sweep takes nothing back.
+    assert!(
+        q.receive("h", 1, Duration::from_millis(800))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(q.rescue_expired().await.unwrap(), Default::default());
+    q.extend_lease(&got[0], Duration::from_secs(60))
+        .await
+        .unwrap();
+    q.ack_lease(&got[0]).await.unwrap();
+}
+
+pub async fn caller_transaction_rollback_and_commit<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let mut tx = store.pool().begin().await.unwrap();
+    let rolled = q
+        .enqueue_in(&mut *tx, "t", &json!("rolled back"), &opts())
+        .await
+        .unwrap();
+    q.enqueue_many_in(&mut *tx, "t", [json!(1), json!(2)], &opts())
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        q.get(rolled.id).await.unwrap().is_none(),
+        "rolled back: gone"
+    );
+    assert_eq!(q.stats("t").await.unwrap(), Default::default());
+
+    let mut tx = store.pool().begin().await.unwrap();
+    let kept = q
+        .enqueue_in(&mut *tx, "t", &json!("kept"), &opts())
+        .await
+        .unwrap();
+    let many = q
+        .enqueue_many_in(&mut *tx, "t", [json!(1), json!(2)], &opts())
+        .await
+        .unwrap();
+    // Validation errors inside a transaction leave it usable.
+    let err = q
+        .enqueue_in(&mut *tx, "bad name", &json!(1), &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidQueueName { .. }));
+    tx.commit().await.unwrap();
+    let got = q.receive("t", 10, LONG).await.unwrap();
+    let mut ids: Vec<Uuid> = got.iter().map(|m| m.id).collect();
+    ids.sort();
+    let mut want = vec![kept.id, many[0].id, many[1].id];
+    want.sort();
+    assert_eq!(ids, want, "committed: delivered");
+}
+
+pub async fn consume_streams_until_idle<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    let out = q
+        .enqueue_many("c", (0..5).map(|i| json!(i)), &opts())
+        .await
+        .unwrap();
+    let stream = q.consume("c", 2, Duration::from_millis(300));
+    let mut stream = std::pin::pin!(stream);
+    let mut seen = Vec::new();
+    while let Some(m) = stream.next().await {
+        let m = m.unwrap();
+        q.ack_lease(&m).await.unwrap();
+        seen.push(m.id);
+    }
+    let want: Vec<Uuid> = out.iter().map(|e| e.id).collect();
+    assert_eq!(
+        seen, want,
+        "every message once, in order; then the stream ends"
+    );
+    assert_eq!(q.stats("c").await.unwrap().completed, 5);
+    // A bad queue name ends the stream with the error.
+    let mut bad = std::pin::pin!(q.consume("no good", 1, NO_WAIT));
+    assert!(matches!(
+        bad.next().await,
+        Some(Err(Error::InvalidQueueName { .. }))
+    ));
+    assert!(bad.next().await.is_none());
+}
+
+pub async fn concurrent_consumers_receive_each_message_once<F: Fixture>(
+    fx: Arc<F>,
+    store: F::Store,
+) {
+    const N: usize = 10_000;
+    let q = Queue::new(store.clone());
+    let payloads: Vec<_> = (0..N).map(|i| json!(i)).collect();
+    for chunk in payloads.chunks(1000) {
+        q.enqueue_many("drain", chunk, &opts()).await.unwrap();
+    }
+    // 8 consumers, half of them on a second handle (as another process would be).
+    let other = Queue::new(fx.reopen(&store).await);
+    let seen = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let q = if c % 2 == 0 { q.clone() } else { other.clone() };
+        let seen = seen.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < N {
+                let got = q
+                    .receive("drain", 50, Duration::from_millis(200))
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    continue;
+                }
+                let acked = q.ack("drain", &got).await.unwrap();
+                assert_eq!(acked as usize, got.len(), "every received message acks");
+                done.fetch_add(got.len(), Ordering::SeqCst);
+                seen.lock().unwrap().extend(got.iter().map(|m| m.id));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let unique: HashSet<&Uuid> = seen.iter().collect();
+    assert_eq!(seen.len(), N, "no message received twice");
+    assert_eq!(unique.len(), N, "every message received");
+    let s = q.stats("drain").await.unwrap();
+    assert_eq!((s.completed, s.available, s.leased), (N as i64, 0, 0));
+}
+
+/// Starts a receiver on `rq`, waits until it is blocked, enqueues on `eq`, and returns how long
+/// the receiver took to return the message after the enqueue returned.
+async fn wake_latency<S: Store>(rq: &Queue<S>, eq: &Queue<impl Store>, queue: &str) -> Duration {
+    let receiver = {
+        let rq = rq.clone();
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            let got = rq
+                .receive(&queue, 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            (Instant::now(), got)
+        })
+    };
+    let hub_queue = queue.to_owned();
+    let store = rq.store().clone();
+    wait_until("the receiver is blocked", LONG, || {
+        store.wake().waiting(&hub_queue) == 1
+    })
+    .await;
+    eq.enqueue(queue, &json!("wake"), &opts()).await.unwrap();
+    let sent = Instant::now();
+    let (woke, got) = receiver.await.unwrap();
+    assert_eq!(got.len(), 1);
+    woke.saturating_duration_since(sent)
+}
+
+pub async fn receiver_wakes_on_enqueue_in_process<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    for round in 0..3 {
+        let latency = wake_latency(&q, &q, "wake").await;
+        assert!(
+            latency < Duration::from_millis(100),
+            "round {round}: woke {latency:?} after the enqueue"
+        );
+    }
+}
+
+pub async fn receiver_wakes_on_enqueue_from_another_handle<F: Fixture>(
+    fx: Arc<F>,
+    store: F::Store,
+) {
+    let rq = Queue::new(store.clone());
+    let other = fx.reopen(&store).await;
+    let eq = Queue::new(other);
+    // PostgreSQL: LISTEN/NOTIFY, within 100 ms. SQLite: by polling, within the poll interval.
+    let bound = if F::CROSS_HANDLE_WAKE {
+        Duration::from_millis(100)
+    } else {
+        store.poll_interval() + Duration::from_millis(100)
+    };
+    for round in 0..3 {
+        let latency = wake_latency(&rq, &eq, "xwake").await;
+        assert!(
+            latency < bound,
+            "round {round}: woke {latency:?} after the enqueue (bound {bound:?})"
+        );
+    }
+}
+
+pub async fn stats_count_every_state<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    q.enqueue_many("s", [1, 2, 3, 4, 5], &opts()).await.unwrap();
+    q.enqueue("s", &6, &opts().delay(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let got = q.receive("s", 3, NO_WAIT).await.unwrap();
+    q.ack("s", [&got[0]]).await.unwrap();
+    q.nack("s", [&got[1]], false).await.unwrap();
+    let s = q.stats("s").await.unwrap();
+    assert_eq!(s.available, 2);
+    assert_eq!(s.scheduled, 1);
+    assert_eq!(s.leased, 1);
+    assert_eq!(s.completed, 1);
+    assert_eq!(s.dead, 1);
+    assert_eq!(s.cancelled, 0);
+}
+
+pub async fn get_unknown_id_is_none<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store);
+    assert!(q.get(Uuid::now_v7()).await.unwrap().is_none());
+}
+
+pub async fn migrations_twice_change_nothing<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let e = q
+        .enqueue("m", &json!({"keep": true}), &opts())
+        .await
+        .unwrap();
+    let version = store.schema_version().await.unwrap();
+    assert!(version >= 1);
+    for _ in 0..2 {
+        let r = store.migrate().await.unwrap();
+        assert!(r.applied.is_empty(), "nothing left to apply: {r:?}");
+        assert_eq!((r.from, r.to), (version, version));
+    }
+    assert_eq!(store.schema_version().await.unwrap(), version);
+    let m = q.get(e.id).await.unwrap().unwrap();
+    assert_eq!(
+        m.payload,
+        json!({"keep": true}),
+        "data survives re-running migrations"
+    );
+}
