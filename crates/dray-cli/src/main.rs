@@ -1,1 +1,631 @@
-fn main() {}
+//! `dray`: the command-line tool. Migrate a database, work queues by hand or from scripts, and
+//! run the demo.
+//!
+//! Every command validates its input before it opens the database, so a bad argument changes
+//! nothing; every failure prints one line saying what was wrong and what to do, and exits 1
+//! (2 for usage errors). `--json` makes output (and errors, on stdout) machine-readable.
+
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use dray::{
+    EnqueueOptions, Message, MessageState, NackAction, PgStore, Priority, Queue, QueueName,
+    ReceiveOptions, SchemaMode, SqliteStore, Store,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+/// Durable background work: queues, jobs, crons and workflows on PostgreSQL or SQLite.
+#[derive(Parser, Debug)]
+#[command(name = "dray", version, about, propagate_version = true)]
+struct Cli {
+    /// Database URL: postgres://user@host:port/db or sqlite://path/to/file.db
+    /// [default: sqlite://dray.db; `dray demo` uses a throwaway file]
+    #[arg(long, global = true, env = "DRAY_DATABASE_URL")]
+    database: Option<String>,
+
+    /// PostgreSQL schema holding Dray's tables.
+    #[arg(long, global = true, env = "DRAY_SCHEMA", default_value = dray::postgres::DEFAULT_SCHEMA)]
+    schema: String,
+
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create or upgrade Dray's tables (running it again changes nothing).
+    Migrate,
+    /// Work with queues: enqueue, receive, ack, nack, extend, stats, show.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Keep the demo database file instead of removing it at the end.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCommand {
+    /// Enqueue one message; prints its id.
+    Enqueue {
+        /// Queue name (A-Z a-z 0-9 _ . : -, at most 128).
+        queue: String,
+        /// The payload, as JSON.
+        payload: String,
+        #[command(flatten)]
+        options: EnqueueArgs,
+    },
+    /// Enqueue many messages in one transaction: payloads as arguments, or else from stdin
+    /// as a JSON array or one JSON value per line.
+    EnqueueMany {
+        /// Queue name.
+        queue: String,
+        /// Payloads, as JSON (omit to read stdin).
+        payloads: Vec<String>,
+        #[command(flatten)]
+        options: EnqueueArgs,
+    },
+    /// Receive (lease) up to --limit messages, waiting up to --timeout for the first.
+    Receive {
+        /// Queue name.
+        queue: String,
+        /// Most messages to receive.
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+        /// How long to wait for a first message (e.g. 5s; 0s returns at once).
+        #[arg(long, default_value = "0s", value_parser = duration)]
+        timeout: Duration,
+        /// Lease (visibility timeout) of the received messages.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        lease: Duration,
+    },
+    /// Acknowledge leased messages (they are completed).
+    Ack {
+        /// Queue name.
+        queue: String,
+        /// Message ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Give leased messages back: requeued (or dead with --dead).
+    Nack {
+        /// Queue name.
+        queue: String,
+        /// Message ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Make them dead instead of requeueing.
+        #[arg(long)]
+        dead: bool,
+        /// Wait this long before redelivery.
+        #[arg(long, default_value = "0s", value_parser = duration, conflicts_with = "dead")]
+        delay: Duration,
+    },
+    /// Extend leases: each now ends --by from now.
+    Extend {
+        /// Queue name.
+        queue: String,
+        /// Message ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// New lease length from now.
+        #[arg(long, value_parser = duration)]
+        by: Duration,
+    },
+    /// Count a queue's messages by state.
+    Stats {
+        /// Queue name.
+        queue: String,
+    },
+    /// Show one message.
+    Show {
+        /// Message id.
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct EnqueueArgs {
+    /// Message type.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Dedup key: while an unfinished message of the queue has it, the existing id is returned.
+    #[arg(long)]
+    key: Option<String>,
+    /// background, low, normal, high, critical, or an integer (higher first).
+    #[arg(long, default_value = "normal", value_parser = priority)]
+    priority: Priority,
+    /// Deliver after this long (database clock), e.g. 30s, 5m.
+    #[arg(long, value_parser = duration, conflicts_with = "not_before")]
+    delay: Option<Duration>,
+    /// Deliver no earlier than this RFC 3339 time, e.g. 2030-01-01T09:00:00Z.
+    #[arg(long, value_parser = rfc3339)]
+    not_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// A header, name=value (repeatable).
+    #[arg(long = "header", value_parser = header)]
+    headers: Vec<(String, String)>,
+    /// Deliveries allowed before the message is dead.
+    #[arg(long)]
+    max_attempts: Option<i32>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    dray::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn priority(s: &str) -> Result<Priority, String> {
+    Priority::parse(s).map_err(|e| e.to_string())
+}
+
+fn rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| {
+            format!("{s:?} is not an RFC 3339 time ({e}); write it like 2030-01-01T09:00:00Z")
+        })
+}
+
+fn header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not name=value")),
+    }
+}
+
+/// What can go wrong in the CLI, beyond Dray's own errors.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Dray(#[from] dray::Error),
+    #[error(
+        "{what} is not valid JSON ({source}); quote it for your shell, e.g. '{{\"to\":\"a@b.c\"}}'"
+    )]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+    #[error("{0:?} is not a message id (a UUID like 0190f6b4-5a2c-7cc1-9f53-2c7b5e0a4d11)")]
+    BadId(String),
+    #[error("{0}")]
+    NotLeased(String),
+    #[error("cannot read payloads from stdin: {0}")]
+    Stdin(std::io::Error),
+    #[error("no payloads given: pass them as arguments or on stdin")]
+    NoPayloads,
+    #[error("{0}")]
+    Demo(String),
+}
+
+impl CliError {
+    fn code(&self) -> &'static str {
+        match self {
+            CliError::Dray(e) => e.code(),
+            CliError::Json { .. } => "invalid_json",
+            CliError::BadId(_) => "invalid_id",
+            CliError::NotLeased(_) => "not_leased",
+            CliError::Stdin(_) => "stdin",
+            CliError::NoPayloads => "no_payloads",
+            CliError::Demo(_) => "demo",
+        }
+    }
+}
+
+type CliResult<T> = Result<T, CliError>;
+
+/// The database used when neither --database nor DRAY_DATABASE_URL is given.
+const DEFAULT_URL: &str = "sqlite://dray.db";
+
+impl Cli {
+    fn url(&self) -> &str {
+        self.database.as_deref().unwrap_or(DEFAULT_URL)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DRAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"error": {"code": e.code(), "message": e.to_string()}})
+                );
+            }
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Which store a URL names.
+enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+fn backend_of(url: &str) -> CliResult<Backend> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else {
+        Err(dray::Error::InvalidUrl {
+            url: url.to_owned(),
+            reason: "unknown scheme".into(),
+        }
+        .into())
+    }
+}
+
+async fn open_pg(cli: &Cli, mode: SchemaMode) -> CliResult<PgStore> {
+    Ok(PgStore::builder(cli.url())
+        .schema(&cli.schema)
+        .max_connections(4)
+        .schema_mode(mode)
+        .connect()
+        .await?)
+}
+
+async fn open_sqlite(cli: &Cli, mode: SchemaMode) -> CliResult<SqliteStore> {
+    Ok(SqliteStore::builder(cli.url())
+        .schema_mode(mode)
+        .open()
+        .await?)
+}
+
+async fn run(cli: Cli) -> CliResult<()> {
+    let backend = backend_of(cli.url())?;
+    match &cli.command {
+        Command::Migrate => {
+            let report = match backend {
+                Backend::Postgres => open_pg(&cli, SchemaMode::Skip).await?.migrate().await?,
+                Backend::Sqlite => open_sqlite(&cli, SchemaMode::Skip).await?.migrate().await?,
+            };
+            if cli.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else if report.applied.is_empty() {
+                println!("schema is up to date (version {})", report.to);
+            } else {
+                println!(
+                    "migrated schema from version {} to {} (applied {:?})",
+                    report.from, report.to, report.applied
+                );
+            }
+            Ok(())
+        }
+        Command::Queue(cmd) => {
+            let cmd = Validated::new(cmd)?;
+            // PostgreSQL schemas are an operator's step (`dray migrate`); a SQLite file is
+            // created and migrated on first use.
+            match backend {
+                Backend::Postgres => {
+                    let q = Queue::new(open_pg(&cli, SchemaMode::Check).await?);
+                    queue_command(&q, cmd, cli.json).await
+                }
+                Backend::Sqlite => {
+                    let q = Queue::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
+                    queue_command(&q, cmd, cli.json).await
+                }
+            }
+        }
+        Command::Demo(args) => demo::run(&cli, args).await,
+    }
+}
+
+/// A queue command whose arguments have been checked, before any database is touched.
+enum Validated {
+    Enqueue {
+        queue: String,
+        payloads: Vec<serde_json::Value>,
+        options: EnqueueOptions,
+        many: bool,
+    },
+    Receive {
+        queue: String,
+        options: ReceiveOptions,
+    },
+    Lease {
+        queue: String,
+        ids: Vec<Uuid>,
+        op: LeaseOp,
+    },
+    Stats(String),
+    Show(Uuid),
+}
+
+#[derive(Clone, Copy)]
+enum LeaseOp {
+    Ack,
+    Nack(NackAction),
+    Extend(Duration),
+}
+
+fn parse_json(what: String, text: &str) -> CliResult<serde_json::Value> {
+    serde_json::from_str(text).map_err(|source| CliError::Json { what, source })
+}
+
+fn parse_ids(ids: &[String]) -> CliResult<Vec<Uuid>> {
+    ids.iter()
+        .map(|s| Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(s.clone())))
+        .collect()
+}
+
+fn check_queue(name: &str) -> CliResult<String> {
+    Ok(QueueName::new(name)?.as_str().to_owned())
+}
+
+impl EnqueueArgs {
+    fn options(&self) -> EnqueueOptions {
+        EnqueueOptions {
+            kind: self.kind.clone(),
+            key: self.key.clone(),
+            priority: self.priority,
+            delay: self.delay,
+            not_before: self.not_before,
+            enqueued_at: None,
+            headers: self.headers.iter().cloned().collect(),
+            max_attempts: self.max_attempts,
+        }
+    }
+}
+
+impl Validated {
+    fn new(cmd: &QueueCommand) -> CliResult<Validated> {
+        Ok(match cmd {
+            QueueCommand::Enqueue {
+                queue,
+                payload,
+                options,
+            } => Validated::Enqueue {
+                queue: check_queue(queue)?,
+                payloads: vec![parse_json("the payload".into(), payload)?],
+                options: options.options(),
+                many: false,
+            },
+            QueueCommand::EnqueueMany {
+                queue,
+                payloads,
+                options,
+            } => {
+                let queue = check_queue(queue)?;
+                let payloads = if payloads.is_empty() {
+                    read_stdin_payloads()?
+                } else {
+                    payloads
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| parse_json(format!("payload {}", i + 1), p))
+                        .collect::<CliResult<_>>()?
+                };
+                Validated::Enqueue {
+                    queue,
+                    payloads,
+                    options: options.options(),
+                    many: true,
+                }
+            }
+            QueueCommand::Receive {
+                queue,
+                limit,
+                timeout,
+                lease,
+            } => Validated::Receive {
+                queue: check_queue(queue)?,
+                options: ReceiveOptions {
+                    limit: *limit,
+                    wait: *timeout,
+                    lease: Some(*lease),
+                },
+            },
+            QueueCommand::Ack { queue, ids } => Validated::Lease {
+                queue: check_queue(queue)?,
+                ids: parse_ids(ids)?,
+                op: LeaseOp::Ack,
+            },
+            QueueCommand::Nack {
+                queue,
+                ids,
+                dead,
+                delay,
+            } => Validated::Lease {
+                queue: check_queue(queue)?,
+                ids: parse_ids(ids)?,
+                op: LeaseOp::Nack(if *dead {
+                    NackAction::Dead
+                } else {
+                    NackAction::Requeue { delay: *delay }
+                }),
+            },
+            QueueCommand::Extend { queue, ids, by } => Validated::Lease {
+                queue: check_queue(queue)?,
+                ids: parse_ids(ids)?,
+                op: LeaseOp::Extend(*by),
+            },
+            QueueCommand::Stats { queue } => Validated::Stats(check_queue(queue)?),
+            QueueCommand::Show { id } => Validated::Show(
+                Uuid::parse_str(id.trim()).map_err(|_| CliError::BadId(id.clone()))?,
+            ),
+        })
+    }
+}
+
+fn read_stdin_payloads() -> CliResult<Vec<serde_json::Value>> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(CliError::Stdin)?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(CliError::NoPayloads);
+    }
+    if trimmed.starts_with('[') {
+        if let Ok(serde_json::Value::Array(items)) = serde_json::from_str(trimmed) {
+            return Ok(items);
+        }
+    }
+    trimmed
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| parse_json(format!("stdin line {}", i + 1), l))
+        .collect()
+}
+
+async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -> CliResult<()> {
+    match cmd {
+        Validated::Enqueue {
+            queue,
+            payloads,
+            options,
+            many,
+        } => {
+            let out = q.enqueue_many(&queue, &payloads, &options).await?;
+            if json_out {
+                if many {
+                    println!("{}", serde_json::to_string(&out).unwrap_or_default());
+                } else {
+                    println!("{}", serde_json::to_string(&out[0]).unwrap_or_default());
+                }
+            } else {
+                for e in &out {
+                    if e.duplicate {
+                        println!("{} (duplicate key: already queued)", e.id);
+                    } else {
+                        println!("{}", e.id);
+                    }
+                }
+            }
+        }
+        Validated::Receive { queue, options } => {
+            let got = q.receive_with(&queue, &options).await?;
+            if json_out {
+                println!("{}", serde_json::to_string(&got).unwrap_or_default());
+            } else if got.is_empty() {
+                println!("no messages");
+            } else {
+                for m in &got {
+                    print_message_line(m);
+                }
+            }
+        }
+        Validated::Lease { queue, ids, op } => {
+            // Check every id first, so one bad id changes nothing.
+            let mut problems = Vec::new();
+            for id in &ids {
+                match q.get(*id).await? {
+                    None => return Err(dray::Error::NotFound { id: *id }.into()),
+                    Some(m) if m.queue != queue => problems.push(format!(
+                        "{id} is on queue {:?}, not {queue:?}",
+                        m.queue
+                    )),
+                    Some(m) if m.state != MessageState::Running => problems.push(format!(
+                        "{id} is {} (only a received, leased message can be acked, nacked or extended)",
+                        m.state
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if !problems.is_empty() {
+                return Err(CliError::NotLeased(format!(
+                    "nothing changed: {}",
+                    problems.join("; ")
+                )));
+            }
+            let (verb, n, dead) = match op {
+                LeaseOp::Ack => ("acked", q.ack(&queue, &ids).await?, 0),
+                LeaseOp::Nack(action) => {
+                    let w = q.nack_with(&queue, &ids, action).await?;
+                    let verb = match action {
+                        NackAction::Dead => "dead",
+                        NackAction::Requeue { .. } => "requeued",
+                    };
+                    (verb, w.applied.len() as u64, w.dead.len())
+                }
+                LeaseOp::Extend(by) => ("extended", q.extend(&queue, &ids, by).await?, 0),
+            };
+            if json_out {
+                println!("{}", json!({ "count": n, "action": verb, "dead": dead }));
+            } else {
+                println!("{verb} {n}");
+                if dead > 0 && verb == "requeued" {
+                    println!("({dead} of them were out of attempts and are dead instead)");
+                }
+            }
+        }
+        Validated::Stats(queue) => {
+            let s = q.stats(&queue).await?;
+            if json_out {
+                println!("{}", serde_json::to_string(&s).unwrap_or_default());
+            } else {
+                println!("queue {queue}");
+                for (name, n) in [
+                    ("available", s.available),
+                    ("scheduled", s.scheduled),
+                    ("leased", s.leased),
+                    ("completed", s.completed),
+                    ("dead", s.dead),
+                    ("cancelled", s.cancelled),
+                ] {
+                    println!("  {name:<10} {n}");
+                }
+            }
+        }
+        Validated::Show(id) => {
+            let m = q.get(id).await?.ok_or(dray::Error::NotFound { id })?;
+            if json_out {
+                println!("{}", serde_json::to_string(&m).unwrap_or_default());
+            } else {
+                println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_message_line(m: &Message) {
+    println!(
+        "{}  attempt {}  {}{}",
+        m.id,
+        m.attempt,
+        m.kind
+            .as_deref()
+            .map(|k| format!("[{k}] "))
+            .unwrap_or_default(),
+        m.payload
+    );
+}

@@ -1,1 +1,44 @@
-//! placeholder
+//! # Dray: durable background work for Rust
+//!
+//! A request hands work off and returns at once; Dray runs it reliably elsewhere. Queues of
+//! JSON messages with leases and at-least-once delivery today; typed jobs, crons, durable
+//! workflows and a transactional outbox/inbox are built on the same store.
+//!
+//! Two stores, one behaviour: [`SqliteStore`] (an embedded file, zero setup; the default
+//! feature) and [`PgStore`] (feature `postgres`; many processes on many machines share one
+//! database).
+//!
+//! ```no_run
+//! use dray::{EnqueueOptions, Queue, SqliteStore};
+//! use std::time::Duration;
+//!
+//! # async fn run() -> dray::Result<()> {
+//! let queue = Queue::new(SqliteStore::open("sqlite://dray.db").await?);
+//! queue.enqueue("emails", &serde_json::json!({"to": "a@b.c"}), &EnqueueOptions::new()).await?;
+//! for msg in queue.receive("emails", 10, Duration::from_secs(5)).await? {
+//!     println!("sending to {}", msg.payload["to"]);
+//!     queue.ack_lease(&msg).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Guides: [`guide::queue`], [`guide::guarantees`], [`guide::coming_from`].
+
+#![forbid(unsafe_code)]
+
+pub use dray_core::*;
+
+#[cfg(feature = "postgres")]
+pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};
+#[cfg(feature = "sqlite")]
+pub use dray_sqlite::{self as sqlite, SqliteStore, SqliteStoreBuilder};
+
+/// The guides, rendered from `docs/` in the repository.
+pub mod guide {
+    #[doc = include_str!("../../../docs/queue.md")]
+    pub mod queue {}
+    #[doc = include_str!("../../../docs/guarantees.md")]
+    pub mod guarantees {}
+    #[doc = include_str!("../../../docs/coming-from.md")]
+    pub mod coming_from {}
+}
