@@ -444,14 +444,18 @@ impl Validated {
                 limit,
                 timeout,
                 lease,
-            } => Validated::Receive {
-                queue: check_queue(queue)?,
-                options: ReceiveOptions {
+            } => {
+                let options = ReceiveOptions {
                     limit: *limit,
                     wait: *timeout,
                     lease: Some(*lease),
-                },
-            },
+                };
+                options.validate()?;
+                Validated::Receive {
+                    queue: check_queue(queue)?,
+                    options,
+                }
+            }
             QueueCommand::Ack { queue, ids } => Validated::Lease {
                 queue: check_queue(queue)?,
                 ids: parse_ids(ids)?,
@@ -471,6 +475,9 @@ impl Validated {
                     NackAction::Requeue { delay: *delay }
                 }),
             },
+            QueueCommand::Extend { by, .. } if by.is_zero() => {
+                return Err(dray::Error::invalid("--by", "must be at least 1ms").into());
+            }
             QueueCommand::Extend { queue, ids, by } => Validated::Lease {
                 queue: check_queue(queue)?,
                 ids: parse_ids(ids)?,
@@ -493,10 +500,10 @@ fn read_stdin_payloads() -> CliResult<Vec<serde_json::Value>> {
     if trimmed.is_empty() {
         return Err(CliError::NoPayloads);
     }
-    if trimmed.starts_with('[') {
-        if let Ok(serde_json::Value::Array(items)) = serde_json::from_str(trimmed) {
-            return Ok(items);
-        }
+    if trimmed.starts_with('[')
+        && let Ok(serde_json::Value::Array(items)) = serde_json::from_str(trimmed)
+    {
+        return Ok(items);
     }
     trimmed
         .lines()

@@ -184,6 +184,22 @@ impl Default for ReceiveOptions {
     }
 }
 
+impl ReceiveOptions {
+    /// Checks the limit (1 to [`MAX_RECEIVE_LIMIT`]) and the lease (at least 1 ms).
+    pub fn validate(&self) -> Result<()> {
+        if self.limit == 0 || self.limit > MAX_RECEIVE_LIMIT {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be 1 to {MAX_RECEIVE_LIMIT}, got {}", self.limit),
+            ));
+        }
+        if self.lease.is_some_and(|l| l < Duration::from_millis(1)) {
+            return Err(Error::invalid("lease", "must be at least 1ms"));
+        }
+        Ok(())
+    }
+}
+
 /// A handle on a store's queues. Cheap to clone; clones share settings.
 #[derive(Clone)]
 pub struct Queue<S: Store> {
@@ -252,24 +268,24 @@ impl<S: Store> Queue<S> {
                 limit: self.config.max_payload_bytes,
             });
         }
-        if let Some(key) = &options.key {
-            if key.is_empty() || key.len() > MAX_KEY_LEN {
-                return Err(Error::invalid(
-                    "key",
-                    format!("a key must be 1 to {MAX_KEY_LEN} bytes, got {}", key.len()),
-                ));
-            }
+        if let Some(key) = &options.key
+            && (key.is_empty() || key.len() > MAX_KEY_LEN)
+        {
+            return Err(Error::invalid(
+                "key",
+                format!("a key must be 1 to {MAX_KEY_LEN} bytes, got {}", key.len()),
+            ));
         }
-        if let Some(kind) = &options.kind {
-            if kind.is_empty() || kind.len() > MAX_KIND_LEN {
-                return Err(Error::invalid(
-                    "type",
-                    format!(
-                        "a message type must be 1 to {MAX_KIND_LEN} bytes, got {}",
-                        kind.len()
-                    ),
-                ));
-            }
+        if let Some(kind) = &options.kind
+            && (kind.is_empty() || kind.len() > MAX_KIND_LEN)
+        {
+            return Err(Error::invalid(
+                "type",
+                format!(
+                    "a message type must be 1 to {MAX_KIND_LEN} bytes, got {}",
+                    kind.len()
+                ),
+            ));
         }
         let max_attempts = options.max_attempts.unwrap_or(self.config.max_attempts);
         if max_attempts < 1 {
@@ -401,16 +417,8 @@ impl<S: Store> Queue<S> {
         options: &ReceiveOptions,
     ) -> Result<Vec<Message>> {
         let queue = QueueName::new(queue)?;
-        if options.limit == 0 || options.limit > MAX_RECEIVE_LIMIT {
-            return Err(Error::invalid(
-                "limit",
-                format!("must be 1 to {MAX_RECEIVE_LIMIT}, got {}", options.limit),
-            ));
-        }
+        options.validate()?;
         let lease = options.lease.unwrap_or(self.config.default_lease);
-        if lease < Duration::from_millis(1) {
-            return Err(Error::invalid("lease", "must be at least 1ms"));
-        }
         let params = ClaimParams {
             queue,
             limit: options.limit,

@@ -77,8 +77,8 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     now: sql::expand(sql::NOW_MS),
 });
 
-fn q(s: &'static String) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
-    sqlx::query(s.as_str())
+fn q(s: &'static str) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(s)
 }
 
 /// Settings for opening a [`SqliteStore`].

@@ -1,0 +1,426 @@
+//! The real `dray` binary against both stores: the commands scripts use, and bad input.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn pg_url() -> String {
+    std::env::var("DRAY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database for one test: a SQLite file in a temp dir, or a fresh PostgreSQL schema.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Pg(String),
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        Db::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn pg() -> Db {
+        Db::Pg(format!("dray_cli_{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Db::Sqlite(dir) => format!("sqlite://{}", dir.path().join("cli.db").display()),
+            Db::Pg(_) => pg_url(),
+        }
+    }
+
+    fn schema(&self) -> &str {
+        match self {
+            Db::Sqlite(_) => "dray",
+            Db::Pg(s) => s,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, None)
+    }
+
+    fn run_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dray"))
+            .args(args)
+            .env("DRAY_DATABASE_URL", self.url())
+            .env("DRAY_SCHEMA", self.schema())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dray {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    /// Runs a command that must fail with one line on stderr; returns that line.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "dray {args:?} should have failed");
+        let err = String::from_utf8(out.stderr).unwrap();
+        let line = err.trim_end();
+        assert!(!line.is_empty(), "dray {args:?}: no error message");
+        assert!(!line.contains("panicked"), "dray {args:?} panicked: {line}");
+        line.to_owned()
+    }
+
+    fn stats(&self, queue: &str) -> Value {
+        self.json(&["queue", "stats", queue])
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Db::Pg(schema) = self {
+            // Best effort: a test that fails still removes its schema.
+            let _ = Command::new("psql")
+                .args([
+                    &pg_url(),
+                    "-qc",
+                    &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                ])
+                .output();
+        }
+    }
+}
+
+fn empty_stats() -> Value {
+    serde_json::json!({"available":0,"scheduled":0,"leased":0,"completed":0,"dead":0,"cancelled":0})
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::Db::sqlite()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(super::Db::pg()) } )*
+        }
+    };
+}
+
+both_stores!(
+    round_trip,
+    delay_and_priority,
+    nack_and_extend,
+    bad_input_changes_nothing,
+    unknown_and_unleased_ids_change_nothing,
+    json_errors_are_machine_readable,
+);
+
+fn round_trip(db: Db) {
+    db.ok(&["migrate"]);
+    assert!(
+        db.ok(&["migrate"]).contains("up to date"),
+        "migrate twice changes nothing"
+    );
+
+    let e = db.json(&[
+        "queue",
+        "enqueue",
+        "emails",
+        r#"{"to":"a@b.c"}"#,
+        "--type",
+        "welcome",
+        "--header",
+        "trace=t1",
+    ]);
+    let id = e["id"].as_str().unwrap().to_owned();
+    assert_eq!(e["duplicate"], false);
+    let many = db.json(&["queue", "enqueue-many", "emails", "1", "2", r#""three""#]);
+    assert_eq!(many.as_array().unwrap().len(), 3);
+    let stdin = db.run_stdin(
+        &["--json", "queue", "enqueue-many", "emails"],
+        Some("{\"n\":4}\n\n{\"n\":5}\n"),
+    );
+    assert!(
+        stdin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stdin.stderr)
+    );
+    let arr = db.run_stdin(&["queue", "enqueue-many", "emails"], Some("[6, 7]"));
+    assert!(arr.status.success());
+    assert_eq!(db.stats("emails")["available"], 8);
+
+    let got = db.json(&[
+        "queue",
+        "receive",
+        "emails",
+        "--limit",
+        "10",
+        "--timeout",
+        "1s",
+    ]);
+    let got = got.as_array().unwrap();
+    assert_eq!(got.len(), 8);
+    assert_eq!(got[0]["id"], id.as_str());
+    assert_eq!(got[0]["kind"], "welcome");
+    assert_eq!(got[0]["headers"]["trace"], "t1");
+    assert_eq!(got[0]["state"], "running");
+    let ids: Vec<&str> = got.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let mut args = vec!["queue", "ack", "emails"];
+    args.extend(&ids);
+    assert_eq!(db.ok(&args).trim(), "acked 8");
+    assert_eq!(db.stats("emails")["completed"], 8);
+    let shown = db.json(&["queue", "show", &id]);
+    assert_eq!(shown["state"], "completed");
+    assert!(
+        db.ok(&["queue", "stats", "emails"])
+            .contains("completed  8")
+    );
+    assert!(
+        db.ok(&["queue", "receive", "emails"])
+            .contains("no messages")
+    );
+}
+
+fn delay_and_priority(db: Db) {
+    db.ok(&["migrate"]);
+    db.ok(&["queue", "enqueue", "q", "\"later\"", "--delay", "1h"]);
+    db.ok(&["queue", "enqueue", "q", "\"low\"", "--priority", "low"]);
+    db.ok(&[
+        "queue",
+        "enqueue",
+        "q",
+        "\"crit\"",
+        "--priority",
+        "critical",
+    ]);
+    db.ok(&[
+        "queue",
+        "enqueue",
+        "q",
+        "\"future\"",
+        "--not-before",
+        "2999-01-01T00:00:00Z",
+    ]);
+    let s = db.stats("q");
+    assert_eq!(
+        (s["available"].as_i64(), s["scheduled"].as_i64()),
+        (Some(2), Some(2))
+    );
+    let got = db.json(&["queue", "receive", "q", "--limit", "5"]);
+    let payloads: Vec<&str> = got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap())
+        .collect();
+    assert_eq!(payloads, ["crit", "low"]);
+    let k1 = db.json(&["queue", "enqueue", "q", "1", "--key", "k"]);
+    let k2 = db.json(&["queue", "enqueue", "q", "2", "--key", "k"]);
+    assert_eq!(k1["id"], k2["id"]);
+    assert_eq!(k2["duplicate"], true);
+    assert!(
+        db.ok(&["queue", "enqueue", "q", "3", "--key", "k"])
+            .contains("duplicate key")
+    );
+}
+
+fn nack_and_extend(db: Db) {
+    db.ok(&["migrate"]);
+    let a = db.json(&["queue", "enqueue", "n", "1"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    db.json(&["queue", "receive", "n", "--lease", "1s"]);
+    let ext = db.json(&["queue", "extend", "n", &a, "--by", "10m"]);
+    assert_eq!(ext["count"], 1);
+    let shown = db.json(&["queue", "show", &a]);
+    assert!(shown["leased_until"].is_string());
+    assert_eq!(db.ok(&["queue", "nack", "n", &a]).trim(), "requeued 1");
+    let again = db.json(&["queue", "receive", "n"]);
+    assert_eq!(again[0]["attempt"], 2);
+    assert_eq!(
+        db.json(&["queue", "nack", "n", &a, "--dead"])["action"],
+        "dead"
+    );
+    assert_eq!(db.stats("n")["dead"], 1);
+}
+
+fn bad_input_changes_nothing(db: Db) {
+    // On SQLite, nothing is even created: arguments are checked before the file is opened.
+    let bad: &[(&[&str], &str)] = &[
+        (
+            &["queue", "enqueue", "emails", "{not json"],
+            "not valid JSON",
+        ),
+        (&["queue", "enqueue", "", "1"], "invalid queue name"),
+        (&["queue", "enqueue", "bad name", "1"], "invalid queue name"),
+        (
+            &["queue", "enqueue", &"x".repeat(200), "1"],
+            "invalid queue name",
+        ),
+        (
+            &["queue", "enqueue", "emails", "1", "--delay", "5 parsecs"],
+            "write it like",
+        ),
+        (
+            &["queue", "enqueue", "emails", "1", "--priority", "urgent"],
+            "priority",
+        ),
+        (
+            &[
+                "queue",
+                "enqueue",
+                "emails",
+                "1",
+                "--not-before",
+                "tomorrow",
+            ],
+            "RFC 3339",
+        ),
+        (
+            &[
+                "queue",
+                "enqueue",
+                "emails",
+                "1",
+                "--delay",
+                "1s",
+                "--not-before",
+                "2030-01-01T00:00:00Z",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["queue", "enqueue-many", "emails", "1", "[oops"],
+            "payload 2",
+        ),
+        (
+            &["queue", "ack", "emails", "not-a-uuid"],
+            "not a message id",
+        ),
+        (&["queue", "receive", "emails", "--limit", "0"], "limit"),
+        (&["queue", "stats", "no/slash"], "invalid queue name"),
+    ];
+    for (args, says) in bad {
+        let line = db.fails(args);
+        assert!(
+            line.contains(says),
+            "dray {args:?}: expected {says:?} in {line:?}"
+        );
+    }
+    if let Db::Sqlite(dir) = &db {
+        assert!(
+            !dir.path().join("cli.db").exists(),
+            "bad input created the database file"
+        );
+    }
+    if let Db::Pg(_) = &db {
+        // Not migrated yet: the error says what to do.
+        let line = db.fails(&["queue", "stats", "emails"]);
+        assert!(line.contains("dray migrate"), "{line}");
+    }
+    db.ok(&["migrate"]);
+    let line = db.fails(&["queue", "enqueue", "emails", "{not json"]);
+    assert!(line.contains("not valid JSON"));
+    assert_eq!(db.stats("emails"), empty_stats());
+}
+
+fn unknown_and_unleased_ids_change_nothing(db: Db) {
+    db.ok(&["migrate"]);
+    let a = db.json(&["queue", "enqueue", "u", "1"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = db.json(&["queue", "enqueue", "u", "2"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    db.json(&["queue", "receive", "u"]); // leases a only
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let line = db.fails(&["queue", "ack", "u", &a, &unknown]);
+    assert!(line.contains("no message or job with id"), "{line}");
+    let line = db.fails(&["queue", "ack", "u", &a, &b]);
+    assert!(
+        line.contains("nothing changed") && line.contains("available"),
+        "{line}"
+    );
+    let line = db.fails(&["queue", "nack", "other", &a]);
+    assert!(line.contains("is on queue"), "{line}");
+    let line = db.fails(&["queue", "show", &unknown]);
+    assert!(line.contains("no message or job"), "{line}");
+    let s = db.stats("u");
+    assert_eq!(
+        (
+            s["leased"].as_i64(),
+            s["available"].as_i64(),
+            s["completed"].as_i64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
+}
+
+fn json_errors_are_machine_readable(db: Db) {
+    let out = db.run(&["--json", "queue", "enqueue", "bad name", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_queue_name");
+    assert!(v["error"]["message"].as_str().unwrap().contains("A-Z"));
+}
+
+#[test]
+fn bad_urls_and_unreachable_databases() {
+    let run = |url: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+            .args(["--database", url, "queue", "stats", "q"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{url}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(run("mysql://x/y").contains("expected postgres://"));
+    assert!(
+        run("postgres://postgres@127.0.0.1:1/none").contains("check that the server is running")
+    );
+    assert!(run("sqlite:///nonexistent-dir/x/y.db").contains("cannot connect"));
+}
+
+#[test]
+fn demo_runs_on_sqlite_with_no_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .env_remove("DRAY_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("All demo checks passed."));
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the demo leaves no file behind"
+    );
+}
