@@ -88,3 +88,29 @@ pub fn decode_state(id: &uuid::Uuid, s: &str) -> Result<crate::MessageState> {
 pub fn micros(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
+
+/// Reads stored attempt errors (a JSON array of objects).
+pub fn decode_errors(
+    id: &uuid::Uuid,
+    value: serde_json::Value,
+) -> Result<Vec<crate::AttemptError>> {
+    serde_json::from_value(value).map_err(|e| Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("errors are not a list of attempt errors: {e}"),
+    })
+}
+
+/// Reads a stored progress value (0 to 100).
+pub fn decode_progress(id: &uuid::Uuid, value: Option<i64>) -> Result<Option<u8>> {
+    value
+        .map(|v| {
+            u8::try_from(v)
+                .ok()
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| Error::CorruptRow {
+                    id: id.to_string(),
+                    reason: format!("progress {v} is outside 0..=100"),
+                })
+        })
+        .transpose()
+}

@@ -20,8 +20,9 @@ pub use migrate::{Migration, SchemaMode};
 pub use queue::{EnqueueOptions, Queue, QueueConfig, ReceiveOptions};
 pub use store::{Store, StoreConnection};
 pub use types::{
-    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, RunAt,
+    AttemptError, CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind, JobFilter,
+    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
+    QueueName, QueueStats, RescueReport, RunAt,
 };
 pub use wake::WakeHub;
 

@@ -14,8 +14,9 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::types::{
-    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage,
-    QueueName, QueueStats, RescueReport,
+    CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind, JobFilter, LeaseRef,
+    LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueName, QueueStats,
+    RescueReport,
 };
 use crate::wake::WakeHub;
 
@@ -126,4 +127,60 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         queue: &QueueName,
     ) -> impl Future<Output = Result<Option<Duration>>> + Send;
+
+    /// Records finished attempts as completed with their outputs, in one statement. Fenced:
+    /// an attempt whose lease was taken back is not applied (it is absent from `applied`).
+    fn job_complete_many(
+        &self,
+        done: &[Completion],
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Records a failed attempt (appending to the job's errors) and sends the job where `to`
+    /// says; a retry of a job out of attempts makes it dead. Fenced.
+    fn job_fail(
+        &self,
+        lease: LeaseRef,
+        kind: FailureKind,
+        message: &str,
+        to: FailTo,
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Records progress (0 to 100) of a running attempt. Fenced.
+    fn job_progress(
+        &self,
+        lease: LeaseRef,
+        percent: u8,
+        message: Option<&str>,
+    ) -> impl Future<Output = Result<LeaseWrite>> + Send;
+
+    /// Cancels a job that has not started, or asks a running one to stop.
+    fn job_cancel(&self, id: Uuid) -> impl Future<Output = Result<Option<CancelOutcome>>> + Send;
+
+    /// Re-drives a dead or cancelled job: available again now, with fresh attempts (its error
+    /// history is kept). Returns the job as it now is, or `None` when no job has this id.
+    /// A job in another state is refused with [`crate::Error::InvalidArgument`].
+    fn job_redrive(&self, id: Uuid) -> impl Future<Output = Result<Option<Message>>> + Send;
+
+    /// Lists jobs, newest first.
+    fn job_list(&self, filter: &JobFilter) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// Deletes up to `limit` finished (completed, dead, cancelled) jobs that finished more than
+    /// `older_than` ago; returns how many.
+    fn job_prune(
+        &self,
+        older_than: Duration,
+        limit: u32,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Takes or renews leadership of role `name` for `ttl` (database clock): true when
+    /// `holder` holds it now. Fails over when the holder stops renewing.
+    fn leader_acquire(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Gives leadership of `name` up, if `holder` has it.
+    fn leader_release(&self, name: &str, holder: &str) -> impl Future<Output = Result<()>> + Send;
 }

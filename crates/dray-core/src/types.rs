@@ -287,6 +287,109 @@ pub struct Message {
     pub leased_by: Option<String>,
     /// When it reached a terminal state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The handler's output, once completed (jobs).
+    pub result: Option<serde_json::Value>,
+    /// One entry per failed attempt, oldest first (jobs).
+    pub errors: Vec<AttemptError>,
+    /// Last progress the handler reported, 0 to 100 (jobs).
+    pub progress: Option<u8>,
+    /// The message that came with the last progress report.
+    pub progress_message: Option<String>,
+    /// True once a cancel was requested (a running job stops at its next check).
+    pub cancel_requested: bool,
+}
+
+/// Why an attempt failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The handler returned a transient error (retried with backoff).
+    Error,
+    /// The handler returned a permanent error (not retried).
+    Permanent,
+    /// The handler ran past its timeout.
+    Timeout,
+    /// The handler panicked (counted as transient).
+    Panic,
+    /// The job was cancelled while it ran.
+    Cancelled,
+    /// The lease ended without a result (the worker died or stalled).
+    LeaseExpired,
+}
+
+impl FailureKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Error => "error",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Panic => "panic",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::LeaseExpired => "lease_expired",
+        }
+    }
+}
+
+/// One failed attempt, as recorded in [`Message::errors`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    /// The attempt that failed (1 for the first).
+    pub attempt: i32,
+    /// When (database clock).
+    pub at: DateTime<Utc>,
+    /// Why.
+    pub kind: FailureKind,
+    /// What the handler (or Dray) said.
+    pub message: String,
+}
+
+/// Where a failed attempt sends the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailTo {
+    /// Run again after this delay (database clock); dead instead when out of attempts.
+    Retry(Duration),
+    /// Dead at once.
+    Dead,
+    /// Cancelled.
+    Cancelled,
+}
+
+/// A finished attempt to record as completed.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The delivery that finished (fenced).
+    pub lease: LeaseRef,
+    /// The output, serialized JSON.
+    pub result: Option<String>,
+}
+
+/// What a cancel request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// It had not started: it is cancelled and will never run.
+    Cancelled,
+    /// It is running: the handler is asked to stop (cooperatively) and the attempt ends as
+    /// cancelled.
+    Requested,
+    /// It had already finished in this state; nothing changed.
+    AlreadyFinished(MessageState),
+}
+
+/// Which jobs to list.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    /// Only this queue.
+    pub queue: Option<QueueName>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this state.
+    pub state: Option<MessageState>,
+    /// Only ids before this one (for paging; results are newest first).
+    pub before: Option<Uuid>,
+    /// At most this many (default 100, at most 10,000).
+    pub limit: u32,
 }
 
 impl Message {
@@ -393,6 +496,8 @@ pub struct LeaseWrite {
     pub applied: Vec<Uuid>,
     /// Ids of messages that went dead instead of being requeued (out of attempts).
     pub dead: Vec<Uuid>,
+    /// Ids (among `applied`) whose job has a cancel request pending.
+    pub cancel_requested: Vec<Uuid>,
 }
 
 /// What a sweep of expired leases did.

@@ -22,12 +22,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dray_core::batch::{decode_headers, decode_state, dedup_keys, micros};
+use dray_core::batch::{
+    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, micros,
+};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    ClaimParams, Enqueued, Error, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
-    WakeHub,
+    CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind, JobFilter,
+    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
+    QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -36,11 +38,18 @@ use uuid::Uuid;
 use crate::sql::Sql;
 
 /// The migrations this build knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../migrations/0001_jobs.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../migrations/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "job_results",
+        sql: include_str!("../migrations/0002_job_results.sql"),
+    },
+];
 
 /// Default schema for Dray's tables.
 pub const DEFAULT_SCHEMA: &str = "dray";
@@ -388,20 +397,35 @@ impl PgStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, queue.as_str()).await
+    }
+
+    /// Reads what a fenced lease write returned (id, new state, cancel requested), and wakes
+    /// receivers when something became available again.
+    async fn lease_rows(
+        &self,
+        op: &'static str,
+        rows: &[PgRow],
+        queue: &str,
+    ) -> Result<LeaseWrite> {
         let mut out = LeaseWrite::default();
         let mut requeued = false;
         for row in rows {
             let id: Uuid = row.try_get(0).map_err(Error::db(op))?;
             let state: String = row.try_get(1).map_err(Error::db(op))?;
+            let cancel: bool = row.try_get(2).map_err(Error::db(op))?;
             match state.as_str() {
                 "dead" => out.dead.push(id),
                 "available" => requeued = true,
                 _ => {}
             }
+            if cancel {
+                out.cancel_requested.push(id);
+            }
             out.applied.push(id);
         }
         if requeued {
-            self.notify(&[queue.as_str().to_owned()]).await?;
+            self.notify(&[queue.to_owned()]).await?;
         }
         Ok(out)
     }
@@ -445,8 +469,27 @@ fn decode_message(row: &PgRow) -> Result<Message> {
         leased_until: row.try_get(12).map_err(|e| corrupt("leased_until", e))?,
         leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
         finished_at: row.try_get(14).map_err(|e| corrupt("finished_at", e))?,
+        result: row.try_get(15).map_err(|e| corrupt("result", e))?,
+        errors: decode_errors(&id, row.try_get(16).map_err(|e| corrupt("errors", e))?)?,
+        progress: decode_progress(
+            &id,
+            row.try_get::<Option<i16>, _>(17)
+                .map_err(|e| corrupt("progress", e))?
+                .map(i64::from),
+        )?,
+        progress_message: row
+            .try_get(18)
+            .map_err(|e| corrupt("progress_message", e))?,
+        cancel_requested: row
+            .try_get(19)
+            .map_err(|e| corrupt("cancel_requested", e))?,
         id,
     })
+}
+
+/// The row limit of a listing: 100 by default, at most 10,000.
+fn list_limit(limit: u32) -> u32 {
+    if limit == 0 { 100 } else { limit.min(10_000) }
 }
 
 /// Delivery order, for sorting rows that `RETURNING` hands back in no particular order.
@@ -769,6 +812,161 @@ impl Store for PgStore {
             .await
             .map_err(Error::db("queue_next_due"))?;
         Ok(us.map(|us| Duration::from_micros(us.max(0) as u64)))
+    }
+
+    async fn job_complete_many(&self, done: &[Completion]) -> Result<LeaseWrite> {
+        if done.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let op = "job_complete_many";
+        let ids: Vec<Uuid> = done.iter().map(|c| c.lease.id).collect();
+        let attempts: Vec<Option<i32>> = done.iter().map(|c| c.lease.attempt).collect();
+        let results: Vec<Option<&str>> = done.iter().map(|c| c.result.as_deref()).collect();
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
+            .bind(ids)
+            .bind(attempts)
+            .bind(results)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "").await
+    }
+
+    async fn job_fail(
+        &self,
+        lease: LeaseRef,
+        kind: FailureKind,
+        message: &str,
+        to: FailTo,
+    ) -> Result<LeaseWrite> {
+        let op = "job_fail";
+        let (to, delay) = match to {
+            FailTo::Retry(d) => ("retry", micros(d)),
+            FailTo::Dead => ("dead", 0),
+            FailTo::Cancelled => ("cancelled", 0),
+        };
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.fail.clone()))
+            .bind(lease.id)
+            .bind(lease.attempt)
+            .bind(kind.as_str())
+            .bind(message)
+            .bind(to)
+            .bind(delay)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "").await
+    }
+
+    async fn job_progress(
+        &self,
+        lease: LeaseRef,
+        percent: u8,
+        message: Option<&str>,
+    ) -> Result<LeaseWrite> {
+        let op = "job_progress";
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.progress.clone()))
+            .bind(lease.id)
+            .bind(lease.attempt)
+            .bind(i16::from(percent.min(100)))
+            .bind(message)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "").await
+    }
+
+    async fn job_cancel(&self, id: Uuid) -> Result<Option<CancelOutcome>> {
+        let op = "job_cancel";
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.cancel.clone()))
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(Error::db(op))?;
+        let Some(row) = row else { return Ok(None) };
+        let before: String = row.try_get(0).map_err(Error::db(op))?;
+        let before = decode_state(&id, &before)?;
+        Ok(Some(match before {
+            MessageState::Running => CancelOutcome::Requested,
+            s if s.is_terminal() => CancelOutcome::AlreadyFinished(s),
+            _ => CancelOutcome::Cancelled,
+        }))
+    }
+
+    async fn job_redrive(&self, id: Uuid) -> Result<Option<Message>> {
+        let op = "job_redrive";
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.redrive.clone()))
+            .bind(id)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
+                Some(code) if code == "23505" => Error::invalid(
+                    "retry",
+                    format!("job {id} cannot be re-driven: another unfinished job of its queue holds its key"),
+                ),
+                _ => Error::db(op)(e),
+            })?;
+        match row {
+            Some(row) => {
+                let m = decode_message(&row)?;
+                self.notify(std::slice::from_ref(&m.queue)).await?;
+                Ok(Some(m))
+            }
+            None => match self.message_get(id).await? {
+                None => Ok(None),
+                Some(m) => Err(Error::invalid(
+                    "retry",
+                    format!(
+                        "job {id} is {}; only a dead or cancelled job can be re-driven",
+                        m.state
+                    ),
+                )),
+            },
+        }
+    }
+
+    async fn job_list(&self, f: &JobFilter) -> Result<Vec<Message>> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.list.clone()))
+            .bind(f.queue.as_ref().map(|q| q.as_str().to_owned()))
+            .bind(f.kind.clone())
+            .bind(f.state.map(|s| s.as_str()))
+            .bind(f.before)
+            .bind(i64::from(list_limit(f.limit)))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db("job_list"))?;
+        rows.iter().map(decode_message).collect()
+    }
+
+    async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
+        let r = sqlx::query(AssertSqlSafe(self.inner.sql.prune.clone()))
+            .bind(micros(older_than))
+            .bind(i64::from(limit))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(Error::db("job_prune"))?;
+        Ok(r.rows_affected())
+    }
+
+    async fn leader_acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let row = sqlx::query(AssertSqlSafe(self.inner.sql.leader_acquire.clone()))
+            .bind(name)
+            .bind(holder)
+            .bind(micros(ttl))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(Error::db("leader_acquire"))?;
+        Ok(row.is_some())
+    }
+
+    async fn leader_release(&self, name: &str, holder: &str) -> Result<()> {
+        sqlx::query(AssertSqlSafe(self.inner.sql.leader_release.clone()))
+            .bind(name)
+            .bind(holder)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(Error::db("leader_release"))?;
+        Ok(())
     }
 }
 

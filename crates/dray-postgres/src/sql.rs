@@ -9,7 +9,12 @@ use std::sync::Arc;
 
 /// The columns a [`dray_core::Message`] is decoded from, in `decode_message`'s order.
 const COLS: &str = "j.id, j.queue, j.kind, j.key, j.payload, j.headers, j.priority, j.state, \
-     j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, j.leased_by, j.finished_at";
+     j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, j.leased_by, j.finished_at, \
+     j.result, j.errors, j.progress, j.progress_message, (j.cancel_requested_at IS NOT NULL)";
+
+/// What every fenced lease write returns: the row, its new state, and whether a cancel is
+/// pending (so a heartbeat tells a running handler to stop).
+const LEASE_RETURNING: &str = "RETURNING j.id, j.state, (j.cancel_requested_at IS NOT NULL)";
 
 /// The pending states: rows the claim may take once `run_at <= now()`. Must match the
 /// predicate of `dray_jobs_claim_idx` for the planner to use that index.
@@ -79,7 +84,7 @@ SET state = 'completed', finished_at = now(), leased_until = NULL
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
 WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
-RETURNING j.id, j.state";
+{lease_returning}";
 
 /// Nack: requeue after a delay ($4 = true), or dead ($4 = false). A requeue of a row that has
 /// used all its attempts makes it dead instead, so a poison message cannot loop forever.
@@ -94,7 +99,7 @@ SET state = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN 'dead'
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
 WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
-RETURNING j.id, j.state";
+{lease_returning}";
 
 /// Extend (heartbeat): the lease now ends `$4` microseconds after the database's now().
 const EXTEND: &str = "
@@ -103,7 +108,7 @@ SET leased_until = now() + $4 * interval '1 microsecond'
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
 WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
-RETURNING j.id, j.state";
+{lease_returning}";
 
 /// Rescue: expired leases go back to available (or dead when out of attempts), in bounded
 /// batches. `SKIP LOCKED` so the sweep never waits on (or races) a receiver that is acking the
@@ -119,7 +124,10 @@ WITH expired AS MATERIALIZED (
 UPDATE {s}.dray_jobs j
 SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
     finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
-    leased_until = NULL
+    leased_until = NULL,
+    errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
+        'at', now(), 'kind', 'lease_expired',
+        'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
 FROM expired
 WHERE j.id = expired.id
 RETURNING j.queue, j.state";
@@ -142,6 +150,85 @@ const NEXT_DUE: &str = "
 SELECT (EXTRACT(EPOCH FROM min(run_at) - now()) * 1000000)::int8
 FROM {s}.dray_jobs WHERE queue = $1 AND state IN {pending} AND run_at > now()";
 
+/// Complete: finished attempts with their outputs, one statement for the whole batch (the
+/// worker's completer buffers them for a few milliseconds). Fenced like ack.
+const COMPLETE: &str = "
+UPDATE {s}.dray_jobs j
+SET state = 'completed', finished_at = now(), leased_until = NULL, result = r.result::jsonb
+FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+WHERE j.id = r.id AND j.state = 'running' AND (r.attempt IS NULL OR j.attempt = r.attempt)
+{lease_returning}";
+
+/// Fail: record the attempt's error and move on: retryable after a delay (dead when out of
+/// attempts), dead, or cancelled. $5 is 'retry', 'dead' or 'cancelled'. Fenced.
+const FAIL: &str = "
+UPDATE {s}.dray_jobs j
+SET state = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts THEN 'retryable'
+                 WHEN $5 = 'cancelled' THEN 'cancelled' ELSE 'dead' END,
+    run_at = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts
+                  THEN now() + $6 * interval '1 microsecond' ELSE j.run_at END,
+    finished_at = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts THEN NULL ELSE now() END,
+    leased_until = NULL,
+    errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
+        'at', now(), 'kind', $3::text, 'message', $4::text))
+WHERE j.id = $1 AND j.state = 'running' AND ($2::int4 IS NULL OR j.attempt = $2)
+{lease_returning}";
+
+/// Progress of a running attempt. Fenced.
+const PROGRESS: &str = "
+UPDATE {s}.dray_jobs j SET progress = $3, progress_message = $4
+WHERE j.id = $1 AND j.state = 'running' AND ($2::int4 IS NULL OR j.attempt = $2)
+{lease_returning}";
+
+/// Cancel: a pending job is cancelled at once; a running one gets a cancel request that its
+/// worker sees at the next heartbeat. The locked subquery reads the state before the change.
+const CANCEL: &str = "
+UPDATE {s}.dray_jobs j
+SET state = CASE WHEN o.state IN {pending} THEN 'cancelled' ELSE j.state END,
+    finished_at = CASE WHEN o.state IN {pending} THEN now() ELSE j.finished_at END,
+    cancel_requested_at = CASE WHEN o.state IN {pending} OR o.state = 'running'
+                               THEN COALESCE(j.cancel_requested_at, now())
+                               ELSE j.cancel_requested_at END
+FROM (SELECT id, state FROM {s}.dray_jobs WHERE id = $1 FOR UPDATE) o
+WHERE j.id = o.id
+RETURNING o.state, j.state";
+
+/// Re-drive a dead or cancelled job with fresh attempts; its error history stays.
+const REDRIVE: &str = "
+UPDATE {s}.dray_jobs j
+SET state = 'available', attempt = 0, run_at = now(), finished_at = NULL, leased_until = NULL,
+    leased_by = NULL, cancel_requested_at = NULL, result = NULL, progress = NULL,
+    progress_message = NULL
+WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
+RETURNING {cols}";
+
+const LIST: &str = "
+SELECT {cols} FROM {s}.dray_jobs j
+WHERE ($1::text IS NULL OR j.queue = $1) AND ($2::text IS NULL OR j.kind = $2)
+  AND ($3::text IS NULL OR j.state = $3) AND ($4::uuid IS NULL OR j.id < $4)
+ORDER BY j.id DESC
+LIMIT $5";
+
+/// Prune finished rows in bounded batches, oldest first (walks dray_jobs_finished_idx).
+const PRUNE: &str = "
+DELETE FROM {s}.dray_jobs WHERE id IN (
+    SELECT id FROM {s}.dray_jobs
+    WHERE state IN ('completed', 'dead', 'cancelled')
+      AND finished_at < now() - $1 * interval '1 microsecond'
+    ORDER BY finished_at
+    LIMIT $2)";
+
+/// Take or renew a leadership lease: the upsert's WHERE lets it through only for the current
+/// holder or once the lease has expired (database clock); no row back means someone else leads.
+const LEADER_ACQUIRE: &str = "
+INSERT INTO {s}.dray_leaders AS l (name, holder, expires_at)
+VALUES ($1, $2, now() + $3 * interval '1 microsecond')
+ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+    WHERE l.holder = EXCLUDED.holder OR l.expires_at <= now()
+RETURNING l.holder";
+
+const LEADER_RELEASE: &str = "DELETE FROM {s}.dray_leaders WHERE name = $1 AND holder = $2";
+
 /// Wakes receivers in other processes (used after requeues and rescues; inserts notify from
 /// their trigger).
 pub const NOTIFY: &str = "SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q";
@@ -158,13 +245,23 @@ pub struct Sql {
     pub get: Arc<str>,
     pub stats: Arc<str>,
     pub next_due: Arc<str>,
+    pub complete: Arc<str>,
+    pub fail: Arc<str>,
+    pub progress: Arc<str>,
+    pub cancel: Arc<str>,
+    pub redrive: Arc<str>,
+    pub list: Arc<str>,
+    pub prune: Arc<str>,
+    pub leader_acquire: Arc<str>,
+    pub leader_release: Arc<str>,
 }
 
 impl Sql {
     /// Fills in the quoted schema name.
     pub fn new(quoted_schema: &str) -> Sql {
         let f = |t: &str| -> Arc<str> {
-            t.replace("{cols}", COLS)
+            t.replace("{lease_returning}", LEASE_RETURNING)
+                .replace("{cols}", COLS)
                 .replace("{pending}", PENDING)
                 .replace("{s}", quoted_schema)
                 .into()
@@ -179,6 +276,15 @@ impl Sql {
             get: f(GET),
             stats: f(STATS),
             next_due: f(NEXT_DUE),
+            complete: f(COMPLETE),
+            fail: f(FAIL),
+            progress: f(PROGRESS),
+            cancel: f(CANCEL),
+            redrive: f(REDRIVE),
+            list: f(LIST),
+            prune: f(PRUNE),
+            leader_acquire: f(LEADER_ACQUIRE),
+            leader_release: f(LEADER_RELEASE),
         }
     }
 }

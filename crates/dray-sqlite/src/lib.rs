@@ -21,12 +21,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dray_core::batch::{decode_headers, decode_state, dedup_keys};
+use dray_core::batch::{decode_errors, decode_headers, decode_progress, decode_state, dedup_keys};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    ClaimParams, Enqueued, Error, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
-    WakeHub,
+    CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind, JobFilter,
+    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
+    QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -35,11 +35,18 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 /// The migrations this build knows, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../migrations/0001_jobs.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../migrations/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "job_results",
+        sql: include_str!("../migrations/0002_job_results.sql"),
+    },
+];
 
 /// Fallback poll interval of waiting receivers: wake-ups from other processes, and from
 /// enqueues inside a caller's transaction, arrive by polling.
@@ -61,6 +68,16 @@ struct Statements {
     stats: String,
     next_due: String,
     now: String,
+    complete: String,
+    fail: String,
+    progress: String,
+    state_of: String,
+    cancel: String,
+    redrive: String,
+    list: String,
+    prune: String,
+    leader_acquire: String,
+    leader_release: String,
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
@@ -75,6 +92,16 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     stats: sql::expand(sql::STATS),
     next_due: sql::expand(sql::NEXT_DUE),
     now: sql::expand(sql::NOW_MS),
+    complete: sql::expand(sql::COMPLETE),
+    fail: sql::expand(sql::FAIL),
+    progress: sql::expand(sql::PROGRESS),
+    state_of: sql::expand(sql::STATE_OF),
+    cancel: sql::expand(sql::CANCEL),
+    redrive: sql::expand(sql::REDRIVE),
+    list: sql::expand(sql::LIST),
+    prune: sql::expand(sql::PRUNE),
+    leader_acquire: sql::expand(sql::LEADER_ACQUIRE),
+    leader_release: sql::expand(sql::LEADER_RELEASE),
 });
 
 fn q(s: &'static str) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
@@ -300,20 +327,26 @@ impl SqliteStore {
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, queue.as_str())
+    }
+
+    /// Reads what a fenced lease write returned (id, new state, cancel requested), and wakes
+    /// receivers when something became available again.
+    fn lease_rows(&self, op: &'static str, rows: &[SqliteRow], queue: &str) -> Result<LeaseWrite> {
         let mut out = LeaseWrite::default();
-        let mut requeued = false;
         for row in rows {
             let id: Uuid = row.try_get(0).map_err(Error::db(op))?;
             let state: String = row.try_get(1).map_err(Error::db(op))?;
+            let cancel: bool = row.try_get(2).map_err(Error::db(op))?;
             match state.as_str() {
                 "dead" => out.dead.push(id),
-                "available" => requeued = true,
+                "available" if !queue.is_empty() => self.inner.hub.wake(queue),
                 _ => {}
             }
+            if cancel {
+                out.cancel_requested.push(id);
+            }
             out.applied.push(id);
-        }
-        if requeued {
-            self.inner.hub.wake(queue.as_str());
         }
         Ok(out)
     }
@@ -379,6 +412,30 @@ fn decode_message(row: &SqliteRow) -> Result<Message> {
         leased_until: opt_time(12, "leased_until")?,
         leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
         finished_at: opt_time(14, "finished_at")?,
+        result: row
+            .try_get::<Option<String>, _>(15)
+            .map_err(|e| corrupt("result", e))?
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| Error::CorruptRow {
+                id: id.to_string(),
+                reason: format!("result is not JSON: {e}"),
+            })?,
+        errors: {
+            let t: String = row.try_get(16).map_err(|e| corrupt("errors", e))?;
+            let v = serde_json::from_str(&t).map_err(|e| Error::CorruptRow {
+                id: id.to_string(),
+                reason: format!("errors are not JSON: {e}"),
+            })?;
+            decode_errors(&id, v)?
+        },
+        progress: decode_progress(&id, row.try_get(17).map_err(|e| corrupt("progress", e))?)?,
+        progress_message: row
+            .try_get(18)
+            .map_err(|e| corrupt("progress_message", e))?,
+        cancel_requested: row
+            .try_get(19)
+            .map_err(|e| corrupt("cancel_requested", e))?,
         id,
     })
 }
@@ -634,5 +691,184 @@ impl Store for SqliteStore {
             .await
             .map_err(Error::db("queue_next_due"))?;
         Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    async fn job_complete_many(&self, done: &[Completion]) -> Result<LeaseWrite> {
+        if done.is_empty() {
+            return Ok(LeaseWrite::default());
+        }
+        let op = "job_complete_many";
+        let mut items = Vec::with_capacity(done.len());
+        for c in done {
+            let mut item = vec![
+                serde_json::Value::String(c.lease.id.simple().to_string()),
+                serde_json::json!(c.lease.attempt),
+            ];
+            if let Some(r) = &c.result {
+                item.push(serde_json::from_str(r)?);
+            }
+            items.push(serde_json::Value::Array(item));
+        }
+        let rows = q(&SQL.complete)
+            .bind(serde_json::Value::Array(items).to_string())
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "")
+    }
+
+    async fn job_fail(
+        &self,
+        lease: LeaseRef,
+        kind: FailureKind,
+        message: &str,
+        to: FailTo,
+    ) -> Result<LeaseWrite> {
+        let op = "job_fail";
+        let (to, delay) = match to {
+            FailTo::Retry(d) => ("retry", millis(d)),
+            FailTo::Dead => ("dead", 0),
+            FailTo::Cancelled => ("cancelled", 0),
+        };
+        let rows = q(&SQL.fail)
+            .bind(lease.id)
+            .bind(lease.attempt)
+            .bind(kind.as_str())
+            .bind(message.to_owned())
+            .bind(to)
+            .bind(delay)
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "")
+    }
+
+    async fn job_progress(
+        &self,
+        lease: LeaseRef,
+        percent: u8,
+        message: Option<&str>,
+    ) -> Result<LeaseWrite> {
+        let op = "job_progress";
+        let rows = q(&SQL.progress)
+            .bind(lease.id)
+            .bind(lease.attempt)
+            .bind(i64::from(percent.min(100)))
+            .bind(message.map(str::to_owned))
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db(op))?;
+        self.lease_rows(op, &rows, "")
+    }
+
+    async fn job_cancel(&self, id: Uuid) -> Result<Option<CancelOutcome>> {
+        let op = "job_cancel";
+        let mut tx = self
+            .inner
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Error::db(op))?;
+        let before: Option<String> = sqlx::query_scalar(SQL.state_of.as_str())
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        let Some(before) = before else {
+            return Ok(None);
+        };
+        let before = decode_state(&id, &before)?;
+        q(&SQL.cancel)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        tx.commit().await.map_err(Error::db(op))?;
+        Ok(Some(match before {
+            MessageState::Running => CancelOutcome::Requested,
+            s if s.is_terminal() => CancelOutcome::AlreadyFinished(s),
+            _ => CancelOutcome::Cancelled,
+        }))
+    }
+
+    async fn job_redrive(&self, id: Uuid) -> Result<Option<Message>> {
+        let op = "job_redrive";
+        let row = q(&SQL.redrive)
+            .bind(id)
+            .fetch_optional(&self.inner.writer)
+            .await
+            .map_err(|e| match e.as_database_error() {
+                Some(d) if d.is_unique_violation() => Error::invalid(
+                    "retry",
+                    format!("job {id} cannot be re-driven: another unfinished job of its queue holds its key"),
+                ),
+                _ => Error::db(op)(e),
+            })?;
+        match row {
+            Some(row) => {
+                let m = decode_message(&row)?;
+                self.inner.hub.wake(&m.queue);
+                Ok(Some(m))
+            }
+            None => match self.message_get(id).await? {
+                None => Ok(None),
+                Some(m) => Err(Error::invalid(
+                    "retry",
+                    format!(
+                        "job {id} is {}; only a dead or cancelled job can be re-driven",
+                        m.state
+                    ),
+                )),
+            },
+        }
+    }
+
+    async fn job_list(&self, f: &JobFilter) -> Result<Vec<Message>> {
+        let limit = if f.limit == 0 {
+            100
+        } else {
+            f.limit.min(10_000)
+        };
+        let rows = q(&SQL.list)
+            .bind(f.queue.as_ref().map(|q| q.as_str().to_owned()))
+            .bind(f.kind.clone())
+            .bind(f.state.map(|s| s.as_str()))
+            .bind(f.before)
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.reader)
+            .await
+            .map_err(Error::db("job_list"))?;
+        rows.iter().map(decode_message).collect()
+    }
+
+    async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
+        let r = q(&SQL.prune)
+            .bind(millis(older_than))
+            .bind(i64::from(limit))
+            .execute(&self.inner.writer)
+            .await
+            .map_err(Error::db("job_prune"))?;
+        Ok(r.rows_affected())
+    }
+
+    async fn leader_acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let row = q(&SQL.leader_acquire)
+            .bind(name.to_owned())
+            .bind(holder.to_owned())
+            .bind(millis(ttl))
+            .fetch_optional(&self.inner.writer)
+            .await
+            .map_err(Error::db("leader_acquire"))?;
+        Ok(row.is_some())
+    }
+
+    async fn leader_release(&self, name: &str, holder: &str) -> Result<()> {
+        q(&SQL.leader_release)
+            .bind(name.to_owned())
+            .bind(holder.to_owned())
+            .execute(&self.inner.writer)
+            .await
+            .map_err(Error::db("leader_release"))?;
+        Ok(())
     }
 }

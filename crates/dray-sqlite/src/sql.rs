@@ -10,7 +10,15 @@
 
 /// The columns a message is decoded from, in `decode_message`'s order.
 const COLS: &str = "id, queue, kind, key, payload, headers, priority, state, attempt, \
-     max_attempts, enqueued_at, run_at, leased_until, leased_by, finished_at";
+     max_attempts, enqueued_at, run_at, leased_until, leased_by, finished_at, result, errors, \
+     progress, progress_message, (cancel_requested_at IS NOT NULL)";
+
+/// The database clock as an RFC 3339 string, for timestamps inside JSON (attempt errors).
+const ISO_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// What every fenced lease write returns: id, new state, cancel requested.
+const LEASE_RETURNING: &str =
+    "RETURNING dray_jobs.id, dray_jobs.state, (dray_jobs.cancel_requested_at IS NOT NULL)";
 
 const NOW: &str = "CAST(round(unixepoch('subsec') * 1000) AS INTEGER)";
 
@@ -54,7 +62,7 @@ const REFS: &str = "
 FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS attempt FROM json_each(?2)) r
 WHERE dray_jobs.id = r.id AND dray_jobs.queue = ?1 AND dray_jobs.state = 'running'
   AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
-RETURNING dray_jobs.id, dray_jobs.state";
+{lease_returning}";
 
 pub const ACK: &str = "
 UPDATE dray_jobs SET state = 'completed', finished_at = {now}, leased_until = NULL {refs}";
@@ -75,7 +83,10 @@ pub const RESCUE: &str = "
 UPDATE dray_jobs
 SET state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END,
     finished_at = CASE WHEN attempt >= max_attempts THEN {now} END,
-    leased_until = NULL
+    leased_until = NULL,
+    errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', {iso_now},
+        'kind', 'lease_expired',
+        'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
 WHERE id IN (
     SELECT id FROM dray_jobs
     WHERE state = 'running' AND leased_until <= {now} AND (?1 IS NULL OR queue = ?1)
@@ -101,9 +112,84 @@ WHERE queue = ?1 AND state IN {pending} AND run_at > {now}";
 
 pub const NOW_MS: &str = "SELECT {now}";
 
+/// Complete a batch: a JSON array of [hex id, attempt or null, output?] (the output is the
+/// third element itself, so `-> 2` gives back its JSON text; absent means no output). Fenced.
+pub const COMPLETE: &str = "
+UPDATE dray_jobs
+SET state = 'completed', finished_at = {now}, leased_until = NULL, result = r.result
+FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS attempt, value -> 2 AS result
+      FROM json_each(?1)) r
+WHERE dray_jobs.id = r.id AND dray_jobs.state = 'running'
+  AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
+{lease_returning}";
+
+/// Fail an attempt: ?5 is 'retry', 'dead' or 'cancelled'; ?6 the retry delay in ms. SET
+/// expressions all read the row as it was before the update. Fenced.
+pub const FAIL: &str = "
+UPDATE dray_jobs
+SET state = CASE WHEN ?5 = 'retry' AND attempt < max_attempts THEN 'retryable'
+                 WHEN ?5 = 'cancelled' THEN 'cancelled' ELSE 'dead' END,
+    run_at = CASE WHEN ?5 = 'retry' AND attempt < max_attempts THEN {now} + ?6 ELSE run_at END,
+    finished_at = CASE WHEN ?5 = 'retry' AND attempt < max_attempts THEN NULL ELSE {now} END,
+    leased_until = NULL,
+    errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', {iso_now},
+        'kind', ?3, 'message', ?4))
+WHERE id = ?1 AND state = 'running' AND (?2 IS NULL OR attempt = ?2)
+{lease_returning}";
+
+pub const PROGRESS: &str = "
+UPDATE dray_jobs SET progress = ?3, progress_message = ?4
+WHERE id = ?1 AND state = 'running' AND (?2 IS NULL OR attempt = ?2)
+{lease_returning}";
+
+pub const STATE_OF: &str = "SELECT state FROM dray_jobs WHERE id = ?1";
+
+/// Cancel, given the state read in the same IMMEDIATE transaction (SQLite's RETURNING cannot
+/// show the state before the update).
+pub const CANCEL: &str = "
+UPDATE dray_jobs
+SET state = CASE WHEN state IN {pending} THEN 'cancelled' ELSE state END,
+    finished_at = CASE WHEN state IN {pending} THEN {now} ELSE finished_at END,
+    cancel_requested_at = CASE WHEN state IN {pending} OR state = 'running'
+                               THEN COALESCE(cancel_requested_at, {now})
+                               ELSE cancel_requested_at END
+WHERE id = ?1";
+
+pub const REDRIVE: &str = "
+UPDATE dray_jobs
+SET state = 'available', attempt = 0, run_at = {now}, finished_at = NULL, leased_until = NULL,
+    leased_by = NULL, cancel_requested_at = NULL, result = NULL, progress = NULL,
+    progress_message = NULL
+WHERE id = ?1 AND state IN ('dead', 'cancelled')
+RETURNING {cols}";
+
+pub const LIST: &str = "
+SELECT {cols} FROM dray_jobs
+WHERE (?1 IS NULL OR queue = ?1) AND (?2 IS NULL OR kind = ?2)
+  AND (?3 IS NULL OR state = ?3) AND (?4 IS NULL OR id < ?4)
+ORDER BY id DESC
+LIMIT ?5";
+
+pub const PRUNE: &str = "
+DELETE FROM dray_jobs WHERE id IN (
+    SELECT id FROM dray_jobs
+    WHERE state IN ('completed', 'dead', 'cancelled') AND finished_at < {now} - ?1
+    ORDER BY finished_at
+    LIMIT ?2)";
+
+pub const LEADER_ACQUIRE: &str = "
+INSERT INTO dray_leaders (name, holder, expires_at) VALUES (?1, ?2, {now} + ?3)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE dray_leaders.holder = excluded.holder OR dray_leaders.expires_at <= {now}
+RETURNING holder";
+
+pub const LEADER_RELEASE: &str = "DELETE FROM dray_leaders WHERE name = ?1 AND holder = ?2";
+
 /// Expands the placeholders of a statement above (done once per statement, cached).
 pub fn expand(t: &str) -> String {
     t.replace("{refs}", REFS)
+        .replace("{lease_returning}", LEASE_RETURNING)
+        .replace("{iso_now}", ISO_NOW)
         .replace("{cols}", COLS)
         .replace("{pending}", PENDING)
         .replace("{now}", NOW)
