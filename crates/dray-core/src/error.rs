@@ -140,6 +140,19 @@ pub enum Error {
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),
+
+    /// A job ended without a result: dead (out of attempts, or a permanent error) or cancelled.
+    #[error(
+        "job {id} ended {state}: {message}; see its errors with `dray jobs show {id}`, re-drive it with `dray jobs retry {id}`"
+    )]
+    JobFailed {
+        /// The job.
+        id: Uuid,
+        /// `dead` or `cancelled`.
+        state: crate::MessageState,
+        /// The last attempt's error.
+        message: String,
+    },
 }
 
 impl Error {
@@ -160,6 +173,7 @@ impl Error {
             Error::CorruptRow { .. } => "corrupt_row",
             Error::Database { .. } => "database",
             Error::Timeout(_) => "timeout",
+            Error::JobFailed { .. } => "job_failed",
         }
     }
 

@@ -6,16 +6,21 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod client;
 pub mod duration;
 pub mod error;
+pub mod job;
 pub mod migrate;
 pub mod queue;
 pub mod store;
 pub mod types;
 pub mod wake;
+pub mod worker;
 
+pub use client::{Client, JobOutcome, JobStatus};
 pub use duration::{format_duration, parse_duration};
 pub use error::{Error, Result};
+pub use job::{Backoff, CancelToken, Job, JobContext, JobError, JobOptions, RetryPolicy};
 pub use migrate::{Migration, SchemaMode};
 pub use queue::{EnqueueOptions, Queue, QueueConfig, ReceiveOptions};
 pub use store::{Store, StoreConnection};
@@ -25,6 +30,7 @@ pub use types::{
     QueueName, QueueStats, RescueReport, RunAt,
 };
 pub use wake::WakeHub;
+pub use worker::{Worker, WorkerConfig, WorkerEvent, WorkerHandle};
 
 /// Re-exported so callers name the same versions Dray uses.
 pub use {chrono, serde_json, sqlx, uuid};

@@ -416,6 +416,20 @@ impl<S: Store> Queue<S> {
         queue: &str,
         options: &ReceiveOptions,
     ) -> Result<Vec<Message>> {
+        self.receive_until(queue, options, std::future::pending::<()>())
+            .await
+    }
+
+    /// [`Queue::receive_with`] that also returns (empty-handed) as soon as `stop` completes.
+    /// `stop` only cuts the *waiting* short: a claim already sent to the database is always
+    /// read back, so no message is leased and then forgotten.
+    pub async fn receive_until(
+        &self,
+        queue: &str,
+        options: &ReceiveOptions,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Vec<Message>> {
+        let mut stop = pin!(stop);
         let queue = QueueName::new(queue)?;
         options.validate()?;
         let lease = options.lease.unwrap_or(self.config.default_lease);
@@ -452,6 +466,7 @@ impl<S: Store> Queue<S> {
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = stop.as_mut() => return Ok(Vec::new()),
             }
         }
     }

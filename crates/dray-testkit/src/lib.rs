@@ -8,6 +8,7 @@
 
 #![allow(missing_docs)] // test code: the test names are the documentation
 
+pub mod jobs;
 pub mod queue;
 
 use std::future::Future;
@@ -98,6 +99,28 @@ macro_rules! conformance_tests {
             get_unknown_id_is_none,
             migrations_twice_change_nothing,
         );
+        $crate::conformance_tests!(@jobs $fixture;
+            retries_follow_the_backoff_then_succeed,
+            timeouts_count_as_failed_attempts,
+            panics_retry_and_permanent_errors_do_not,
+            watch_sees_progress_from_0_to_100,
+            cancel_a_queued_and_a_running_job,
+            submit_and_wait_result_and_callbacks,
+            fencing_refuses_a_worker_whose_lease_was_taken,
+            unique_jobs_under_concurrent_enqueues,
+            dead_jobs_are_re_driven_and_listed,
+            leadership_is_exclusive_and_fails_over,
+            finished_jobs_are_pruned,
+            shutdown_releases_unfinished_jobs_and_maintenance_rescues,
+        );
+    };
+    (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run($fixture, |fx, store| $crate::jobs::$name(fx, store)).await
+            }
+        )*
     };
     (@each $fixture:expr; $($name:ident),* $(,)?) => {
         $(

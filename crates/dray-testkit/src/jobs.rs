@@ -1,0 +1,789 @@
+//! Conformance tests of typed jobs, the worker and the client, run against every store.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dray_core::{
+    Backoff, CancelOutcome, Client, Completion, Error, FailTo, FailureKind, Job, JobContext,
+    JobError, JobFilter, JobOptions, LeaseRef, MessageState, Queue, ReceiveOptions, RetryPolicy,
+    Store, Worker, WorkerEvent, WorkerHandle,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, broadcast};
+use uuid::Uuid;
+
+use crate::Fixture;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn fast_retry(max_attempts: i32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        backoff: Backoff::Fixed,
+        base: Duration::from_millis(200),
+        max: Duration::from_secs(1),
+        jitter: false,
+    }
+}
+
+/// Starts a worker with short leases and heartbeats (so tests see them act quickly).
+fn worker<S: Store>(store: &S, build: impl FnOnce(Worker<S>) -> Worker<S>) -> WorkerHandle {
+    build(Worker::new(store.clone()).configure(|c| {
+        c.lease = Duration::from_secs(2);
+        c.heartbeat = Duration::from_millis(100);
+        c.maintenance_interval = Duration::from_millis(100);
+        c.shutdown_grace = Duration::from_millis(300);
+    }))
+    .start()
+    .unwrap()
+}
+
+/// Waits for a worker event matching `pred`.
+async fn event(
+    rx: &mut broadcast::Receiver<WorkerEvent>,
+    what: &str,
+    pred: impl Fn(&WorkerEvent) -> bool,
+) -> WorkerEvent {
+    let wait = async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if pred(&e) => return e,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("worker events ended while waiting for {what}: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Fails with a transient error until attempt `succeed_on`, then returns `n * 2`.
+struct Flaky;
+#[derive(Serialize, Deserialize)]
+struct FlakyIn {
+    n: i64,
+    succeed_on: i32,
+}
+impl Job for Flaky {
+    const NAME: &'static str = "flaky";
+    type Input = FlakyIn;
+    type Output = i64;
+    fn options() -> JobOptions {
+        JobOptions {
+            retry: fast_retry(5),
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, ctx: &JobContext, input: FlakyIn) -> Result<i64, JobError> {
+        if ctx.attempt() < input.succeed_on {
+            return Err(std::io::Error::other(format!("boom on attempt {}", ctx.attempt())).into());
+        }
+        Ok(input.n * 2)
+    }
+}
+
+pub async fn retries_follow_the_backoff_then_succeed<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let w = worker(&store, |w| w.register(Flaky));
+    let client = Client::new(store.clone());
+    let e = client
+        .enqueue::<Flaky>(&FlakyIn {
+            n: 21,
+            succeed_on: 3,
+        })
+        .await
+        .unwrap();
+    let out = client.wait(e.id, WAIT).await.unwrap();
+    assert_eq!(out.state, MessageState::Completed);
+    assert_eq!(out.attempts, 3, "completed on attempt 3");
+    assert_eq!(out.output::<i64>().unwrap(), 42);
+    assert_eq!(out.errors.len(), 2, "two recorded errors");
+    assert_eq!((out.errors[0].attempt, out.errors[1].attempt), (1, 2));
+    assert!(out.errors.iter().all(|e| e.kind == FailureKind::Error));
+    assert!(out.errors[0].message.contains("boom on attempt 1"));
+    // Fixed backoff of 200 ms, measured on the database clock between the recorded failures;
+    // tolerance: the next attempt starts within a poll interval (+ scheduling) of being due.
+    let gap = out.errors[1].at - out.errors[0].at;
+    assert!(
+        gap >= chrono::Duration::milliseconds(200),
+        "retried too early: {gap}"
+    );
+    let slack = store.poll_interval() + Duration::from_millis(800);
+    assert!(
+        gap <= chrono::Duration::milliseconds(200) + chrono::Duration::from_std(slack).unwrap(),
+        "retried too late: {gap}"
+    );
+    w.shutdown().await.unwrap();
+}
+
+/// Sleeps far longer than its timeout.
+struct Slow;
+impl Job for Slow {
+    const NAME: &'static str = "slow";
+    type Input = ();
+    type Output = ();
+    fn options() -> JobOptions {
+        JobOptions {
+            timeout: Some(Duration::from_millis(150)),
+            retry: fast_retry(2),
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(())
+    }
+}
+
+pub async fn timeouts_count_as_failed_attempts<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let w = worker(&store, |w| w.register(Slow));
+    let client = Client::new(store.clone());
+    let e = client.enqueue::<Slow>(&()).await.unwrap();
+    let out = client.wait(e.id, WAIT).await.unwrap();
+    assert_eq!(
+        out.state,
+        MessageState::Dead,
+        "out of attempts after timing out twice"
+    );
+    assert_eq!(out.errors.len(), 2);
+    assert!(out.errors.iter().all(|e| e.kind == FailureKind::Timeout));
+    assert!(
+        out.errors[0].message.contains("timed out after 150ms"),
+        "{}",
+        out.errors[0].message
+    );
+    let err = out.output::<()>().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::JobFailed {
+                state: MessageState::Dead,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    w.shutdown().await.unwrap();
+}
+
+/// Panics on its first attempt.
+struct Panicky;
+impl Job for Panicky {
+    const NAME: &'static str = "panicky";
+    type Input = ();
+    type Output = String;
+    fn options() -> JobOptions {
+        JobOptions {
+            retry: fast_retry(3),
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, ctx: &JobContext, _: ()) -> Result<String, JobError> {
+        if ctx.attempt() == 1 {
+            panic!("the handler blew up");
+        }
+        Ok("recovered".into())
+    }
+}
+
+/// Fails permanently.
+struct Doomed;
+impl Job for Doomed {
+    const NAME: &'static str = "doomed";
+    type Input = String;
+    type Output = ();
+    fn options() -> JobOptions {
+        JobOptions {
+            retry: fast_retry(5),
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, _ctx: &JobContext, why: String) -> Result<(), JobError> {
+        Err(JobError::permanent(why))
+    }
+}
+
+pub async fn panics_retry_and_permanent_errors_do_not<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let w = worker(&store, |w| w.register(Panicky).register(Doomed));
+    let client = Client::new(store.clone());
+    let p = client.enqueue::<Panicky>(&()).await.unwrap();
+    let out = client.wait(p.id, WAIT).await.unwrap();
+    assert_eq!(out.output::<String>().unwrap(), "recovered");
+    assert_eq!(out.errors.len(), 1);
+    assert_eq!(out.errors[0].kind, FailureKind::Panic);
+    assert!(out.errors[0].message.contains("the handler blew up"));
+
+    let d = client
+        .enqueue::<Doomed>(&"bad input".to_owned())
+        .await
+        .unwrap();
+    let out = client.wait(d.id, WAIT).await.unwrap();
+    assert_eq!(out.state, MessageState::Dead);
+    assert_eq!(out.attempts, 1, "a permanent error is not retried");
+    assert_eq!(out.errors[0].kind, FailureKind::Permanent);
+    let err = client
+        .submit_and_wait::<Doomed>(&"still bad".to_owned(), WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::JobFailed { message, .. } if message == "still bad"),
+        "{err}"
+    );
+    assert_eq!(err.code(), "job_failed");
+    w.shutdown().await.unwrap();
+}
+
+/// Reports progress step by step, each step released by the test, then waits for a cancel.
+struct Stepper {
+    gate: Arc<Semaphore>,
+}
+impl Job for Stepper {
+    const NAME: &'static str = "stepper";
+    type Input = bool; // true: wait for cancellation at the end
+    type Output = u8;
+    async fn run(&self, ctx: &JobContext, wait_cancel: bool) -> Result<u8, JobError> {
+        for p in [0u8, 25, 50, 75, 100] {
+            self.gate
+                .acquire()
+                .await
+                .map_err(JobError::transient)?
+                .forget();
+            ctx.progress(p, format!("step {p}")).await?;
+        }
+        if wait_cancel {
+            ctx.cancelled().await;
+            return Err(JobError::Cancelled);
+        }
+        Ok(100)
+    }
+}
+
+pub async fn watch_sees_progress_from_0_to_100<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let gate = Arc::new(Semaphore::new(0));
+    let w = worker(&store, |w| w.register(Stepper { gate: gate.clone() }));
+    let client = Client::new(store.clone());
+    let e = client.enqueue::<Stepper>(&false).await.unwrap();
+    assert!(
+        client.result(e.id).await.unwrap().is_none(),
+        "no result while pending"
+    );
+    let mut watch = std::pin::pin!(client.watch(e.id));
+    let mut seen = Vec::new();
+    gate.add_permits(1);
+    while let Some(s) = watch.next().await {
+        let s = s.unwrap();
+        if let Some(p) = s.progress
+            && seen.last() != Some(&p)
+        {
+            seen.push(p);
+            assert_eq!(s.message.as_deref(), Some(format!("step {p}").as_str()));
+            gate.add_permits(1); // release the next step only once this one was seen
+        }
+        if s.state.is_terminal() {
+            assert_eq!(s.state, MessageState::Completed);
+            break;
+        }
+    }
+    assert_eq!(seen, vec![0, 25, 50, 75, 100]);
+    assert_eq!(
+        client
+            .result(e.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .output::<u8>()
+            .unwrap(),
+        100
+    );
+    w.shutdown().await.unwrap();
+}
+
+pub async fn cancel_a_queued_and_a_running_job<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let gate = Arc::new(Semaphore::new(0));
+    let w = worker(&store, |w| {
+        w.register(Stepper { gate: gate.clone() }).register(Flaky)
+    });
+    let mut events = w.events();
+    let client = Client::new(store.clone());
+
+    // Queued (not due for an hour): cancelled at once, never runs.
+    let later = client
+        .enqueue_with::<Flaky>(
+            &FlakyIn {
+                n: 1,
+                succeed_on: 1,
+            },
+            |o| o.delay(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.cancel(later.id).await.unwrap(),
+        CancelOutcome::Cancelled
+    );
+    let out = client.result(later.id).await.unwrap().unwrap();
+    assert_eq!(out.state, MessageState::Cancelled);
+    assert_eq!(out.attempts, 0, "never ran");
+    assert_eq!(
+        client.cancel(later.id).await.unwrap(),
+        CancelOutcome::AlreadyFinished(MessageState::Cancelled)
+    );
+
+    // Running: the handler sees the request at the next heartbeat and stops.
+    let running = client.enqueue::<Stepper>(&true).await.unwrap();
+    gate.add_permits(5);
+    event(
+        &mut events,
+        "the stepper to start",
+        |e| matches!(e, WorkerEvent::Started { id, .. } if *id == running.id),
+    )
+    .await;
+    assert_eq!(
+        client.cancel(running.id).await.unwrap(),
+        CancelOutcome::Requested
+    );
+    let out = client.wait(running.id, WAIT).await.unwrap();
+    assert_eq!(out.state, MessageState::Cancelled);
+    assert_eq!(out.errors.last().unwrap().kind, FailureKind::Cancelled);
+    let err = client.cancel(Uuid::now_v7()).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }));
+    w.shutdown().await.unwrap();
+}
+
+pub async fn submit_and_wait_result_and_callbacks<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let w = worker(&store, |w| w.register(Flaky).register(Doomed));
+    let client = Client::new(store.clone());
+    let out = client
+        .submit_and_wait::<Flaky>(
+            &FlakyIn {
+                n: 5,
+                succeed_on: 1,
+            },
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, 10);
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (job, tx) in [("ok", tx.clone()), ("dead", tx.clone())] {
+        if job == "ok" {
+            client
+                .enqueue_with_callback::<Flaky>(
+                    &FlakyIn {
+                        n: 1,
+                        succeed_on: 2,
+                    },
+                    move |o| tx.send(("ok", o.unwrap().state)).unwrap(),
+                )
+                .await
+                .unwrap();
+        } else {
+            client
+                .enqueue_with_callback::<Doomed>(&"no".to_owned(), move |o| {
+                    tx.send(("dead", o.unwrap().state)).unwrap()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let mut got = Vec::new();
+    while let Some(x) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+        got.push(x);
+    }
+    got.sort_by_key(|x| x.0);
+    assert_eq!(
+        got,
+        vec![
+            ("dead", MessageState::Dead),
+            ("ok", MessageState::Completed)
+        ],
+        "each callback fired exactly once"
+    );
+
+    let err = client.result(Uuid::now_v7()).await.unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }));
+    w.shutdown().await.unwrap();
+}
+
+pub async fn fencing_refuses_a_worker_whose_lease_was_taken<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    // Store level: the first holder's completion, failure and progress change nothing.
+    let q = Queue::new(store.clone());
+    let client = Client::from_queue(q.clone());
+    let e = client
+        .enqueue::<Flaky>(&FlakyIn {
+            n: 1,
+            succeed_on: 1,
+        })
+        .await
+        .unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: Duration::ZERO,
+        lease: Some(Duration::from_millis(200)),
+    };
+    let first = q.receive_with("default", &short).await.unwrap().remove(0);
+    let second = q.receive("default", 1, WAIT).await.unwrap().remove(0);
+    assert_eq!(second.attempt, 2, "redelivered after the lease ended");
+    let stale = first.lease();
+    let w = store
+        .job_complete_many(&[Completion {
+            lease: stale,
+            result: Some("1".into()),
+        }])
+        .await
+        .unwrap();
+    assert!(w.applied.is_empty());
+    assert!(
+        store
+            .job_fail(stale, FailureKind::Error, "late", FailTo::Dead)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    assert!(
+        store
+            .job_progress(stale, 50, None)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    let now = client.get(e.id).await.unwrap().unwrap();
+    assert_eq!(
+        (now.state, now.attempt, now.result.clone()),
+        (MessageState::Running, 2, None)
+    );
+    let w = store
+        .job_complete_many(&[Completion {
+            lease: second.lease(),
+            result: Some("2".into()),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(w.applied, vec![e.id]);
+    assert_eq!(
+        client
+            .result(e.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .output::<i64>()
+            .unwrap(),
+        2
+    );
+
+    // Worker level: a paused handler loses its lease; its context reports LeaseLost and its
+    // completion is refused.
+    let gate = Arc::new(Semaphore::new(0));
+    // One slot: while the paused attempt holds it, this worker claims nothing else.
+    let wk = worker(&store, |w| {
+        w.register(Stepper { gate: gate.clone() })
+            .queue("default", 1)
+            .unwrap()
+    });
+    let mut events = wk.events();
+    let job = client.enqueue::<Stepper>(&false).await.unwrap();
+    event(
+        &mut events,
+        "the stepper to start",
+        |e| matches!(e, WorkerEvent::Started { id, .. } if *id == job.id),
+    )
+    .await;
+    // Take the job away as a rescue would (unfenced requeue), and lease it elsewhere.
+    q.nack("default", [job.id], true).await.unwrap();
+    let thief = q.receive("default", 1, WAIT).await.unwrap().remove(0);
+    assert_eq!(thief.attempt, 2);
+    gate.add_permits(5);
+    let fin = event(
+        &mut events,
+        "the stale attempt to end",
+        |e| matches!(e, WorkerEvent::Finished { id, .. } if *id == job.id),
+    )
+    .await;
+    assert!(
+        matches!(
+            fin,
+            WorkerEvent::Finished {
+                attempt: 1,
+                recorded: false,
+                ..
+            }
+        ),
+        "{fin:?}"
+    );
+    let m = client.get(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.attempt),
+        (MessageState::Running, 2),
+        "the new holder is untouched"
+    );
+    wk.shutdown().await.unwrap();
+}
+
+/// Unique per input.
+struct Once;
+impl Job for Once {
+    const NAME: &'static str = "once";
+    type Input = u32;
+    type Output = ();
+    fn options() -> JobOptions {
+        JobOptions {
+            unique: true,
+            queue: "unique".into(),
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, _ctx: &JobContext, _: u32) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+pub async fn unique_jobs_under_concurrent_enqueues<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(
+            async move { c.enqueue::<Once>(&7).await.unwrap() },
+        ));
+    }
+    let mut ids = HashSet::new();
+    let mut fresh = 0;
+    for t in tasks {
+        let e = t.await.unwrap();
+        ids.insert(e.id);
+        fresh += usize::from(!e.duplicate);
+    }
+    assert_eq!(
+        (ids.len(), fresh),
+        (1, 1),
+        "50 concurrent enqueues of one unique job: one job"
+    );
+    let other = client.enqueue::<Once>(&8).await.unwrap();
+    assert!(!other.duplicate, "another input is another job");
+    let batch = client.enqueue_many::<Once>([&7, &9, &9]).await.unwrap();
+    assert!(batch[0].duplicate && !batch[1].duplicate && batch[2].duplicate);
+    assert_eq!(batch[1].id, batch[2].id);
+}
+
+/// Counts its runs; fails permanently on the first.
+struct Redrivable {
+    runs: Arc<AtomicUsize>,
+}
+impl Job for Redrivable {
+    const NAME: &'static str = "redrivable";
+    type Input = ();
+    type Output = usize;
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<usize, JobError> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == 1 {
+            Err(JobError::permanent("first run fails"))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
+pub async fn dead_jobs_are_re_driven_and_listed<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let w = worker(&store, |w| w.register(Redrivable { runs: runs.clone() }));
+    let client = Client::new(store.clone());
+    let e = client.enqueue::<Redrivable>(&()).await.unwrap();
+    assert_eq!(
+        client.wait(e.id, WAIT).await.unwrap().state,
+        MessageState::Dead
+    );
+    let dead = client
+        .list(&JobFilter {
+            kind: Some("redrivable".into()),
+            state: Some(MessageState::Dead),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead.iter().map(|m| m.id).collect::<Vec<_>>(), vec![e.id]);
+
+    let again = client.retry(e.id).await.unwrap();
+    assert_eq!(
+        (again.state, again.attempt),
+        (MessageState::Available, 0),
+        "fresh attempts"
+    );
+    let out = client.wait(e.id, WAIT).await.unwrap();
+    assert_eq!(out.output::<usize>().unwrap(), 2);
+    assert_eq!(out.errors.len(), 1, "the error history is kept");
+    let err = client.retry(e.id).await.unwrap_err();
+    assert!(
+        err.to_string().contains("only a dead or cancelled job"),
+        "{err}"
+    );
+    assert!(matches!(
+        client.retry(Uuid::now_v7()).await.unwrap_err(),
+        Error::NotFound { .. }
+    ));
+    let all = client
+        .list(&JobFilter {
+            queue: Some("default".try_into().unwrap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(
+        client
+            .list(&JobFilter {
+                state: Some(MessageState::Dead),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    w.shutdown().await.unwrap();
+}
+
+pub async fn leadership_is_exclusive_and_fails_over<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let ttl = Duration::from_millis(300);
+    assert!(store.leader_acquire("m", "a", ttl).await.unwrap());
+    assert!(
+        !store.leader_acquire("m", "b", ttl).await.unwrap(),
+        "held by a"
+    );
+    assert!(
+        store.leader_acquire("m", "a", ttl).await.unwrap(),
+        "a renews"
+    );
+    assert!(
+        store.leader_acquire("other", "b", ttl).await.unwrap(),
+        "roles are independent"
+    );
+    // a stops renewing (dies): b takes over once the lease expires on the database clock.
+    let start = std::time::Instant::now();
+    while !store.leader_acquire("m", "b", ttl).await.unwrap() {
+        assert!(start.elapsed() < WAIT, "leadership never failed over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "not before the lease expired"
+    );
+    store.leader_release("m", "b").await.unwrap();
+    assert!(
+        store.leader_acquire("m", "a", ttl).await.unwrap(),
+        "released: free at once"
+    );
+}
+
+pub async fn finished_jobs_are_pruned<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let kept = q.enqueue("p", &1, &Default::default()).await.unwrap();
+    let done = q.enqueue("p", &2, &Default::default()).await.unwrap();
+    let got = q.receive("p", 2, Duration::ZERO).await.unwrap();
+    q.ack("p", got.iter().filter(|m| m.id == done.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .job_prune(Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0,
+        "too recent"
+    );
+    let start = std::time::Instant::now();
+    while store
+        .job_prune(Duration::from_millis(1), 100)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(start.elapsed() < WAIT);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        q.get(done.id).await.unwrap().is_none(),
+        "finished and old: pruned"
+    );
+    assert!(
+        q.get(kept.id).await.unwrap().is_some(),
+        "unfinished rows are never pruned"
+    );
+}
+
+/// Never finishes on its own and ignores cancellation.
+struct Stubborn;
+impl Job for Stubborn {
+    const NAME: &'static str = "stubborn";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+pub async fn shutdown_releases_unfinished_jobs_and_maintenance_rescues<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let w = worker(&store, |w| w.register(Stubborn));
+    let mut events = w.events();
+    let client = Client::new(store.clone());
+    let e = client.enqueue::<Stubborn>(&()).await.unwrap();
+    event(
+        &mut events,
+        "the job to start",
+        |ev| matches!(ev, WorkerEvent::Started { id, .. } if *id == e.id),
+    )
+    .await;
+    w.shutdown().await.unwrap();
+    let m = client.get(e.id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.attempt),
+        (MessageState::Available, 1),
+        "released at once after the grace period"
+    );
+
+    // A receiver that dies holding a lease: the maintenance leader takes it back and a worker
+    // runs it.
+    let q = Queue::new(store.clone());
+    let f = client
+        .enqueue_with::<Flaky>(
+            &FlakyIn {
+                n: 4,
+                succeed_on: 1,
+            },
+            |o| o.priority(dray_core::Priority::CRITICAL),
+        )
+        .await
+        .unwrap();
+    let held = q
+        .receive_with(
+            "default",
+            &ReceiveOptions {
+                limit: 1,
+                wait: Duration::ZERO,
+                lease: Some(Duration::from_millis(100)),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(held[0].id, f.id);
+    let w = worker(&store, |w| w.register(Flaky).register(Stubborn));
+    let out = client.wait(f.id, WAIT).await.unwrap();
+    assert_eq!(out.output::<i64>().unwrap(), 8);
+    assert_eq!(out.attempts, 2);
+    assert_eq!(out.errors[0].kind, FailureKind::LeaseExpired);
+    let _ = LeaseRef::from(f.id);
+    w.shutdown().await.unwrap();
+}
