@@ -244,7 +244,10 @@ impl<S: Store> Client<S> {
                     let m = match client.get(id).await {
                         Ok(Some(m)) => m,
                         Ok(None) => {
-                            return Some((Err(Error::NotFound { id }), (client, last, true, every)));
+                            return Some((
+                                Err(Error::NotFound { id }),
+                                (client, last, true, every),
+                            ));
                         }
                         Err(e) => return Some((Err(e), (client, last, true, every))),
                     };

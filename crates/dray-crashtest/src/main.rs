@@ -1,0 +1,115 @@
+//! A worker process for crash tests. It runs one job kind, `effect`, whose effect is a row in
+//! `crash_effects` written in the same transaction as nothing else: the test counts those rows.
+//!
+//! `dray-crash-worker URL SCHEMA MODE LEASE_MS`: MODE `hang` records that the attempt started and
+//! then never finishes (the test kills the process with SIGKILL); MODE `work` records the
+//! effect and completes. Prints `ready` once the worker runs.
+
+use std::time::Duration;
+
+use dray::{Job, JobContext, JobError, PgStore, SchemaMode, SqliteStore, Store, Worker};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Hang,
+    Work,
+}
+
+struct Effect {
+    mode: Mode,
+}
+
+impl Job for Effect {
+    const NAME: &'static str = "effect";
+    type Input = i64;
+    type Output = i64;
+
+    async fn run(&self, ctx: &JobContext, n: i64) -> Result<i64, JobError> {
+        let phase = if self.mode == Mode::Hang {
+            "started"
+        } else {
+            "done"
+        };
+        record(ctx, phase).await?;
+        if self.mode == Mode::Hang {
+            std::future::pending::<()>().await;
+        }
+        Ok(n)
+    }
+}
+
+async fn record(ctx: &JobContext, phase: &str) -> Result<(), JobError> {
+    let id = ctx.id().to_string();
+    if let Some(pg) = ctx.store::<PgStore>() {
+        let sql = format!(
+            "INSERT INTO \"{}\".crash_effects (job_id, attempt, phase) VALUES ($1, $2, $3)",
+            pg.schema()
+        );
+        dray::sqlx::query(dray::sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .bind(ctx.attempt())
+            .bind(phase)
+            .execute(pg.pool())
+            .await?;
+    } else if let Some(lite) = ctx.store::<SqliteStore>() {
+        dray::sqlx::query("INSERT INTO crash_effects (job_id, attempt, phase) VALUES (?1, ?2, ?3)")
+            .bind(id)
+            .bind(ctx.attempt())
+            .bind(phase)
+            .execute(lite.pool())
+            .await?;
+    } else {
+        return Err(JobError::permanent("unknown store"));
+    }
+    Ok(())
+}
+
+async fn serve<S: Store>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
+    let worker = Worker::new(store)
+        .register(Effect { mode })
+        .configure(|c| {
+            c.lease = lease;
+            c.heartbeat = lease / 4;
+            c.maintenance_interval = Duration::from_millis(100);
+        })
+        .start()?;
+    println!("ready {}", worker.id());
+    // Runs until killed, or until stdin closes (the test's way of stopping it gently).
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await
+    .ok();
+    worker.shutdown().await
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, url, schema, mode, lease_ms] = args.as_slice() else {
+        return Err("usage: dray-crash-worker URL SCHEMA hang|work LEASE_MS".into());
+    };
+    let mode = match mode.as_str() {
+        "hang" => Mode::Hang,
+        "work" => Mode::Work,
+        other => return Err(format!("unknown mode {other}").into()),
+    };
+    let lease = Duration::from_millis(lease_ms.parse()?);
+    if url.starts_with("postgres") {
+        let store = PgStore::builder(url.as_str())
+            .schema(schema.as_str())
+            .schema_mode(SchemaMode::Migrate)
+            .max_connections(4)
+            .connect()
+            .await?;
+        serve(store, mode, lease).await?;
+    } else {
+        serve(SqliteStore::open(url).await?, mode, lease).await?;
+    }
+    Ok(())
+}
