@@ -3,7 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use dray::{EnqueueOptions, Priority, Queue, ReceiveOptions, SchemaMode, Store};
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dray::{
+    Backoff, Client, EnqueueOptions, FailureKind, Job, JobContext, JobError, JobOptions,
+    MessageState, Priority, Queue, ReceiveOptions, RetryPolicy, SchemaMode, Store, Worker,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::{Backend, Cli, CliError, CliResult, DemoArgs, backend_of};
@@ -53,7 +62,8 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
 }
 
 async fn tour<S: Store>(store: S) -> CliResult<()> {
-    queue_section(store).await?;
+    queue_section(store.clone()).await?;
+    jobs_section(store).await?;
     println!("\nAll demo checks passed.");
     Ok(())
 }
@@ -266,4 +276,243 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
 
 fn round(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Forge's `export_users`, in Dray: reports progress as it goes.
+struct ExportUsers;
+
+#[derive(Serialize, Deserialize)]
+struct ExportInput {
+    format: String,
+    users: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExportOutput {
+    count: usize,
+    format: String,
+}
+
+impl Job for ExportUsers {
+    const NAME: &'static str = "export_users";
+    type Input = ExportInput;
+    type Output = ExportOutput;
+
+    fn options() -> JobOptions {
+        JobOptions {
+            queue: "demo-jobs".into(),
+            priority: Priority::LOW,
+            timeout: Some(Duration::from_secs(60)),
+            ..JobOptions::default()
+        }
+    }
+
+    async fn run(&self, ctx: &JobContext, input: ExportInput) -> Result<ExportOutput, JobError> {
+        ctx.progress(0, "Initializing export...").await?;
+        for done in (0..=input.users).step_by(input.users.max(1) / 10) {
+            // Stands in for real work: fetching and formatting users.
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let pct = (done * 100 / input.users.max(1)) as u8;
+            ctx.progress(pct, format!("Processing {done}/{} users", input.users))
+                .await?;
+        }
+        ctx.progress(100, "Export complete").await?;
+        Ok(ExportOutput {
+            count: input.users,
+            format: input.format,
+        })
+    }
+}
+
+/// Fails its first attempt (a flaky upstream), then succeeds.
+struct SendEmail;
+
+impl Job for SendEmail {
+    const NAME: &'static str = "send_email";
+    type Input = String;
+    type Output = String;
+
+    fn options() -> JobOptions {
+        JobOptions {
+            queue: "demo-jobs".into(),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                backoff: Backoff::Exponential,
+                base: Duration::from_millis(300),
+                max: Duration::from_secs(5),
+                jitter: false,
+            },
+            ..JobOptions::default()
+        }
+    }
+
+    async fn run(&self, ctx: &JobContext, to: String) -> Result<String, JobError> {
+        if !ctx.is_retry() {
+            return Err(JobError::transient("SMTP server said 421: try again later"));
+        }
+        Ok(format!("sent to {to} on attempt {}", ctx.attempt()))
+    }
+}
+
+/// Refuses bad input permanently, until the "bug" is fixed (the flag), then succeeds.
+struct ChargeCard {
+    fixed: Arc<AtomicBool>,
+}
+
+impl Job for ChargeCard {
+    const NAME: &'static str = "charge_card";
+    type Input = u32;
+    type Output = String;
+
+    fn options() -> JobOptions {
+        JobOptions {
+            queue: "demo-jobs".into(),
+            ..JobOptions::default()
+        }
+    }
+
+    async fn run(&self, _ctx: &JobContext, cents: u32) -> Result<String, JobError> {
+        if !self.fixed.load(Ordering::SeqCst) {
+            return Err(JobError::permanent(
+                "card processor rejected the currency code",
+            ));
+        }
+        Ok(format!("charged {cents} cents"))
+    }
+}
+
+fn bar(pct: u8) -> String {
+    let filled = usize::from(pct) / 5;
+    format!(
+        "[{}{}] {pct:>3}%",
+        "#".repeat(filled),
+        " ".repeat(20 - filled)
+    )
+}
+
+async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
+    println!("\n== Jobs: typed handlers, a worker, progress, retries, dead jobs, re-drive");
+    let fixed = Arc::new(AtomicBool::new(false));
+    let worker = Worker::new(store.clone())
+        .register(ExportUsers)
+        .register(SendEmail)
+        .register(ChargeCard {
+            fixed: fixed.clone(),
+        })
+        .queue("demo-jobs", 4)?
+        .configure(|c| c.shutdown_grace = Duration::from_secs(2))
+        .start()?;
+    let client = Client::new(store);
+
+    // Non-blocking (FastWorker's delay / Forge's dispatch): an id at once, progress to watch.
+    let export = client
+        .enqueue::<ExportUsers>(&ExportInput {
+            format: "csv".into(),
+            users: 500,
+        })
+        .await?;
+    println!(
+        "  enqueued export_users {}; watching its progress:",
+        export.id
+    );
+    let mut watch = std::pin::pin!(client.watch(export.id));
+    let mut last = None;
+    while let Some(status) = watch.next().await {
+        let status = status?;
+        if let Some(p) = status.progress {
+            print!(
+                "\r    {} {:<30}",
+                bar(p),
+                status.message.clone().unwrap_or_default()
+            );
+            let _ = std::io::stdout().flush();
+            last = Some(p);
+        }
+        if status.state.is_terminal() {
+            println!();
+            check(
+                status.state == MessageState::Completed,
+                "the export completes",
+            )?;
+            break;
+        }
+    }
+    check(last == Some(100), "progress reached 100%")?;
+    let out: ExportOutput = client
+        .result(export.id)
+        .await?
+        .ok_or_else(|| CliError::Demo("no result".into()))?
+        .output()?;
+    println!("  result: {} users exported as {}", out.count, out.format);
+
+    // Blocking (FastWorker's submit_task): wait for the output. The first attempt fails.
+    let started = Instant::now();
+    let sent = client
+        .submit_and_wait::<SendEmail>(&"ada@example.com".to_owned(), Duration::from_secs(10))
+        .await?;
+    println!(
+        "  submit_and_wait(send_email): {sent} (after a transient failure and {:?} of backoff)",
+        round(started.elapsed())
+    );
+    check(
+        sent.contains("attempt 2"),
+        "the email went out on the retry",
+    )?;
+
+    // A permanent error: dead at once, no retries.
+    let charge = client.enqueue::<ChargeCard>(&1999).await?;
+    let outcome = client.wait(charge.id, Duration::from_secs(10)).await?;
+    let why = outcome
+        .errors
+        .last()
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    println!(
+        "  charge_card is {} after {} attempt: {why}",
+        outcome.state, outcome.attempts
+    );
+    check(
+        outcome.state == MessageState::Dead && outcome.attempts == 1,
+        "a permanent error is dead at once",
+    )?;
+    check(
+        outcome.errors[0].kind == FailureKind::Permanent,
+        "the error is recorded as permanent",
+    )?;
+
+    // Fix the bug, re-drive the dead job (dray jobs retry ID does the same).
+    fixed.store(true, Ordering::SeqCst);
+    client.retry(charge.id).await?;
+    let outcome = client.wait(charge.id, Duration::from_secs(10)).await?;
+    let charged: String = outcome.output()?;
+    println!(
+        "  re-driven after the fix: {charged} ({} earlier error kept in its history)",
+        outcome.errors.len()
+    );
+
+    // In-process completion callback (FastWorker's delay_with_callback).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    client
+        .enqueue_with_callback::<ExportUsers>(
+            &ExportInput {
+                format: "json".into(),
+                users: 10,
+            },
+            move |o| {
+                let _ = tx.send(o.map(|o| o.state));
+            },
+        )
+        .await?;
+    let state = rx
+        .await
+        .map_err(|_| CliError::Demo("callback never ran".into()))??;
+    println!("  enqueue_with_callback: the callback ran once, with state {state}");
+    check(
+        state == MessageState::Completed,
+        "the callback saw the job complete",
+    )?;
+
+    worker.shutdown().await?;
+    println!("  worker shut down gracefully");
+    Ok(())
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use dray::{
-    EnqueueOptions, Message, MessageState, NackAction, PgStore, Priority, Queue, QueueName,
-    ReceiveOptions, SchemaMode, SqliteStore, Store,
+    CancelOutcome, Client, EnqueueOptions, JobFilter, Message, MessageState, NackAction, PgStore,
+    Priority, Queue, QueueName, ReceiveOptions, SchemaMode, SqliteStore, Store,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -49,8 +49,52 @@ enum Command {
     /// Work with queues: enqueue, receive, ack, nack, extend, stats, show.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Inspect and steer jobs: list, show, cancel, retry.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only this kind (job name).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this state: scheduled, available, running, retryable, completed, dead, cancelled.
+        #[arg(long, value_parser = state)]
+        state: Option<MessageState>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only jobs older than this id (paging).
+        #[arg(long)]
+        before: Option<String>,
+    },
+    /// Show one job: state, attempts, progress, result, every recorded error.
+    Show {
+        /// Job id.
+        id: String,
+    },
+    /// Cancel a job: a queued one never runs, a running one is asked to stop.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Re-drive a dead or cancelled job with fresh attempts.
+    Retry {
+        /// Job id.
+        id: String,
+    },
+}
+
+fn state(s: &str) -> Result<MessageState, String> {
+    MessageState::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -343,8 +387,134 @@ async fn run(cli: Cli) -> CliResult<()> {
                 }
             }
         }
+        Command::Jobs(cmd) => {
+            let cmd = JobsValidated::new(cmd)?;
+            match backend {
+                Backend::Postgres => {
+                    let c = Client::new(open_pg(&cli, SchemaMode::Check).await?);
+                    jobs_command(&c, cmd, cli.json).await
+                }
+                Backend::Sqlite => {
+                    let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
+                    jobs_command(&c, cmd, cli.json).await
+                }
+            }
+        }
         Command::Demo(args) => demo::run(&cli, args).await,
     }
+}
+
+enum JobsValidated {
+    List(JobFilter),
+    Show(Uuid),
+    Cancel(Uuid),
+    Retry(Uuid),
+}
+
+fn parse_id(s: &str) -> CliResult<Uuid> {
+    Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(s.to_owned()))
+}
+
+impl JobsValidated {
+    fn new(cmd: &JobsCommand) -> CliResult<JobsValidated> {
+        Ok(match cmd {
+            JobsCommand::List {
+                queue,
+                kind,
+                state,
+                limit,
+                before,
+            } => {
+                if *limit == 0 || *limit > 10_000 {
+                    return Err(dray::Error::invalid("--limit", "must be 1 to 10000").into());
+                }
+                JobsValidated::List(JobFilter {
+                    queue: queue.as_deref().map(QueueName::new).transpose()?,
+                    kind: kind.clone(),
+                    state: *state,
+                    before: before.as_deref().map(parse_id).transpose()?,
+                    limit: *limit,
+                })
+            }
+            JobsCommand::Show { id } => JobsValidated::Show(parse_id(id)?),
+            JobsCommand::Cancel { id } => JobsValidated::Cancel(parse_id(id)?),
+            JobsCommand::Retry { id } => JobsValidated::Retry(parse_id(id)?),
+        })
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string(v).unwrap_or_default());
+}
+
+async fn jobs_command<S: Store>(
+    c: &Client<S>,
+    cmd: JobsValidated,
+    json_out: bool,
+) -> CliResult<()> {
+    match cmd {
+        JobsValidated::List(filter) => {
+            let jobs = c.list(&filter).await?;
+            if json_out {
+                print_json(&jobs);
+            } else if jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                println!(
+                    "{:<36}  {:<12} {:<16} {:<10} {:>7} {:>5}  enqueued",
+                    "id", "queue", "kind", "state", "attempt", "prog"
+                );
+                for j in &jobs {
+                    println!(
+                        "{:<36}  {:<12} {:<16} {:<10} {:>3}/{:<3} {:>5}  {}",
+                        j.id,
+                        j.queue,
+                        j.kind.as_deref().unwrap_or("-"),
+                        j.state.as_str(),
+                        j.attempt,
+                        j.max_attempts,
+                        j.progress.map(|p| format!("{p}%")).unwrap_or_default(),
+                        j.enqueued_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        JobsValidated::Show(id) => {
+            let j = c.get(id).await?.ok_or(dray::Error::NotFound { id })?;
+            if json_out {
+                print_json(&j);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+            }
+        }
+        JobsValidated::Cancel(id) => {
+            let outcome = c.cancel(id).await?;
+            if json_out {
+                print_json(&json!({ "id": id, "outcome": outcome }));
+            } else {
+                match outcome {
+                    CancelOutcome::Cancelled => println!("cancelled {id}: it will not run"),
+                    CancelOutcome::Requested => {
+                        println!(
+                            "cancel requested for {id}: it is running and stops at its next check"
+                        )
+                    }
+                    CancelOutcome::AlreadyFinished(s) => {
+                        println!("{id} had already finished ({s}); nothing changed")
+                    }
+                }
+            }
+        }
+        JobsValidated::Retry(id) => {
+            let j = c.retry(id).await?;
+            if json_out {
+                print_json(&j);
+            } else {
+                println!("re-driven {id}: {} again with fresh attempts", j.state);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A queue command whose arguments have been checked, before any database is touched.

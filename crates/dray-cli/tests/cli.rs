@@ -131,7 +131,59 @@ both_stores!(
     bad_input_changes_nothing,
     unknown_and_unleased_ids_change_nothing,
     json_errors_are_machine_readable,
+    jobs_list_show_cancel_retry,
 );
+
+fn jobs_list_show_cancel_retry(db: Db) {
+    db.ok(&["migrate"]);
+    let a = db.json(&["queue", "enqueue", "work", "{\"n\":1}", "--type", "export"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = db.json(&[
+        "queue", "enqueue", "work", "2", "--type", "email", "--delay", "1h",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let all = db.json(&["jobs", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(all[0]["id"], b.as_str(), "newest first");
+    let exports = db.json(&["jobs", "list", "--kind", "export", "--state", "available"]);
+    assert_eq!(exports.as_array().unwrap().len(), 1);
+    assert_eq!(exports[0]["id"], a.as_str());
+    assert!(
+        db.ok(&["jobs", "list", "--queue", "work"])
+            .contains("export")
+    );
+
+    assert!(db.ok(&["jobs", "cancel", &b]).contains("will not run"));
+    assert_eq!(db.json(&["jobs", "show", &b])["state"], "cancelled");
+    assert!(db.ok(&["jobs", "cancel", &b]).contains("already finished"));
+    let redriven = db.json(&["jobs", "retry", &b]);
+    assert_eq!(redriven["state"], "available");
+    assert_eq!(redriven["attempt"], 0);
+
+    let line = db.fails(&["jobs", "retry", &a]);
+    assert!(line.contains("only a dead or cancelled job"), "{line}");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    assert!(
+        db.fails(&["jobs", "cancel", &unknown])
+            .contains("no message or job")
+    );
+    assert!(
+        db.fails(&["jobs", "show", "nope"])
+            .contains("not a message id")
+    );
+    assert!(
+        db.fails(&["jobs", "list", "--state", "sleeping"])
+            .contains("not one of")
+    );
+    assert!(
+        db.fails(&["jobs", "list", "--queue", "bad name"])
+            .contains("invalid queue name")
+    );
+}
 
 fn round_trip(db: Db) {
     db.ok(&["migrate"]);
