@@ -137,7 +137,9 @@ impl<S: Store> Client<S> {
             .kind(J::NAME)
             .priority(o.priority)
             .max_attempts(o.retry.max_attempts);
-        if o.unique {
+        if let Some(key) = J::key(input) {
+            base = base.key(format!("{}:{key}", J::NAME));
+        } else if o.unique {
             base = base.key(unique_key(J::NAME, &serde_json::to_string(input)?));
         }
         self.queue.message(&o.queue, input, &adjust(base))

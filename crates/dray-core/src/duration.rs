@@ -9,51 +9,7 @@ use crate::error::{Error, Result};
 
 /// Parses a human duration such as `"30s"` or `"1h30m"`.
 pub fn parse_duration(input: &str) -> Result<Duration> {
-    let bad = |why: &str| {
-        Error::invalid(
-            "duration",
-            format!("{input:?} {why}; write it like 250ms, 30s, 5m, 1h30m or 2d"),
-        )
-    };
-    let s = input.trim();
-    if s.is_empty() {
-        return Err(bad("is empty"));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(bad("needs a number before each unit"));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| bad("has a number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => n
-                .checked_mul(60)
-                .map(Duration::from_secs)
-                .ok_or_else(|| bad("is too large"))?,
-            "h" => n
-                .checked_mul(3600)
-                .map(Duration::from_secs)
-                .ok_or_else(|| bad("is too large"))?,
-            "d" => n
-                .checked_mul(86_400)
-                .map(Duration::from_secs)
-                .ok_or_else(|| bad("is too large"))?,
-            "" => return Err(bad("needs a unit after each number")),
-            _ => return Err(bad("has an unknown unit")),
-        };
-        total = total.checked_add(part).ok_or_else(|| bad("is too large"))?;
-    }
-    Ok(total)
+    crate::duration_grammar::parse(input).map_err(|reason| Error::invalid("duration", reason))
 }
 
 /// Formats a duration in the grammar [`parse_duration`] reads (`"1h30m"`, `"250ms"`).

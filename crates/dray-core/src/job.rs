@@ -58,6 +58,13 @@ pub trait Job: Send + Sync + 'static {
         JobOptions::default()
     }
 
+    /// The dedup key of a job with this input: while an unfinished job of this queue has the
+    /// same key, enqueuing returns the existing id. `None` (the default) falls back to a key
+    /// derived from the whole input when [`JobOptions::unique`] is set, and to no key otherwise.
+    fn key(_input: &Self::Input) -> Option<String> {
+        None
+    }
+
     /// Runs one attempt.
     fn run(
         &self,

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod client;
 pub mod duration;
+mod duration_grammar;
 pub mod error;
 pub mod job;
 pub mod migrate;

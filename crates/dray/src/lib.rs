@@ -22,11 +22,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Guides: [`guide::queue`], [`guide::guarantees`], [`guide::coming_from`].
+//! Guides: [`guide::queue`], [`guide::jobs`], [`guide::guarantees`], [`guide::coming_from`].
 
 #![forbid(unsafe_code)]
 
 pub use dray_core::*;
+
+/// `#[dray::job(...)]`: declare a job from an async function (feature `macros`, default).
+#[cfg(feature = "macros")]
+pub use dray_macros::job;
 
 #[cfg(feature = "postgres")]
 pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};
@@ -37,6 +41,8 @@ pub use dray_sqlite::{self as sqlite, SqliteStore, SqliteStoreBuilder};
 pub mod guide {
     #[doc = include_str!("../../../docs/queue.md")]
     pub mod queue {}
+    #[doc = include_str!("../../../docs/jobs.md")]
+    pub mod jobs {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]

@@ -1,0 +1,341 @@
+//! `#[dray::job(...)]`: turns an `async fn(ctx: &JobContext, input: T) -> Result<U, E>` into a
+//! [`Job`](https://docs.rs/dray) named after the function, with its options checked at compile
+//! time. Use it through the `dray` crate (feature `macros`, on by default).
+
+#![forbid(unsafe_code)]
+
+use proc_macro::TokenStream;
+use proc_macro2::Span;
+use quote::{format_ident, quote};
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{Error, FnArg, ItemFn, LitStr, Meta, ReturnType, Token, Type};
+
+#[path = "../../dray-core/src/duration_grammar.rs"]
+mod duration_grammar;
+
+/// Declares a job from an async function.
+///
+/// ```ignore
+/// #[dray::job(
+///     timeout = "5m",
+///     priority = "low",
+///     retry(max_attempts = 3, backoff = "exponential", base = "1s", max = "5m", jitter),
+///     idempotent,
+///     queue = "exports",
+/// )]
+/// async fn export_users(ctx: &JobContext, input: ExportInput) -> Result<ExportOutput, JobError> {
+///     ctx.progress(50, "halfway").await?;
+///     Ok(ExportOutput { .. })
+/// }
+/// // Generates `pub struct ExportUsersJob;` implementing `dray::Job` with NAME "export_users":
+/// // client.enqueue::<ExportUsersJob>(&input), Worker::register(ExportUsersJob).
+/// ```
+///
+/// Options: `name = "..."` (default: the function's name), `queue = "..."`,
+/// `timeout = "<duration>"`, `priority = "background|low|normal|high|critical"`,
+/// `retry(max_attempts = N, backoff = "fixed|linear|exponential", base = "<duration>",
+/// max = "<duration>", jitter)`, `idempotent` or `unique` (one unfinished job per input), or
+/// `unique(key = "field")` (one unfinished job per value of `input.field`).
+#[proc_macro_attribute]
+pub fn job(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as Args);
+    let func = syn::parse_macro_input!(item as ItemFn);
+    let original = quote!(#func);
+    match expand(args, func) {
+        Ok(ts) => ts.into(),
+        // Keep the function, so the only error the user sees is the one about the attribute.
+        Err(e) => {
+            let mut ts = e.to_compile_error();
+            ts.extend(original);
+            ts.into()
+        }
+    }
+}
+
+struct Args(Punctuated<Meta, Token![,]>);
+
+impl Parse for Args {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        Ok(Args(Punctuated::parse_terminated(input)?))
+    }
+}
+
+fn lit_str(meta: &Meta) -> syn::Result<LitStr> {
+    match meta {
+        Meta::NameValue(nv) => match &nv.value {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(s),
+                ..
+            }) => Ok(s.clone()),
+            other => Err(Error::new_spanned(
+                other,
+                "expected a string literal, e.g. \"5m\"",
+            )),
+        },
+        other => Err(Error::new_spanned(other, "expected `name = \"value\"`")),
+    }
+}
+
+fn duration(meta: &Meta) -> syn::Result<proc_macro2::TokenStream> {
+    let s = lit_str(meta)?;
+    let d = duration_grammar::parse(&s.value()).map_err(|why| Error::new_spanned(&s, why))?;
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    Ok(quote!(::std::time::Duration::new(#secs, #nanos)))
+}
+
+fn path_name(meta: &Meta) -> String {
+    meta.path()
+        .get_ident()
+        .map(|i| i.to_string())
+        .unwrap_or_default()
+}
+
+/// `Result<T, …>` / `Result<T>` → `T`.
+fn output_type(ret: &ReturnType) -> syn::Result<Type> {
+    let ReturnType::Type(_, ty) = ret else {
+        return Err(Error::new(
+            Span::call_site(),
+            "a job returns Result<Output, JobError>",
+        ));
+    };
+    if let Type::Path(p) = &**ty
+        && let Some(last) = p.path.segments.last()
+        && last.ident == "Result"
+        && let syn::PathArguments::AngleBracketed(args) = &last.arguments
+        && let Some(syn::GenericArgument::Type(t)) = args.args.first()
+    {
+        return Ok(t.clone());
+    }
+    Err(Error::new_spanned(
+        ty,
+        "a job returns Result<Output, JobError> (or another error type that converts into JobError)",
+    ))
+}
+
+fn pascal(name: &str) -> String {
+    name.split('_')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut c = p.chars();
+            c.next()
+                .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    if func.sig.asyncness.is_none() {
+        return Err(Error::new_spanned(
+            func.sig.fn_token,
+            "#[dray::job] goes on an `async fn`",
+        ));
+    }
+    let params: Vec<&FnArg> = func.sig.inputs.iter().collect();
+    let input_ty = match params.as_slice() {
+        [_ctx, FnArg::Typed(input)] => (*input.ty).clone(),
+        _ => {
+            return Err(Error::new_spanned(
+                &func.sig.inputs,
+                "a job takes exactly (ctx: &JobContext, input: YourInput)",
+            ));
+        }
+    };
+    let output_ty = output_type(&func.sig.output)?;
+    let fn_name = &func.sig.ident;
+    let vis = &func.vis;
+    let mut name = fn_name.to_string();
+    let struct_name = format_ident!("{}Job", pascal(&name));
+
+    let mut opts = Vec::new();
+    let mut key_fn = quote!();
+    for meta in &args.0 {
+        match path_name(meta).as_str() {
+            "name" => name = lit_str(meta)?.value(),
+            "queue" => {
+                let q = lit_str(meta)?;
+                let v = q.value();
+                if v.is_empty()
+                    || v.len() > 128
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+                {
+                    return Err(Error::new_spanned(
+                        q,
+                        "a queue name is 1-128 characters from A-Z a-z 0-9 _ . : -",
+                    ));
+                }
+                opts.push(quote!(o.queue = ::std::string::String::from(#v);));
+            }
+            "timeout" => {
+                let d = duration(meta)?;
+                opts.push(quote!(o.timeout = ::std::option::Option::Some(#d);));
+            }
+            "priority" => {
+                let p = lit_str(meta)?;
+                let level = match p.value().as_str() {
+                    "background" => quote!(BACKGROUND),
+                    "low" => quote!(LOW),
+                    "normal" => quote!(NORMAL),
+                    "high" => quote!(HIGH),
+                    "critical" => quote!(CRITICAL),
+                    _ => {
+                        return Err(Error::new_spanned(
+                            p,
+                            "priority is one of background, low, normal, high, critical",
+                        ));
+                    }
+                };
+                opts.push(quote!(o.priority = ::dray::Priority::#level;));
+            }
+            "idempotent" | "unique" if matches!(meta, Meta::Path(_)) => {
+                opts.push(quote!(o.unique = true;))
+            }
+            "unique" => {
+                let Meta::List(list) = meta else {
+                    return Err(Error::new_spanned(
+                        meta,
+                        "write `unique` or `unique(key = \"field\")`",
+                    ));
+                };
+                let inner: Args = list.parse_args()?;
+                let mut field = None;
+                for m in &inner.0 {
+                    match path_name(m).as_str() {
+                        "key" => field = Some(lit_str(m)?),
+                        _ => return Err(Error::new_spanned(m, "unique takes `key = \"field\"`")),
+                    }
+                }
+                let field = field.ok_or_else(|| {
+                    Error::new_spanned(list, "unique(...) needs `key = \"field\"`")
+                })?;
+                let ident = syn::Ident::new(&field.value(), field.span());
+                key_fn = quote! {
+                    fn key(input: &Self::Input) -> ::std::option::Option<::std::string::String> {
+                        ::std::option::Option::Some(::std::string::ToString::to_string(&input.#ident))
+                    }
+                };
+            }
+            "retry" => {
+                let Meta::List(list) = meta else {
+                    return Err(Error::new_spanned(
+                        meta,
+                        "write retry(max_attempts = 3, backoff = \"exponential\", ...)",
+                    ));
+                };
+                let inner: Args = list.parse_args()?;
+                for m in &inner.0 {
+                    match path_name(m).as_str() {
+                        "max_attempts" => {
+                            let Meta::NameValue(nv) = m else {
+                                return Err(Error::new_spanned(m, "write max_attempts = 3"));
+                            };
+                            let n: i32 = match &nv.value {
+                                syn::Expr::Lit(syn::ExprLit {
+                                    lit: syn::Lit::Int(i),
+                                    ..
+                                }) => i.base10_parse()?,
+                                other => {
+                                    return Err(Error::new_spanned(
+                                        other,
+                                        "max_attempts is a whole number, at least 1",
+                                    ));
+                                }
+                            };
+                            if n < 1 {
+                                return Err(Error::new_spanned(
+                                    &nv.value,
+                                    "max_attempts is at least 1",
+                                ));
+                            }
+                            opts.push(quote!(o.retry.max_attempts = #n;));
+                        }
+                        "backoff" => {
+                            let b = lit_str(m)?;
+                            let v = match b.value().as_str() {
+                                "fixed" => quote!(Fixed),
+                                "linear" => quote!(Linear),
+                                "exponential" => quote!(Exponential),
+                                _ => {
+                                    return Err(Error::new_spanned(
+                                        b,
+                                        "backoff is one of fixed, linear, exponential",
+                                    ));
+                                }
+                            };
+                            opts.push(quote!(o.retry.backoff = ::dray::Backoff::#v;));
+                        }
+                        "base" => {
+                            let d = duration(m)?;
+                            opts.push(quote!(o.retry.base = #d;));
+                        }
+                        "max" => {
+                            let d = duration(m)?;
+                            opts.push(quote!(o.retry.max = #d;));
+                        }
+                        "jitter" if matches!(m, Meta::Path(_)) => {
+                            opts.push(quote!(o.retry.jitter = true;))
+                        }
+                        _ => {
+                            return Err(Error::new_spanned(
+                                m,
+                                "retry takes max_attempts, backoff, base, max and jitter",
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => {
+                return Err(Error::new_spanned(
+                    meta,
+                    "unknown #[dray::job] option; use name, queue, timeout, priority, retry(...), idempotent, unique",
+                ));
+            }
+        }
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        || name.is_empty()
+    {
+        return Err(Error::new(
+            Span::call_site(),
+            "a job name is 1-256 characters from A-Z a-z 0-9 _ . : -",
+        ));
+    }
+    let doc = format!("The job `{name}`, declared by `#[dray::job]` on [`{fn_name}`].");
+    Ok(quote! {
+        #func
+
+        #[doc = #doc]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #struct_name;
+
+        impl ::dray::Job for #struct_name {
+            const NAME: &'static str = #name;
+            type Input = #input_ty;
+            type Output = #output_ty;
+
+            fn options() -> ::dray::JobOptions {
+                #[allow(unused_mut)]
+                let mut o = ::dray::JobOptions::default();
+                #(#opts)*
+                o
+            }
+
+            #key_fn
+
+            // `?` converts the handler's error type into JobError (a no-op when it already is).
+            #[allow(clippy::needless_question_mark)]
+            async fn run(
+                &self,
+                ctx: &::dray::JobContext,
+                input: Self::Input,
+            ) -> ::std::result::Result<Self::Output, ::dray::JobError> {
+                ::std::result::Result::Ok(#fn_name(ctx, input).await?)
+            }
+        }
+    })
+}

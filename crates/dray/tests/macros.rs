@@ -1,0 +1,144 @@
+//! `#[dray::job]`: the generated job runs, its options are what the attribute says, and bad
+//! attribute values are compile errors pointing at them (trybuild).
+
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use dray::{Backoff, Client, Job, JobContext, JobError, Priority, SqliteStore, Worker};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportInput {
+    pub format: String,
+    pub user_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportOutput {
+    pub count: usize,
+    pub format: String,
+}
+
+#[dray::job(
+    timeout = "5m",
+    priority = "low",
+    retry(
+        max_attempts = 3,
+        backoff = "exponential",
+        base = "2s",
+        max = "1h30m",
+        jitter
+    ),
+    idempotent,
+    queue = "exports"
+)]
+pub async fn export_users(ctx: &JobContext, input: ExportInput) -> Result<ExportOutput, JobError> {
+    ctx.progress(100, "done").await?;
+    Ok(ExportOutput {
+        count: input.format.len() + ctx.attempt() as usize,
+        format: input.format,
+    })
+}
+
+#[dray::job(name = "welcome.email", unique(key = "user_id"))]
+async fn welcome(_ctx: &JobContext, input: ExportInput) -> Result<u64, std::io::Error> {
+    Ok(input.user_id)
+}
+
+#[test]
+fn options_come_from_the_attribute() {
+    assert_eq!(ExportUsersJob::NAME, "export_users");
+    let o = ExportUsersJob::options();
+    assert_eq!(o.queue, "exports");
+    assert_eq!(o.priority, Priority::LOW);
+    assert_eq!(o.timeout, Some(Duration::from_secs(300)));
+    assert_eq!(o.retry.max_attempts, 3);
+    assert_eq!(o.retry.backoff, Backoff::Exponential);
+    assert_eq!(o.retry.base, Duration::from_secs(2));
+    assert_eq!(o.retry.max, Duration::from_secs(5400));
+    assert!(o.retry.jitter);
+    assert!(o.unique);
+    assert_eq!(WelcomeJob::NAME, "welcome.email");
+    let input = ExportInput {
+        format: "csv".into(),
+        user_id: 42,
+    };
+    assert_eq!(WelcomeJob::key(&input).as_deref(), Some("42"));
+    assert_eq!(ExportUsersJob::key(&input), None);
+}
+
+#[tokio::test]
+async fn generated_jobs_run() {
+    let dir = tempfile_dir();
+    let store = SqliteStore::open(dir.join("m.db").to_str().unwrap())
+        .await
+        .unwrap();
+    let worker = Worker::new(store.clone())
+        .register(ExportUsersJob)
+        .register(WelcomeJob)
+        .start()
+        .unwrap();
+    let client = Client::new(store);
+    let out = client
+        .submit_and_wait::<ExportUsersJob>(
+            &ExportInput {
+                format: "csv".into(),
+                user_id: 1,
+            },
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        ExportOutput {
+            count: 4,
+            format: "csv".into()
+        }
+    );
+    let a = client
+        .enqueue::<WelcomeJob>(&ExportInput {
+            format: "a".into(),
+            user_id: 9,
+        })
+        .await
+        .unwrap();
+    let b = client
+        .enqueue::<WelcomeJob>(&ExportInput {
+            format: "b".into(),
+            user_id: 9,
+        })
+        .await
+        .unwrap();
+    assert!(
+        b.duplicate && a.id == b.id,
+        "unique(key = \"user_id\") dedups on that field"
+    );
+    assert_eq!(
+        client
+            .wait(a.id, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .output::<u64>()
+            .unwrap(),
+        9
+    );
+    worker.shutdown().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "dray-macros-{}",
+        dray::uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn bad_attributes_are_compile_errors() {
+    let t = trybuild::TestCases::new();
+    t.compile_fail("tests/ui/*.rs");
+}
