@@ -207,6 +207,9 @@ struct EnqueueArgs {
     /// Deliveries allowed before the message is dead.
     #[arg(long)]
     max_attempts: Option<i32>,
+    /// http:// URL that receives a signed POST of the outcome when the job finishes.
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -560,7 +563,14 @@ fn check_queue(name: &str) -> CliResult<String> {
 }
 
 impl EnqueueArgs {
-    fn options(&self) -> EnqueueOptions {
+    fn options(&self) -> CliResult<EnqueueOptions> {
+        if let Some(url) = &self.callback_url {
+            dray::callback::Endpoint::parse(url)?;
+        }
+        Ok(self.build())
+    }
+
+    fn build(&self) -> EnqueueOptions {
         EnqueueOptions {
             kind: self.kind.clone(),
             key: self.key.clone(),
@@ -570,6 +580,7 @@ impl EnqueueArgs {
             enqueued_at: None,
             headers: self.headers.iter().cloned().collect(),
             max_attempts: self.max_attempts,
+            callback_url: self.callback_url.clone(),
         }
     }
 }
@@ -584,7 +595,7 @@ impl Validated {
             } => Validated::Enqueue {
                 queue: check_queue(queue)?,
                 payloads: vec![parse_json("the payload".into(), payload)?],
-                options: options.options(),
+                options: options.options()?,
                 many: false,
             },
             QueueCommand::EnqueueMany {
@@ -605,7 +616,7 @@ impl Validated {
                 Validated::Enqueue {
                     queue,
                     payloads,
-                    options: options.options(),
+                    options: options.options()?,
                     many: true,
                 }
             }

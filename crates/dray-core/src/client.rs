@@ -284,6 +284,16 @@ impl<S: Store> Client<S> {
         Ok(e)
     }
 
+    /// Enqueues job `J` with an HTTP completion callback: when it finishes, `url` receives a
+    /// signed POST of the outcome, retried until it answers 2xx (see [`crate::callback`]).
+    pub async fn enqueue_with_callback_url<J: Job>(
+        &self,
+        input: &J::Input,
+        url: &str,
+    ) -> Result<Enqueued> {
+        self.enqueue_with::<J>(input, |o| o.callback_url(url)).await
+    }
+
     /// Cancels a job: one that has not started never runs; a running one is asked to stop
     /// (cooperatively: its handler sees `JobContext::is_cancelled` at the next heartbeat).
     pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod callback;
 pub mod client;
 pub mod duration;
 mod duration_grammar;
@@ -26,12 +27,12 @@ pub use migrate::{Migration, SchemaMode};
 pub use queue::{EnqueueOptions, Queue, QueueConfig, ReceiveOptions};
 pub use store::{Store, StoreConnection};
 pub use types::{
-    AttemptError, CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind, JobFilter,
-    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
-    QueueName, QueueStats, RescueReport, RunAt,
+    AttemptError, CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued,
+    FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, RunAt,
 };
 pub use wake::WakeHub;
-pub use worker::{Worker, WorkerConfig, WorkerEvent, WorkerHandle};
+pub use worker::{Secret, Worker, WorkerConfig, WorkerEvent, WorkerHandle};
 
 /// Re-exported so callers name the same versions Dray uses.
 pub use {chrono, serde_json, sqlx, uuid};

@@ -94,6 +94,9 @@ pub struct EnqueueOptions {
     pub headers: BTreeMap<String, String>,
     /// Deliveries allowed before the message is dead.
     pub max_attempts: Option<i32>,
+    /// `http://…` URL that receives a signed POST of the outcome when the job finishes
+    /// (see [`crate::callback`]).
+    pub callback_url: Option<String>,
 }
 
 impl EnqueueOptions {
@@ -139,6 +142,11 @@ impl EnqueueOptions {
     /// Sets the deliveries allowed before the message is dead.
     pub fn max_attempts(mut self, n: i32) -> Self {
         self.max_attempts = Some(n);
+        self
+    }
+    /// Asks for an HTTP completion callback to `url`.
+    pub fn callback_url(mut self, url: impl Into<String>) -> Self {
+        self.callback_url = Some(url.into());
         self
     }
 
@@ -294,7 +302,11 @@ impl<S: Store> Queue<S> {
                 format!("must be at least 1, got {max_attempts}"),
             ));
         }
+        if let Some(url) = &options.callback_url {
+            crate::callback::Endpoint::parse(url)?;
+        }
         Ok(NewMessage {
+            callback_url: options.callback_url.clone(),
             id: Uuid::now_v7(),
             queue,
             kind: options.kind.clone(),

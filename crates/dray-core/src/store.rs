@@ -14,9 +14,9 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::types::{
-    CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind, JobFilter, LeaseRef,
-    LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueName, QueueStats,
-    RescueReport,
+    CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind,
+    JobFilter, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueName,
+    QueueStats, RescueReport,
 };
 use crate::wake::WakeHub;
 
@@ -183,4 +183,22 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Gives leadership of `name` up, if `holder` has it.
     fn leader_release(&self, name: &str, holder: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Leases up to `limit` due HTTP callback deliveries (finished jobs with a callback URL
+    /// and no successful delivery yet) for `lease`, raising each one's callback attempt count.
+    /// No delivery is leased by two dispatchers at once.
+    fn callback_claim(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send;
+
+    /// Records how a callback try ended. Fenced by the callback attempt: a late answer to an
+    /// older try changes nothing (returns false).
+    fn callback_settle(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        outcome: &CallbackSettle,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }

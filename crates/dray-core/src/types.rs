@@ -243,6 +243,8 @@ pub struct NewMessage {
     pub enqueued_at: Option<DateTime<Utc>>,
     /// Deliveries allowed before the message is dead.
     pub max_attempts: i32,
+    /// URL that receives a signed POST of the outcome when the job finishes.
+    pub callback_url: Option<String>,
 }
 
 /// What one enqueue did.
@@ -297,6 +299,35 @@ pub struct Message {
     pub progress_message: Option<String>,
     /// True once a cancel was requested (a running job stops at its next check).
     pub cancel_requested: bool,
+    /// The HTTP completion callback, if one was asked for.
+    pub callback: Option<CallbackStatus>,
+}
+
+/// Where a job's HTTP completion callback stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackStatus {
+    /// The URL that receives the POST.
+    pub url: String,
+    /// Tries so far for the current terminal state.
+    pub attempts: i32,
+    /// When the endpoint answered 2xx.
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// What the last failed try saw.
+    pub last_error: Option<String>,
+}
+
+/// How one callback try ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallbackSettle {
+    /// The endpoint answered 2xx.
+    Delivered,
+    /// It did not; try again after this long.
+    Retry {
+        /// Delay before the next try.
+        after: Duration,
+        /// What went wrong.
+        error: String,
+    },
 }
 
 /// Why an attempt failed.

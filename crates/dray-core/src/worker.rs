@@ -57,6 +57,19 @@ pub struct WorkerConfig {
     pub maintenance_interval: Duration,
     /// Finished jobs older than this are pruned (default 24 h).
     pub retention: Duration,
+    /// Key that signs HTTP completion callbacks. A worker with a secret delivers callbacks
+    /// (see [`crate::callback`]); without one it leaves them to workers that have one.
+    pub callback_secret: Option<Secret>,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +83,7 @@ impl Default for WorkerConfig {
             maintenance: true,
             maintenance_interval: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
+            callback_secret: None,
         }
     }
 }
@@ -371,6 +385,11 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
         .config
         .maintenance
         .then(|| tokio::spawn(maintenance(shared.clone(), stop.clone())));
+    let callbacks = shared
+        .config
+        .callback_secret
+        .clone()
+        .map(|secret| tokio::spawn(callbacks(shared.clone(), secret, stop.clone())));
     let mut fetchers = JoinSet::new();
     for (queue, concurrency) in queues {
         fetchers.spawn(fetch_loop(
@@ -389,6 +408,9 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
     let _ = heartbeat.await;
     if let Some(m) = maintenance {
         let _ = m.await;
+    }
+    if let Some(c) = callbacks {
+        let _ = c.await;
     }
     if shared.config.maintenance
         && let Err(err) = shared
@@ -799,6 +821,50 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
             if let Err(err) = shared.store.job_prune(shared.config.retention, 1000).await {
                 tracing::warn!(%err, "dray: pruning finished jobs failed");
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Callback deliveries claimed per round, and how long a claimed delivery is ours.
+const CALLBACK_BATCH: u32 = 16;
+const CALLBACK_LEASE: Duration = Duration::from_secs(60);
+
+/// Delivers HTTP completion callbacks: claims due deliveries, POSTs them concurrently, records
+/// each outcome. Runs on every worker that has a secret; the claim keeps them from colliding.
+async fn callbacks<S: Store>(shared: Arc<Shared<S>>, secret: Secret, stop: CancelToken) {
+    let every = shared
+        .config
+        .maintenance_interval
+        .min(Duration::from_millis(250));
+    loop {
+        match shared
+            .store
+            .callback_claim(CALLBACK_BATCH, CALLBACK_LEASE)
+            .await
+        {
+            Ok(due) if !due.is_empty() => {
+                let full = due.len() as u32 == CALLBACK_BATCH;
+                let tries = due.iter().map(|job| async {
+                    let outcome = crate::callback::deliver(&secret.0, job).await;
+                    let attempt = job.callback.as_ref().map_or(0, |c| c.attempts);
+                    if let crate::CallbackSettle::Retry { error, .. } = &outcome {
+                        tracing::warn!(id = %job.id, attempt, %error, "dray: callback not delivered; will retry");
+                    }
+                    if let Err(err) = shared.store.callback_settle(job.id, attempt, &outcome).await {
+                        tracing::warn!(%err, id = %job.id, "dray: could not record a callback try; it is retried after its lease");
+                    }
+                });
+                futures_util::future::join_all(tries).await;
+                if full {
+                    continue; // more may be waiting
+                }
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "dray: cannot claim callback deliveries"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -27,9 +27,10 @@ use dray_core::batch::{
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind, JobFilter,
-    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
-    QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
+    CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued, Error,
+    FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -48,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "job_results",
         sql: include_str!("../migrations/0002_job_results.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "callbacks",
+        sql: include_str!("../migrations/0003_callbacks.sql"),
     },
 ];
 
@@ -286,6 +292,7 @@ impl PgStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
         let (mut prios, mut delays, mut not_befores, mut enqueued, mut max_attempts) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -311,6 +318,7 @@ impl PgStore {
             not_befores.push(nb);
             enqueued.push(m.enqueued_at);
             max_attempts.push(m.max_attempts);
+            callbacks.push(m.callback_url.as_deref());
         }
         let rows = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
             .bind(&ids)
@@ -324,6 +332,7 @@ impl PgStore {
             .bind(&not_befores)
             .bind(&enqueued)
             .bind(&max_attempts)
+            .bind(&callbacks)
             .fetch_all(&mut *conn)
             .await
             .map_err(Error::db("message_insert_many"))?;
@@ -483,6 +492,22 @@ fn decode_message(row: &PgRow) -> Result<Message> {
         cancel_requested: row
             .try_get(19)
             .map_err(|e| corrupt("cancel_requested", e))?,
+        callback: row
+            .try_get::<Option<String>, _>(20)
+            .map_err(|e| corrupt("callback_url", e))?
+            .map(|url| -> Result<CallbackStatus> {
+                Ok(CallbackStatus {
+                    url,
+                    attempts: row
+                        .try_get(21)
+                        .map_err(|e| corrupt("callback_attempts", e))?,
+                    delivered_at: row
+                        .try_get(22)
+                        .map_err(|e| corrupt("callback_done_at", e))?,
+                    last_error: row.try_get(23).map_err(|e| corrupt("callback_error", e))?,
+                })
+            })
+            .transpose()?,
         id,
     })
 }
@@ -967,6 +992,38 @@ impl Store for PgStore {
             .await
             .map_err(Error::db("leader_release"))?;
         Ok(())
+    }
+
+    async fn callback_claim(&self, limit: u32, lease: Duration) -> Result<Vec<Message>> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.callback_claim.clone()))
+            .bind(i64::from(limit))
+            .bind(micros(lease))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db("callback_claim"))?;
+        rows.iter().map(decode_message).collect()
+    }
+
+    async fn callback_settle(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        outcome: &CallbackSettle,
+    ) -> Result<bool> {
+        let (delivered, after, error) = match outcome {
+            CallbackSettle::Delivered => (true, 0, None),
+            CallbackSettle::Retry { after, error } => (false, micros(*after), Some(error.as_str())),
+        };
+        let r = sqlx::query(AssertSqlSafe(self.inner.sql.callback_settle.clone()))
+            .bind(id)
+            .bind(attempt)
+            .bind(delivered)
+            .bind(after)
+            .bind(error)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(Error::db("callback_settle"))?;
+        Ok(r.rows_affected() == 1)
     }
 }
 

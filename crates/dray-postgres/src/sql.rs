@@ -10,7 +10,8 @@ use std::sync::Arc;
 /// The columns a [`dray_core::Message`] is decoded from, in `decode_message`'s order.
 const COLS: &str = "j.id, j.queue, j.kind, j.key, j.payload, j.headers, j.priority, j.state, \
      j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, j.leased_by, j.finished_at, \
-     j.result, j.errors, j.progress, j.progress_message, (j.cancel_requested_at IS NOT NULL)";
+     j.result, j.errors, j.progress, j.progress_message, (j.cancel_requested_at IS NOT NULL), \
+     j.callback_url, j.callback_attempts, j.callback_done_at, j.callback_error";
 
 /// What every fenced lease write returns: the row, its new state, and whether a cancel is
 /// pending (so a heartbeat tells a running handler to stop).
@@ -34,16 +35,17 @@ const PENDING: &str = "('scheduled', 'available', 'retryable')";
 const INSERT: &str = "
 INSERT INTO {s}.dray_jobs AS j
     (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
-     enqueued_at, run_at)
+     enqueued_at, run_at, callback_url)
 SELECT r.id, r.queue, r.kind, r.key, r.payload::jsonb, r.headers::jsonb, r.priority,
        CASE WHEN r.due > now() THEN 'scheduled' ELSE 'available' END,
-       0, r.max_attempts, COALESCE(r.enqueued_at, now()), r.due
+       0, r.max_attempts, COALESCE(r.enqueued_at, now()), r.due, r.callback_url
 FROM (
     SELECT u.*, COALESCE(u.not_before, now() + u.delay_us * interval '1 microsecond') AS due
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[])
+                $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[],
+                $12::text[])
          AS u(id, queue, kind, key, payload, headers, priority, delay_us, not_before,
-              enqueued_at, max_attempts)
+              enqueued_at, max_attempts, callback_url)
 ) r
 ON CONFLICT (queue, key)
     WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
@@ -198,7 +200,8 @@ const REDRIVE: &str = "
 UPDATE {s}.dray_jobs j
 SET state = 'available', attempt = 0, run_at = now(), finished_at = NULL, leased_until = NULL,
     leased_by = NULL, cancel_requested_at = NULL, result = NULL, progress = NULL,
-    progress_message = NULL
+    progress_message = NULL, callback_attempts = 0, callback_next_at = NULL,
+    callback_done_at = NULL, callback_error = NULL
 WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
 RETURNING {cols}";
 
@@ -229,6 +232,35 @@ RETURNING l.holder";
 
 const LEADER_RELEASE: &str = "DELETE FROM {s}.dray_leaders WHERE name = $1 AND holder = $2";
 
+/// Claim due callback deliveries: finished jobs with a URL not yet delivered, whose next try
+/// is due. Leased by pushing callback_next_at out, so a dispatcher that dies mid-try is
+/// retried after the lease; SKIP LOCKED keeps concurrent dispatchers apart.
+const CALLBACK_CLAIM: &str = "
+WITH due AS MATERIALIZED (
+    SELECT id FROM {s}.dray_jobs
+    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
+      AND state IN ('completed', 'dead', 'cancelled')
+      AND (callback_next_at IS NULL OR callback_next_at <= now())
+    ORDER BY callback_next_at NULLS FIRST
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {s}.dray_jobs j
+SET callback_attempts = j.callback_attempts + 1,
+    callback_next_at = now() + $2 * interval '1 microsecond'
+FROM due
+WHERE j.id = due.id
+RETURNING {cols}";
+
+/// Settle a callback try ($3: delivered?), fenced by the try number.
+const CALLBACK_SETTLE: &str = "
+UPDATE {s}.dray_jobs
+SET callback_done_at = CASE WHEN $3 THEN now() END,
+    callback_next_at = CASE WHEN $3 THEN callback_next_at
+                            ELSE now() + $4 * interval '1 microsecond' END,
+    callback_error = CASE WHEN $3 THEN NULL ELSE $5 END
+WHERE id = $1 AND callback_attempts = $2 AND callback_done_at IS NULL";
+
 /// Wakes receivers in other processes (used after requeues and rescues; inserts notify from
 /// their trigger).
 pub const NOTIFY: &str = "SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q";
@@ -254,6 +286,8 @@ pub struct Sql {
     pub prune: Arc<str>,
     pub leader_acquire: Arc<str>,
     pub leader_release: Arc<str>,
+    pub callback_claim: Arc<str>,
+    pub callback_settle: Arc<str>,
 }
 
 impl Sql {
@@ -285,6 +319,8 @@ impl Sql {
             prune: f(PRUNE),
             leader_acquire: f(LEADER_ACQUIRE),
             leader_release: f(LEADER_RELEASE),
+            callback_claim: f(CALLBACK_CLAIM),
+            callback_settle: f(CALLBACK_SETTLE),
         }
     }
 }

@@ -24,9 +24,10 @@ use chrono::{DateTime, Utc};
 use dray_core::batch::{decode_errors, decode_headers, decode_progress, decode_state, dedup_keys};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind, JobFilter,
-    LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction, NewMessage, Priority,
-    QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
+    CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued, Error,
+    FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
+    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -45,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "job_results",
         sql: include_str!("../migrations/0002_job_results.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "callbacks",
+        sql: include_str!("../migrations/0003_callbacks.sql"),
     },
 ];
 
@@ -78,6 +84,8 @@ struct Statements {
     prune: String,
     leader_acquire: String,
     leader_release: String,
+    callback_claim: String,
+    callback_settle: String,
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
@@ -102,6 +110,8 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     prune: sql::expand(sql::PRUNE),
     leader_acquire: sql::expand(sql::LEADER_ACQUIRE),
     leader_release: sql::expand(sql::LEADER_RELEASE),
+    callback_claim: sql::expand(sql::CALLBACK_CLAIM),
+    callback_settle: sql::expand(sql::CALLBACK_SETTLE),
 });
 
 fn q(s: &'static str) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
@@ -281,6 +291,7 @@ impl SqliteStore {
                 .bind(not_before)
                 .bind(m.max_attempts)
                 .bind(m.enqueued_at.map(|t| t.timestamp_millis()))
+                .bind(m.callback_url.as_deref())
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(Error::db(op))?;
@@ -436,6 +447,20 @@ fn decode_message(row: &SqliteRow) -> Result<Message> {
         cancel_requested: row
             .try_get(19)
             .map_err(|e| corrupt("cancel_requested", e))?,
+        callback: {
+            let url: Option<String> = row.try_get(20).map_err(|e| corrupt("callback_url", e))?;
+            match url {
+                None => None,
+                Some(url) => Some(CallbackStatus {
+                    url,
+                    attempts: row
+                        .try_get(21)
+                        .map_err(|e| corrupt("callback_attempts", e))?,
+                    delivered_at: opt_time(22, "callback_done_at")?,
+                    last_error: row.try_get(23).map_err(|e| corrupt("callback_error", e))?,
+                }),
+            }
+        },
         id,
     })
 }
@@ -870,5 +895,37 @@ impl Store for SqliteStore {
             .await
             .map_err(Error::db("leader_release"))?;
         Ok(())
+    }
+
+    async fn callback_claim(&self, limit: u32, lease: Duration) -> Result<Vec<Message>> {
+        let rows = q(&SQL.callback_claim)
+            .bind(i64::from(limit))
+            .bind(millis(lease))
+            .fetch_all(&self.inner.writer)
+            .await
+            .map_err(Error::db("callback_claim"))?;
+        rows.iter().map(decode_message).collect()
+    }
+
+    async fn callback_settle(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        outcome: &CallbackSettle,
+    ) -> Result<bool> {
+        let (delivered, after, error) = match outcome {
+            CallbackSettle::Delivered => (true, 0, None),
+            CallbackSettle::Retry { after, error } => (false, millis(*after), Some(error.clone())),
+        };
+        let r = q(&SQL.callback_settle)
+            .bind(id)
+            .bind(attempt)
+            .bind(delivered)
+            .bind(after)
+            .bind(error)
+            .execute(&self.inner.writer)
+            .await
+            .map_err(Error::db("callback_settle"))?;
+        Ok(r.rows_affected() == 1)
     }
 }

@@ -11,7 +11,8 @@
 /// The columns a message is decoded from, in `decode_message`'s order.
 const COLS: &str = "id, queue, kind, key, payload, headers, priority, state, attempt, \
      max_attempts, enqueued_at, run_at, leased_until, leased_by, finished_at, result, errors, \
-     progress, progress_message, (cancel_requested_at IS NOT NULL)";
+     progress, progress_message, (cancel_requested_at IS NOT NULL), callback_url, \
+     callback_attempts, callback_done_at, callback_error";
 
 /// The database clock as an RFC 3339 string, for timestamps inside JSON (attempt errors).
 const ISO_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -30,10 +31,10 @@ const PENDING: &str = "('scheduled', 'available', 'retryable')";
 pub const INSERT: &str = "
 INSERT INTO dray_jobs
     (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
-     enqueued_at, run_at)
+     enqueued_at, run_at, callback_url)
 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7,
        CASE WHEN d.due > d.now THEN 'scheduled' ELSE 'available' END,
-       0, ?10, COALESCE(?11, d.now), d.due
+       0, ?10, COALESCE(?11, d.now), d.due, ?12
 FROM (SELECT {now} AS now, COALESCE(?9, {now} + ?8) AS due) d
 WHERE true
 ON CONFLICT (queue, key)
@@ -159,7 +160,8 @@ pub const REDRIVE: &str = "
 UPDATE dray_jobs
 SET state = 'available', attempt = 0, run_at = {now}, finished_at = NULL, leased_until = NULL,
     leased_by = NULL, cancel_requested_at = NULL, result = NULL, progress = NULL,
-    progress_message = NULL
+    progress_message = NULL, callback_attempts = 0, callback_next_at = NULL,
+    callback_done_at = NULL, callback_error = NULL
 WHERE id = ?1 AND state IN ('dead', 'cancelled')
 RETURNING {cols}";
 
@@ -182,6 +184,26 @@ INSERT INTO dray_leaders (name, holder, expires_at) VALUES (?1, ?2, {now} + ?3)
 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
     WHERE dray_leaders.holder = excluded.holder OR dray_leaders.expires_at <= {now}
 RETURNING holder";
+
+/// Claim due callback deliveries (see the PostgreSQL store for the reasons); NULLs sort first.
+pub const CALLBACK_CLAIM: &str = "
+UPDATE dray_jobs
+SET callback_attempts = callback_attempts + 1, callback_next_at = {now} + ?2
+WHERE id IN (
+    SELECT id FROM dray_jobs
+    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
+      AND state IN ('completed', 'dead', 'cancelled')
+      AND (callback_next_at IS NULL OR callback_next_at <= {now})
+    ORDER BY callback_next_at
+    LIMIT ?1)
+RETURNING {cols}";
+
+pub const CALLBACK_SETTLE: &str = "
+UPDATE dray_jobs
+SET callback_done_at = CASE WHEN ?3 THEN {now} END,
+    callback_next_at = CASE WHEN ?3 THEN callback_next_at ELSE {now} + ?4 END,
+    callback_error = CASE WHEN ?3 THEN NULL ELSE ?5 END
+WHERE id = ?1 AND callback_attempts = ?2 AND callback_done_at IS NULL";
 
 pub const LEADER_RELEASE: &str = "DELETE FROM dray_leaders WHERE name = ?1 AND holder = ?2";
 

@@ -79,7 +79,10 @@ async fn opening_migrates_a_new_file_and_check_refuses_an_empty_one() {
     let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 2);
+    assert_eq!(
+        store.schema_version().await.unwrap(),
+        dray_sqlite::MIGRATIONS.last().unwrap().version
+    );
 }
 
 #[tokio::test]

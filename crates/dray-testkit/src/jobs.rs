@@ -787,3 +787,198 @@ pub async fn shutdown_releases_unfinished_jobs_and_maintenance_rescues<F: Fixtur
     let _ = LeaseRef::from(f.id);
     w.shutdown().await.unwrap();
 }
+
+/// One request the hook saw: the status it answered, lower-cased headers, body.
+type Seen = (u16, std::collections::HashMap<String, String>, Vec<u8>);
+
+/// A local HTTP endpoint that records every request and answers 500 to the first one.
+struct Hook {
+    url: String,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+}
+
+async fn hook() -> Hook {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/dray", listener.local_addr().unwrap());
+    let seen: Arc<std::sync::Mutex<Vec<_>>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then Content-Length bytes of body.
+            let (head_end, len) = loop {
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "request ended early");
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap();
+                    break (i + 4, len);
+                }
+            };
+            while buf.len() < head_end + len {
+                let n = sock.read(&mut chunk).await.unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let headers = head
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            let body = buf[head_end..head_end + len].to_vec();
+            let status = {
+                let mut seen = record.lock().unwrap();
+                let status = if seen.is_empty() { 500 } else { 200 };
+                seen.push((status, headers, body));
+                status
+            };
+            let reply =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = sock.write_all(reply.as_bytes()).await;
+        }
+    });
+    Hook { url, seen }
+}
+
+pub async fn http_callbacks_fire_once_per_terminal_state<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    const SECRET: &[u8] = b"test-secret";
+    let hook = hook().await;
+    let w = worker(&store, |w| {
+        w.register(Flaky)
+            .register(Doomed)
+            .configure(|c| c.callback_secret = Some(dray_core::Secret(SECRET.to_vec())))
+    });
+    let client = Client::new(store.clone());
+    let ok = client
+        .enqueue_with_callback_url::<Flaky>(
+            &FlakyIn {
+                n: 3,
+                succeed_on: 1,
+            },
+            &hook.url,
+        )
+        .await
+        .unwrap();
+    let dead = client
+        .enqueue_with_callback_url::<Doomed>(&"nope".to_owned(), &hook.url)
+        .await
+        .unwrap();
+    let delivered = |id: Uuid| {
+        let client = client.clone();
+        async move {
+            let start = std::time::Instant::now();
+            loop {
+                let m = client.get(id).await.unwrap().unwrap();
+                if let Some(at) = m.callback.as_ref().and_then(|c| c.delivered_at) {
+                    return (m, at);
+                }
+                assert!(
+                    start.elapsed() < WAIT,
+                    "callback for {id} never delivered: {:?}",
+                    m.callback
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let (m_ok, _) = delivered(ok.id).await;
+    let (m_dead, _) = delivered(dead.id).await;
+    assert!(m_ok.callback.as_ref().unwrap().attempts >= 1);
+    assert!(
+        store
+            .callback_claim(10, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing left to deliver"
+    );
+
+    let seen = hook.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        3,
+        "two jobs, one delivery failed once and was retried: {} requests",
+        seen.len()
+    );
+    assert_eq!(seen[0].0, 500);
+    let mut good: Vec<(Uuid, MessageState)> = Vec::new();
+    for (status, headers, body) in &seen {
+        let sig = headers.get("dray-signature").expect("signed");
+        let now = chrono::Utc::now().timestamp();
+        dray_core::callback::verify(SECRET, sig, body, now, Duration::from_secs(300)).unwrap();
+        assert!(
+            dray_core::callback::verify(b"wrong", sig, body, now, Duration::from_secs(300))
+                .is_err()
+        );
+        let b: dray_core::callback::CallbackBody = serde_json::from_slice(body).unwrap();
+        assert_eq!(headers.get("dray-job-id"), Some(&b.id.to_string()));
+        if *status == 200 {
+            good.push((b.id, b.state));
+        }
+        if b.id == ok.id && *status == 200 {
+            assert_eq!(b.result, Some(serde_json::json!(6)));
+        }
+    }
+    good.sort_by_key(|g| g.0);
+    let mut want = vec![
+        (ok.id, MessageState::Completed),
+        (dead.id, MessageState::Dead),
+    ];
+    want.sort_by_key(|g| g.0);
+    assert_eq!(good, want, "exactly one successful delivery per job");
+    let _ = m_dead;
+
+    // A re-drive is a new terminal state: one more delivery for it, and only one.
+    client.retry(dead.id).await.unwrap();
+    assert_eq!(
+        client.wait(dead.id, WAIT).await.unwrap().state,
+        MessageState::Dead
+    );
+    delivered(dead.id).await;
+    let seen = hook.seen.lock().unwrap().clone();
+    let for_dead = seen
+        .iter()
+        .filter(|(s, h, _)| *s == 200 && h.get("dray-job-id") == Some(&dead.id.to_string()))
+        .count();
+    assert_eq!(for_dead, 2);
+    assert_eq!(seen.len(), 4);
+    w.shutdown().await.unwrap();
+
+    // Bad URLs are refused at enqueue.
+    for bad in ["https://example.com/x", "ftp://x", "http://"] {
+        let err = client
+            .enqueue_with_callback_url::<Flaky>(
+                &FlakyIn {
+                    n: 1,
+                    succeed_on: 1,
+                },
+                bad,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidArgument {
+                    what: "callback_url",
+                    ..
+                }
+            ),
+            "{bad}: {err}"
+        );
+    }
+}

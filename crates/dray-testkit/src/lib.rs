@@ -112,6 +112,7 @@ macro_rules! conformance_tests {
             leadership_is_exclusive_and_fails_over,
             finished_jobs_are_pruned,
             shutdown_releases_unfinished_jobs_and_maintenance_rescues,
+            http_callbacks_fire_once_per_terminal_state,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
