@@ -83,6 +83,7 @@ impl Job for Flaky {
         if ctx.attempt() < input.succeed_on {
             return Err(std::io::Error::other(format!("boom on attempt {}", ctx.attempt())).into());
         }
+        ctx.heartbeat().await?; // holds the lease: succeeds
         Ok(input.n * 2)
     }
 }
@@ -981,4 +982,94 @@ pub async fn http_callbacks_fire_once_per_terminal_state<F: Fixture>(_fx: Arc<F>
             "{bad}: {err}"
         );
     }
+}
+
+/// Counts how many of its runs overlap; each run waits for a permit from the test.
+struct Gated {
+    gate: Arc<Semaphore>,
+    now: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+impl Job for Gated {
+    const NAME: &'static str = "gated";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(n, Ordering::SeqCst);
+        self.gate
+            .acquire()
+            .await
+            .map_err(JobError::transient)?
+            .forget();
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+pub async fn each_queue_runs_at_most_its_concurrency<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let gate = Arc::new(Semaphore::new(0));
+    let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let w = worker(&store, |w| {
+        w.register(Gated {
+            gate: gate.clone(),
+            now: now.clone(),
+            peak: peak.clone(),
+        })
+        .register(Flaky)
+        .queue("default", 3)
+        .unwrap()
+        .queue("other", 2)
+        .unwrap()
+    });
+    let mut events = w.events();
+    let client = Client::new(store.clone());
+    let gated: Vec<_> = (0..8).map(|_| ()).collect();
+    let ids = client.enqueue_many::<Gated>(gated.iter()).await.unwrap();
+    for _ in 0..3 {
+        event(&mut events, "a gated job to start", |e| {
+            matches!(e, WorkerEvent::Started { .. })
+        })
+        .await;
+    }
+    // The default queue is full (3 running, 5 waiting); another queue still runs its jobs.
+    let q = Queue::new(store.clone());
+    let on_other = q
+        .enqueue(
+            "other",
+            &serde_json::json!({"n": 5, "succeed_on": 1}),
+            &dray_core::EnqueueOptions::new().kind("flaky"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .wait(on_other.id, WAIT)
+            .await
+            .unwrap()
+            .output::<i64>()
+            .unwrap(),
+        10,
+        "the other queue is not blocked"
+    );
+    assert_eq!(
+        now.load(Ordering::SeqCst),
+        3,
+        "three gated jobs running, no more"
+    );
+    assert_eq!(
+        q.stats("default").await.unwrap().leased,
+        3,
+        "no job is leased beyond the free slots"
+    );
+    gate.add_permits(8);
+    for e in &ids {
+        client.wait(e.id, WAIT).await.unwrap();
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        3,
+        "never more than the queue's concurrency at once"
+    );
+    w.shutdown().await.unwrap();
 }

@@ -113,6 +113,7 @@ macro_rules! conformance_tests {
             finished_jobs_are_pruned,
             shutdown_releases_unfinished_jobs_and_maintenance_rescues,
             http_callbacks_fire_once_per_terminal_state,
+            each_queue_runs_at_most_its_concurrency,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
