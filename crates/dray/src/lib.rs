@@ -39,6 +39,8 @@ pub use dray_sqlite::{self as sqlite, SqliteStore, SqliteStoreBuilder};
 
 /// The guides, rendered from `docs/` in the repository.
 pub mod guide {
+    #[doc = include_str!("../../../README.md")]
+    pub mod readme {}
     #[doc = include_str!("../../../docs/queue.md")]
     pub mod queue {}
     #[doc = include_str!("../../../docs/jobs.md")]
