@@ -114,3 +114,42 @@ pub fn decode_progress(id: &uuid::Uuid, value: Option<i64>) -> Result<Option<u8>
         })
         .transpose()
 }
+
+/// Delivery order (priority descending, then due time, then id), for sorting rows that an
+/// `UPDATE … RETURNING` hands back in no particular order.
+pub fn delivery_order(a: &crate::Message, b: &crate::Message) -> std::cmp::Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.run_at.cmp(&b.run_at))
+        .then(a.id.cmp(&b.id))
+}
+
+/// What a cancel did, from the state the job had before it.
+pub fn cancel_outcome(before: crate::MessageState) -> crate::CancelOutcome {
+    match before {
+        crate::MessageState::Running => crate::CancelOutcome::Requested,
+        s if s.is_terminal() => crate::CancelOutcome::AlreadyFinished(s),
+        _ => crate::CancelOutcome::Cancelled,
+    }
+}
+
+/// The error for a re-drive of a job that is neither dead nor cancelled.
+pub fn redrive_refused(id: uuid::Uuid, state: crate::MessageState) -> Error {
+    Error::invalid(
+        "retry",
+        format!("job {id} is {state}; only a dead or cancelled job can be re-driven"),
+    )
+}
+
+/// The error for a re-drive blocked by another unfinished job holding the same key.
+pub fn redrive_key_taken(id: uuid::Uuid) -> Error {
+    Error::invalid(
+        "retry",
+        format!("job {id} cannot be re-driven: another unfinished job of its queue holds its key"),
+    )
+}
+
+/// The row limit of a listing: 100 by default, at most 10,000.
+pub fn list_limit(limit: u32) -> u32 {
+    if limit == 0 { 100 } else { limit.min(10_000) }
+}

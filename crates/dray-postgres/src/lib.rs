@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, micros,
+    cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
+    delivery_order, list_limit, micros, redrive_key_taken, redrive_refused,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -512,19 +513,6 @@ fn decode_message(row: &PgRow) -> Result<Message> {
     })
 }
 
-/// The row limit of a listing: 100 by default, at most 10,000.
-fn list_limit(limit: u32) -> u32 {
-    if limit == 0 { 100 } else { limit.min(10_000) }
-}
-
-/// Delivery order, for sorting rows that `RETURNING` hands back in no particular order.
-fn delivery_order(a: &Message, b: &Message) -> std::cmp::Ordering {
-    b.priority
-        .cmp(&a.priority)
-        .then(a.run_at.cmp(&b.run_at))
-        .then(a.id.cmp(&b.id))
-}
-
 /// Runs the LISTEN loop: every NOTIFY wakes its queue's receivers; a lost connection wakes
 /// everyone (notifications may have been missed) and is re-established with backoff.
 async fn listen_loop(listener: PgListener, pool: PgPool, channel: String, hub: Arc<WakeHub>) {
@@ -911,11 +899,7 @@ impl Store for PgStore {
         let Some(row) = row else { return Ok(None) };
         let before: String = row.try_get(0).map_err(Error::db(op))?;
         let before = decode_state(&id, &before)?;
-        Ok(Some(match before {
-            MessageState::Running => CancelOutcome::Requested,
-            s if s.is_terminal() => CancelOutcome::AlreadyFinished(s),
-            _ => CancelOutcome::Cancelled,
-        }))
+        Ok(Some(cancel_outcome(before)))
     }
 
     async fn job_redrive(&self, id: Uuid) -> Result<Option<Message>> {
@@ -925,10 +909,7 @@ impl Store for PgStore {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(|e| match e.as_database_error().and_then(|d| d.code()) {
-                Some(code) if code == "23505" => Error::invalid(
-                    "retry",
-                    format!("job {id} cannot be re-driven: another unfinished job of its queue holds its key"),
-                ),
+                Some(code) if code == "23505" => redrive_key_taken(id),
                 _ => Error::db(op)(e),
             })?;
         match row {
@@ -939,13 +920,7 @@ impl Store for PgStore {
             }
             None => match self.message_get(id).await? {
                 None => Ok(None),
-                Some(m) => Err(Error::invalid(
-                    "retry",
-                    format!(
-                        "job {id} is {}; only a dead or cancelled job can be re-driven",
-                        m.state
-                    ),
-                )),
+                Some(m) => Err(redrive_refused(id, m.state)),
             },
         }
     }

@@ -21,7 +21,10 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dray_core::batch::{decode_errors, decode_headers, decode_progress, decode_state, dedup_keys};
+use dray_core::batch::{
+    cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
+    delivery_order, list_limit, redrive_key_taken, redrive_refused,
+};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued, Error,
@@ -465,13 +468,6 @@ fn decode_message(row: &SqliteRow) -> Result<Message> {
     })
 }
 
-fn delivery_order(a: &Message, b: &Message) -> std::cmp::Ordering {
-    b.priority
-        .cmp(&a.priority)
-        .then(a.run_at.cmp(&b.run_at))
-        .then(a.id.cmp(&b.id))
-}
-
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -809,11 +805,7 @@ impl Store for SqliteStore {
             .await
             .map_err(Error::db(op))?;
         tx.commit().await.map_err(Error::db(op))?;
-        Ok(Some(match before {
-            MessageState::Running => CancelOutcome::Requested,
-            s if s.is_terminal() => CancelOutcome::AlreadyFinished(s),
-            _ => CancelOutcome::Cancelled,
-        }))
+        Ok(Some(cancel_outcome(before)))
     }
 
     async fn job_redrive(&self, id: Uuid) -> Result<Option<Message>> {
@@ -823,10 +815,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.inner.writer)
             .await
             .map_err(|e| match e.as_database_error() {
-                Some(d) if d.is_unique_violation() => Error::invalid(
-                    "retry",
-                    format!("job {id} cannot be re-driven: another unfinished job of its queue holds its key"),
-                ),
+                Some(d) if d.is_unique_violation() => redrive_key_taken(id),
                 _ => Error::db(op)(e),
             })?;
         match row {
@@ -837,23 +826,13 @@ impl Store for SqliteStore {
             }
             None => match self.message_get(id).await? {
                 None => Ok(None),
-                Some(m) => Err(Error::invalid(
-                    "retry",
-                    format!(
-                        "job {id} is {}; only a dead or cancelled job can be re-driven",
-                        m.state
-                    ),
-                )),
+                Some(m) => Err(redrive_refused(id, m.state)),
             },
         }
     }
 
     async fn job_list(&self, f: &JobFilter) -> Result<Vec<Message>> {
-        let limit = if f.limit == 0 {
-            100
-        } else {
-            f.limit.min(10_000)
-        };
+        let limit = list_limit(f.limit);
         let rows = q(&SQL.list)
             .bind(f.queue.as_ref().map(|q| q.as_str().to_owned()))
             .bind(f.kind.clone())
