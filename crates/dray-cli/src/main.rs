@@ -54,6 +54,22 @@ enum Command {
     Jobs(JobsCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
+    /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W4, floor, plain-insert);
+    /// one JSON line per result with --json. See bench/README.md.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Workloads to run (repeatable, or comma-separated); all when omitted.
+    #[arg(long = "workload", value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Jobs per repetition for W1, W2 and the floor.
+    #[arg(long, default_value_t = 20_000)]
+    n: usize,
+    /// Repetitions per workload (the median is reported, with min and max).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -257,6 +273,8 @@ enum CliError {
     NoPayloads,
     #[error("{0}")]
     Demo(String),
+    #[error("bench: {0}")]
+    Bench(String),
 }
 
 impl CliError {
@@ -269,6 +287,7 @@ impl CliError {
             CliError::Stdin(_) => "stdin",
             CliError::NoPayloads => "no_payloads",
             CliError::Demo(_) => "demo",
+            CliError::Bench(_) => "bench",
         }
     }
 }
@@ -404,7 +423,62 @@ async fn run(cli: Cli) -> CliResult<()> {
             }
         }
         Command::Demo(args) => demo::run(&cli, args).await,
+        Command::Bench(args) => bench(&cli, args).await,
     }
+}
+
+async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
+    let workloads = if args.workloads.is_empty() {
+        dray_bench::Workload::ALL.to_vec()
+    } else {
+        args.workloads
+            .iter()
+            .map(|w| dray_bench::Workload::parse(w.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CliError::Bench)?
+    };
+    if args.n == 0 || args.reps == 0 {
+        return Err(CliError::Bench("--n and --reps must be at least 1".into()));
+    }
+    let cfg = dray_bench::BenchConfig {
+        url: cli.url().to_owned(),
+        n: args.n,
+        reps: args.reps,
+    };
+    let meta = dray_bench::meta(&cfg.url).await;
+    if cli.json {
+        println!("{meta}");
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&meta).unwrap_or_default()
+        );
+        println!(
+            "\n{:<8} {:<14} {:>7} {:>12} {:>8} {:>23}  extra",
+            "store", "workload", "n", "median", "unit", "min-max"
+        );
+    }
+    let json = cli.json;
+    dray_bench::run(&cfg, &workloads, |m| {
+        if json {
+            println!("{}", serde_json::to_string(m).unwrap_or_default());
+        } else {
+            println!(
+                "{:<8} {:<14} {:>7} {:>12.1} {:>8} {:>11.1}-{:<11.1}  {}",
+                m.store,
+                m.workload,
+                m.n,
+                m.value,
+                m.unit,
+                m.min,
+                m.max,
+                serde_json::Value::Object(m.extra.clone())
+            );
+        }
+    })
+    .await
+    .map_err(|e| CliError::Bench(e.to_string()))?;
+    Ok(())
 }
 
 enum JobsValidated {

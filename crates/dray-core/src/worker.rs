@@ -34,8 +34,14 @@ use crate::queue::{Queue, QueueConfig, ReceiveOptions};
 use crate::store::Store;
 use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Message, QueueName};
 
-/// Default concurrency of a queue whose concurrency is not given.
-pub const DEFAULT_CONCURRENCY: usize = 10;
+/// Default concurrency of a queue whose concurrency is not given (handlers are async: a
+/// hundred waiting on I/O cost little).
+pub const DEFAULT_CONCURRENCY: usize = 100;
+
+/// When a busy fetcher has fewer than a quarter of its slots free, it waits this long for more
+/// to free up before claiming, so that it claims in batches rather than one job per round
+/// trip. An idle fetcher (all slots free) never waits.
+pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 
 /// Settings of a [`Worker`].
 #[derive(Clone, Debug)]
@@ -438,12 +444,20 @@ async fn fetch_loop<S: Store>(
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = stop.cancelled() => break,
         };
+        let want = (shared.config.fetch_batch as usize).min(concurrency);
         let mut permits = vec![first];
-        while permits.len() < shared.config.fetch_batch as usize {
-            match slots.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        let take = |permits: &mut Vec<_>| {
+            while permits.len() < want {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
             }
+        };
+        take(&mut permits);
+        if permits.len() < (want / 4).max(1) {
+            tokio::time::sleep(FETCH_COOLDOWN).await;
+            take(&mut permits);
         }
         let options = ReceiveOptions {
             limit: permits.len() as u32,

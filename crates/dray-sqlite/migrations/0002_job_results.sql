@@ -10,8 +10,6 @@ ALTER TABLE dray_jobs ADD COLUMN cancel_requested_at INTEGER;
 CREATE INDEX dray_jobs_finished_idx ON dray_jobs (finished_at)
     WHERE state IN ('completed', 'dead', 'cancelled');
 
-CREATE INDEX dray_jobs_list_idx ON dray_jobs (queue, state, id);
-
 CREATE TABLE dray_leaders (
     name       TEXT PRIMARY KEY,
     holder     TEXT NOT NULL,

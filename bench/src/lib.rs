@@ -1,0 +1,475 @@
+//! Dray's benchmark harness. `dray bench` runs these workloads on either store and prints one
+//! JSON line per result; `bench/compare.sh` runs the peers beside it. See `bench/README.md`
+//! for what each number means and what it does not.
+//!
+//! Every repetition runs on a fresh schema (PostgreSQL) or a fresh file (SQLite), so tables
+//! are empty at the start of each; the reported value is the median of the repetitions, with
+//! their min and max.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dray::{
+    Client, EnqueueOptions, Job, JobContext, JobError, PgStore, Queue, SchemaMode, SqliteStore,
+    Store, Worker, WorkerConfig,
+};
+use serde::Serialize;
+
+mod raw;
+
+pub use raw::RawStore;
+
+/// The workloads, by the names the issue and `bench/README.md` use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Enqueue `n` jobs one at a time, each its own transaction.
+    W1Single,
+    /// Enqueue `n` jobs with `enqueue_many` in chunks of 1,000.
+    W1Batch,
+    /// `n` jobs queued; a worker with the default configuration drains them.
+    W2,
+    /// W2 with the tuned configuration ([`tuned`]).
+    W2Tuned,
+    /// A running worker; 1,000 jobs enqueued at 200/s; pick-up latency percentiles.
+    W3,
+    /// 2,000 runs of a 3-step workflow (needs the workflow layer).
+    W4,
+    /// The raw-SQL floor: claim 500 with SKIP LOCKED then complete them, 2 connections.
+    Floor,
+    /// A plain one-row autocommit INSERT through the same driver.
+    PlainInsert,
+}
+
+impl Workload {
+    /// Every workload, in report order.
+    pub const ALL: [Workload; 8] = [
+        Workload::PlainInsert,
+        Workload::W1Single,
+        Workload::W1Batch,
+        Workload::Floor,
+        Workload::W2,
+        Workload::W2Tuned,
+        Workload::W3,
+        Workload::W4,
+    ];
+
+    /// The name printed and accepted on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::W1Single => "W1-single",
+            Workload::W1Batch => "W1-batch",
+            Workload::W2 => "W2",
+            Workload::W2Tuned => "W2-tuned",
+            Workload::W3 => "W3",
+            Workload::W4 => "W4",
+            Workload::Floor => "floor",
+            Workload::PlainInsert => "plain-insert",
+        }
+    }
+
+    /// Parses a workload name (case-insensitive).
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown workload {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// One reported figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    /// `"dray"`, or the raw floor / plain insert baselines (`"raw-sql"`).
+    pub system: String,
+    /// `"postgres"` or `"sqlite"`.
+    pub store: String,
+    /// Workload name.
+    pub workload: String,
+    /// Jobs (or rows) per repetition.
+    pub n: usize,
+    /// The median over repetitions.
+    pub value: f64,
+    /// Unit of `value` (`jobs/s`, `ms`).
+    pub unit: String,
+    /// Smallest repetition.
+    pub min: f64,
+    /// Largest repetition.
+    pub max: f64,
+    /// Repetitions.
+    pub reps: usize,
+    /// Other figures (p99, WAL bytes per job, peak RSS, configuration).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a run needs to know.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// `postgres://…` or `sqlite://…` (SQLite runs use fresh files in a temp dir).
+    pub url: String,
+    /// Jobs per repetition for W1/W2/floor (default 20,000).
+    pub n: usize,
+    /// Repetitions (default 3).
+    pub reps: usize,
+}
+
+/// The tuned worker configuration for W2-tuned (documented in `bench/README.md`): claim and
+/// run up to a thousand at a time, which amortizes each round trip over a thousand jobs.
+pub fn tuned(c: &mut WorkerConfig) {
+    c.fetch_batch = TUNED_FETCH_BATCH;
+}
+
+/// Concurrency of the tuned W2 worker.
+pub const TUNED_CONCURRENCY: usize = 1000;
+/// Claim batch of the tuned W2 worker.
+pub const TUNED_FETCH_BATCH: u32 = 1000;
+
+/// The no-op job of W1/W2.
+pub struct Noop;
+
+impl Job for Noop {
+    const NAME: &'static str = "bench_noop";
+    type Input = serde_json::Value;
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, _input: serde_json::Value) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// Counts handler runs (W2 waits for `n`, then for the database to agree).
+struct Counted {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Job for Counted {
+    const NAME: &'static str = "bench_noop";
+    type Input = serde_json::Value;
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, _input: serde_json::Value) -> Result<(), JobError> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// W3's job: records (handler start − enqueue time), the enqueue time travelling in the payload.
+struct Latency {
+    samples: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Job for Latency {
+    const NAME: &'static str = "bench_latency";
+    type Input = i64;
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, sent_us: i64) -> Result<(), JobError> {
+        let now = chrono::Utc::now().timestamp_micros();
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((now - sent_us).max(0) as u64);
+        Ok(())
+    }
+}
+
+const QUEUE: &str = "default";
+
+/// Errors of a bench run.
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = if v.is_empty() { 0.0 } else { v[v.len() / 2] };
+    (mid, *v.first().unwrap_or(&0.0), *v.last().unwrap_or(&0.0))
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux; `None` elsewhere).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One repetition's figures.
+struct Rep {
+    value: f64,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn fresh_pg(url: &str) -> BenchResult<PgStore> {
+    let schema = format!(
+        "dray_bench_{}",
+        &dray::uuid::Uuid::now_v7().simple().to_string()[16..]
+    );
+    Ok(PgStore::builder(url)
+        .schema(schema)
+        .max_connections(20)
+        .schema_mode(SchemaMode::Migrate)
+        .connect()
+        .await?)
+}
+
+async fn fresh_sqlite() -> BenchResult<(SqliteStore, std::path::PathBuf)> {
+    let dir = std::env::temp_dir().join(format!(
+        "dray-bench-{}",
+        dray::uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let store = SqliteStore::open(dir.join("bench.db").to_str().unwrap_or("bench.db")).await?;
+    Ok((store, dir))
+}
+
+/// Runs the workloads and calls `emit` with each result as soon as it is known.
+pub async fn run(
+    cfg: &BenchConfig,
+    workloads: &[Workload],
+    mut emit: impl FnMut(&Measurement),
+) -> BenchResult<Vec<Measurement>> {
+    let pg = cfg.url.starts_with("postgres");
+    let mut out = Vec::new();
+    for &w in workloads {
+        let mut reps = Vec::new();
+        let mut skipped = None;
+        for _ in 0..cfg.reps.max(1) {
+            let rep = if pg {
+                let store = fresh_pg(&cfg.url).await?;
+                let r = one(&store, w, cfg.n).await;
+                store.drop_schema().await?;
+                store.close().await;
+                r
+            } else {
+                let (store, dir) = fresh_sqlite().await?;
+                let r = one(&store, w, cfg.n).await;
+                store.close().await;
+                let _ = std::fs::remove_dir_all(dir);
+                r
+            };
+            match rep? {
+                Some(r) => reps.push(r),
+                None => {
+                    skipped = Some(());
+                    break;
+                }
+            }
+        }
+        let (value, min, max) = median(reps.iter().map(|r| r.value).collect());
+        let mut extra = reps
+            .get(reps.len() / 2)
+            .map(|r| r.extra.clone())
+            .unwrap_or_default();
+        if skipped.is_some() {
+            extra.insert(
+                "note".into(),
+                "not available in this build: needs the workflow layer".into(),
+            );
+        }
+        let (unit, n) = match w {
+            Workload::W3 => ("ms", 1000),
+            Workload::W4 => ("runs/s", 2000),
+            _ => ("jobs/s", cfg.n),
+        };
+        let m = Measurement {
+            system: match w {
+                Workload::Floor | Workload::PlainInsert => "raw-sql".into(),
+                _ => "dray".into(),
+            },
+            store: if pg {
+                "postgres".into()
+            } else {
+                "sqlite".into()
+            },
+            workload: w.name().into(),
+            n,
+            value,
+            unit: if w == Workload::PlainInsert {
+                "rows/s".into()
+            } else {
+                unit.into()
+            },
+            min,
+            max,
+            reps: reps.len(),
+            extra,
+        };
+        emit(&m);
+        out.push(m);
+    }
+    Ok(out)
+}
+
+async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Option<Rep>> {
+    let mut extra = serde_json::Map::new();
+    let wal0 = store.wal_position().await?;
+    let value = match w {
+        Workload::PlainInsert => store.plain_insert(n).await?,
+        Workload::Floor => {
+            prefill(store, n).await?;
+            store.floor(n).await?
+        }
+        Workload::W1Single => {
+            let q = Queue::new(store.clone());
+            let opts = EnqueueOptions::new().kind(Noop::NAME);
+            let start = Instant::now();
+            for i in 0..n {
+                q.enqueue(QUEUE, &serde_json::json!({ "i": i }), &opts)
+                    .await?;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        }
+        Workload::W1Batch => {
+            let start = Instant::now();
+            prefill(store, n).await?;
+            n as f64 / start.elapsed().as_secs_f64()
+        }
+        Workload::W2 | Workload::W2Tuned => {
+            prefill(store, n).await?;
+            let runs = Arc::new(AtomicUsize::new(0));
+            let mut worker = Worker::new(store.clone()).register(Counted { runs: runs.clone() });
+            if w == Workload::W2Tuned {
+                worker = worker.queue(QUEUE, TUNED_CONCURRENCY)?.configure(tuned);
+                extra.insert("concurrency".into(), TUNED_CONCURRENCY.into());
+                extra.insert("fetch_batch".into(), TUNED_FETCH_BATCH.into());
+            }
+            let wal_start = store.wal_position().await?;
+            let start = Instant::now();
+            let handle = worker.start()?;
+            while runs.load(Ordering::Relaxed) < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // Handlers are done; wait until the database says every job is completed.
+            let q = Queue::new(store.clone());
+            while (q.stats(QUEUE).await?.completed as usize) < n {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            if let (Some(a), Some(b)) = (wal_start, store.wal_position().await?) {
+                let bytes = store.wal_diff(&b, &a).await?;
+                extra.insert(
+                    "wal_bytes_per_job".into(),
+                    (bytes / n as f64).round().into(),
+                );
+            }
+            handle.shutdown().await?;
+            if let Some(rss) = peak_rss_mib() {
+                extra.insert("peak_rss_mib".into(), rss.round().into());
+            }
+            n as f64 / secs
+        }
+        Workload::W3 => {
+            let samples = Arc::new(Mutex::new(Vec::with_capacity(1000)));
+            let handle = Worker::new(store.clone())
+                .register(Latency {
+                    samples: samples.clone(),
+                })
+                .start()?;
+            let client = Client::new(store.clone());
+            // Let the worker reach its idle long-poll before measuring.
+            client
+                .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
+                .await?;
+            while samples.lock().map(|s| s.len()).unwrap_or(0) < 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            samples.lock().map(|mut s| s.clear()).ok();
+            let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200/s
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for _ in 0..1000 {
+                tick.tick().await;
+                client
+                    .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
+                    .await?;
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while samples.lock().map(|s| s.len()).unwrap_or(0) < 1000 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            handle.shutdown().await?;
+            let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+            s.sort_unstable();
+            let pct = |p: f64| {
+                s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)))
+                    .copied()
+                    .unwrap_or(0) as f64
+                    / 1000.0
+            };
+            extra.insert("p99_ms".into(), pct(0.99).into());
+            extra.insert("samples".into(), s.len().into());
+            pct(0.50)
+        }
+        Workload::W4 => return Ok(None),
+    };
+    if !matches!(w, Workload::W2 | Workload::W2Tuned | Workload::W3)
+        && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
+    {
+        let bytes = store.wal_diff(&b, &a).await?;
+        extra.insert(
+            "wal_bytes_per_job".into(),
+            (bytes / n as f64).round().into(),
+        );
+    }
+    Ok(Some(Rep { value, extra }))
+}
+
+/// Queues `n` no-op jobs in chunks of 1,000 (W1-batch, and the setup of W2 and the floor).
+async fn prefill<S: Store>(store: &S, n: usize) -> BenchResult<()> {
+    let client = Client::new(store.clone());
+    let payloads: Vec<serde_json::Value> = (0..n).map(|i| serde_json::json!({ "i": i })).collect();
+    for chunk in payloads.chunks(1000) {
+        client.enqueue_many::<Noop>(chunk.iter()).await?;
+    }
+    Ok(())
+}
+
+/// What a run was measured on: versions of everything and the machine, as one JSON object.
+pub async fn meta(url: &str) -> serde_json::Value {
+    let cmd = |c: &str, args: &[&str]| {
+        std::process::Command::new(c)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo.lines().next().unwrap_or_default().to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned());
+    let database = if url.starts_with("postgres") {
+        match dray::sqlx::PgPool::connect(url).await {
+            Ok(pool) => dray::sqlx::query_scalar::<_, String>("SELECT version()")
+                .fetch_one(&pool)
+                .await
+                .ok(),
+            Err(_) => None,
+        }
+    } else {
+        match dray::sqlx::SqlitePool::connect("sqlite::memory:").await {
+            Ok(pool) => {
+                dray::sqlx::query_scalar::<_, String>("SELECT 'SQLite ' || sqlite_version()")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()
+            }
+            Err(_) => None,
+        }
+    };
+    serde_json::json!({
+        "system": "meta",
+        "dray": env!("CARGO_PKG_VERSION"),
+        "git": cmd("git", &["rev-parse", "--short", "HEAD"]),
+        "rustc": cmd("rustc", &["--version"]),
+        "database": database,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": cmd("uname", &["-sr"]),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "at": chrono::Utc::now().to_rfc3339(),
+    })
+}

@@ -1,0 +1,170 @@
+//! The baselines Dray is measured against on the same driver and the same table: a plain
+//! one-row INSERT, and the raw-SQL floor of a queue (claim 500 with SKIP LOCKED, then mark
+//! those 500 completed; no client logic at all).
+
+use std::time::Instant;
+
+use dray::sqlx::{self, AssertSqlSafe, Row};
+use dray::{PgStore, SqliteStore, Store};
+
+use crate::BenchResult;
+
+/// What the harness needs from a store beyond [`Store`].
+pub trait RawStore: Store {
+    /// The WAL position now (PostgreSQL), for WAL bytes per job.
+    fn wal_position(&self) -> impl Future<Output = BenchResult<Option<String>>> + Send;
+    /// Bytes of WAL between two positions.
+    fn wal_diff(&self, later: &str, earlier: &str)
+    -> impl Future<Output = BenchResult<f64>> + Send;
+    /// `n` one-row autocommit INSERTs from one client; rows/s.
+    fn plain_insert(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
+    /// Drains `n` queued jobs with raw claim-and-complete statements; jobs/s.
+    fn floor(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
+}
+
+const PG_CLAIM: &str = "
+WITH c AS MATERIALIZED (
+    SELECT id FROM {s}.dray_jobs
+    WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+    ORDER BY priority DESC, run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED)
+UPDATE {s}.dray_jobs j SET state = 'running', attempt = j.attempt + 1,
+    leased_until = now() + interval '30 seconds'
+FROM c WHERE j.id = c.id RETURNING j.id";
+
+const PG_COMPLETE: &str = "
+UPDATE {s}.dray_jobs SET state = 'completed', finished_at = now(), leased_until = NULL
+WHERE id = ANY($1)";
+
+impl RawStore for PgStore {
+    async fn wal_position(&self) -> BenchResult<Option<String>> {
+        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(Some(lsn))
+    }
+
+    async fn wal_diff(&self, later: &str, earlier: &str) -> BenchResult<f64> {
+        let d: f64 = sqlx::query_scalar("SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::float8")
+            .bind(later)
+            .bind(earlier)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(d)
+    }
+
+    async fn plain_insert(&self, n: usize) -> BenchResult<f64> {
+        let table = format!("\"{}\".bench_plain", self.schema());
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE {table} (id uuid PRIMARY KEY, payload jsonb NOT NULL)"
+        )))
+        .execute(self.pool())
+        .await?;
+        let insert = format!("INSERT INTO {table} (id, payload) VALUES ($1, $2::jsonb)");
+        let start = Instant::now();
+        for i in 0..n {
+            sqlx::query(AssertSqlSafe(insert.clone()))
+                .bind(dray::uuid::Uuid::now_v7())
+                .bind(format!("{{\"i\":{i}}}"))
+                .execute(self.pool())
+                .await?;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    async fn floor(&self, n: usize) -> BenchResult<f64> {
+        let s = format!("\"{}\"", self.schema());
+        let claim = PG_CLAIM.replace("{s}", &s);
+        let complete = PG_COMPLETE.replace("{s}", &s);
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let pool = self.pool().clone();
+            let (claim, complete) = (claim.clone(), complete.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0usize;
+                loop {
+                    let rows = sqlx::query(AssertSqlSafe(claim.clone()))
+                        .fetch_all(&pool)
+                        .await?;
+                    if rows.is_empty() {
+                        return Ok::<usize, sqlx::Error>(done);
+                    }
+                    let ids: Vec<dray::uuid::Uuid> = rows.iter().map(|r| r.get(0)).collect();
+                    done += ids.len();
+                    sqlx::query(AssertSqlSafe(complete.clone()))
+                        .bind(ids)
+                        .execute(&pool)
+                        .await?;
+                }
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await??;
+        }
+        if total != n {
+            return Err(format!("floor drained {total} of {n} jobs").into());
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+}
+
+impl RawStore for SqliteStore {
+    async fn wal_position(&self) -> BenchResult<Option<String>> {
+        Ok(None)
+    }
+
+    async fn wal_diff(&self, _later: &str, _earlier: &str) -> BenchResult<f64> {
+        Ok(0.0)
+    }
+
+    async fn plain_insert(&self, n: usize) -> BenchResult<f64> {
+        sqlx::query("CREATE TABLE bench_plain (id BLOB PRIMARY KEY, payload TEXT NOT NULL)")
+            .execute(self.pool())
+            .await?;
+        let start = Instant::now();
+        for i in 0..n {
+            sqlx::query("INSERT INTO bench_plain (id, payload) VALUES (?1, ?2)")
+                .bind(dray::uuid::Uuid::now_v7())
+                .bind(format!("{{\"i\":{i}}}"))
+                .execute(self.pool())
+                .await?;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    async fn floor(&self, n: usize) -> BenchResult<f64> {
+        let start = Instant::now();
+        let mut done = 0;
+        loop {
+            let ids: Vec<dray::uuid::Uuid> = sqlx::query_scalar(
+                "UPDATE dray_jobs SET state = 'running', attempt = attempt + 1,
+                     leased_until = CAST(unixepoch('subsec') * 1000 AS INTEGER) + 30000
+                 WHERE id IN (SELECT id FROM dray_jobs
+                     WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable')
+                       AND run_at <= CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                     ORDER BY priority DESC, run_at, id LIMIT 500)
+                 RETURNING id",
+            )
+            .fetch_all(self.pool())
+            .await?;
+            if ids.is_empty() {
+                break;
+            }
+            done += ids.len();
+            let list: Vec<String> = ids.iter().map(|i| i.simple().to_string()).collect();
+            sqlx::query(
+                "UPDATE dray_jobs SET state = 'completed', leased_until = NULL,
+                     finished_at = CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                 WHERE id IN (SELECT unhex(value) FROM json_each(?1))",
+            )
+            .bind(serde_json::to_string(&list)?)
+            .execute(self.pool())
+            .await?;
+        }
+        if done != n {
+            return Err(format!("floor drained {done} of {n} jobs").into());
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+}
