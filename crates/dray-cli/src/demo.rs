@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,12 +30,12 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
         Some(url) => match backend_of(url)? {
             Backend::Postgres => {
                 let store = crate::open_pg(cli, SchemaMode::Migrate).await?;
-                println!("Dray demo on PostgreSQL (schema {:?})\n", store.schema());
+                out!("Dray demo on PostgreSQL (schema {:?})\n", store.schema());
                 tour(store).await
             }
             Backend::Sqlite => {
                 let store = crate::open_sqlite(cli, SchemaMode::Migrate).await?;
-                println!("Dray demo on {url}\n");
+                out!("Dray demo on {url}\n");
                 tour(store).await
             }
         },
@@ -48,11 +47,11 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
             let path = dir.join("demo.db");
             let url = format!("sqlite://{}", path.display());
             let store = dray::SqliteStore::open(&url).await?;
-            println!("Dray demo on embedded SQLite: {}\n", path.display());
+            out!("Dray demo on embedded SQLite: {}\n", path.display());
             let outcome = tour(store.clone()).await;
             store.close().await;
             if args.keep {
-                println!("\nkept the demo database: {}", path.display());
+                out!("\nkept the demo database: {}", path.display());
             } else if let Err(e) = std::fs::remove_dir_all(&dir) {
                 eprintln!("note: could not remove {}: {e}", dir.display());
             }
@@ -64,14 +63,14 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
 async fn tour<S: Store>(store: S) -> CliResult<()> {
     queue_section(store.clone()).await?;
     jobs_section(store).await?;
-    println!("\nAll demo checks passed.");
+    out!("\nAll demo checks passed.");
     Ok(())
 }
 
 async fn queue_section<S: Store>(store: S) -> CliResult<()> {
     let q = Queue::new(store.clone());
     let queue = format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
-    println!("== Queues: enqueue, receive, ack, nack, leases ({queue})");
+    out!("== Queues: enqueue, receive, ack, nack, leases ({queue})");
 
     let emails = q
         .enqueue_many(
@@ -113,10 +112,8 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
             &EnqueueOptions::new().kind("invoice").key("invoice-42"),
         )
         .await?;
-    println!(
-        "  enqueued 3 emails in one batch, 1 critical report, 1 reminder delayed 1s, invoice-42"
-    );
-    println!(
+    out!("  enqueued 3 emails in one batch, 1 critical report, 1 reminder delayed 1s, invoice-42");
+    out!(
         "  enqueued invoice-42 again: duplicate={} (same id: {})",
         again.duplicate,
         again.id == first.id
@@ -126,9 +123,10 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
         "a repeated key returns the existing id",
     )?;
     let s = q.stats(&queue).await?;
-    println!(
+    out!(
         "  stats: available {}, scheduled {}",
-        s.available, s.scheduled
+        s.available,
+        s.scheduled
     );
     check(
         s.available == 5 && s.scheduled == 1,
@@ -136,12 +134,12 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
     )?;
 
     let got = q.receive(&queue, 10, Duration::ZERO).await?;
-    println!(
+    out!(
         "  received {} in delivery order (priority, then due time, then id):",
         got.len()
     );
     for m in &got {
-        println!("    {:<8} {}", m.kind.as_deref().unwrap_or("-"), m.payload);
+        out!("    {:<8} {}", m.kind.as_deref().unwrap_or("-"), m.payload);
     }
     check(
         got.first().map(|m| m.id) == Some(urgent.id),
@@ -162,13 +160,13 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
     if let Some(p) = &poison {
         q.nack(&queue, [p], false).await?;
     }
-    println!("  acked 3; nacked grace@ for a retry; nacked alan@ without requeue (dead)");
+    out!("  acked 3; nacked grace@ for a retry; nacked alan@ without requeue (dead)");
     let retry = q.receive(&queue, 1, Duration::ZERO).await?;
     check(
         retry.len() == 1 && retry[0].attempt == 2,
         "the nacked message comes back as attempt 2",
     )?;
-    println!("  grace@ delivered again: attempt {}", retry[0].attempt);
+    out!("  grace@ delivered again: attempt {}", retry[0].attempt);
     q.ack_lease(&retry[0]).await?;
 
     let started = Instant::now();
@@ -177,7 +175,7 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
         late.first().map(|m| m.id) == Some(reminder.id),
         "the reminder arrives once due",
     )?;
-    println!(
+    out!(
         "  the delayed reminder arrived after waiting {:?} (database clock)",
         round(started.elapsed())
     );
@@ -201,14 +199,14 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
         held.len() == 1 && held[0].id == crash.id,
         "the resize message is leased",
     )?;
-    println!("  a receiver took 'resize' with a 300ms lease and crashed without acking ...");
+    out!("  a receiver took 'resize' with a 300ms lease and crashed without acking ...");
     let started = Instant::now();
     let back = q.receive(&queue, 1, Duration::from_secs(10)).await?;
     check(
         back.len() == 1 && back[0].id == crash.id && back[0].attempt == 2,
         "the expired lease is redelivered",
     )?;
-    println!(
+    out!(
         "  ... redelivered after {:?} as attempt {}",
         round(started.elapsed()),
         back[0].attempt
@@ -218,7 +216,7 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
         matches!(late, Err(dray::Error::LeaseLost { .. })),
         "the crashed receiver's late ack is refused",
     )?;
-    println!("  the first receiver's late ack is refused: LeaseLost");
+    out!("  the first receiver's late ack is refused: LeaseLost");
     q.ack_lease(&back[0]).await?;
 
     // Enqueue inside the caller's transaction.
@@ -258,14 +256,17 @@ async fn queue_section<S: Store>(store: S) -> CliResult<()> {
         q.get(kept.id).await?.is_some(),
         "a committed enqueue is stored",
     )?;
-    println!("  enqueue inside a transaction: rolled back -> gone; committed -> queued");
+    out!("  enqueue inside a transaction: rolled back -> gone; committed -> queued");
     let order = q.receive(&queue, 1, Duration::from_secs(5)).await?;
     q.ack(&queue, &order).await?;
 
     let s = q.stats(&queue).await?;
-    println!(
+    out!(
         "  final stats: completed {}, dead {}, available {}, leased {}",
-        s.completed, s.dead, s.available, s.leased
+        s.completed,
+        s.dead,
+        s.available,
+        s.leased
     );
     check(
         s.completed == 7 && s.dead == 1 && s.available == 0 && s.leased == 0,
@@ -391,7 +392,7 @@ fn bar(pct: u8) -> String {
 }
 
 async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
-    println!("\n== Jobs: typed handlers, a worker, progress, retries, dead jobs, re-drive");
+    out!("\n== Jobs: typed handlers, a worker, progress, retries, dead jobs, re-drive");
     let fixed = Arc::new(AtomicBool::new(false));
     let worker = Worker::new(store.clone())
         .register(ExportUsers)
@@ -411,7 +412,7 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
             users: 500,
         })
         .await?;
-    println!(
+    out!(
         "  enqueued export_users {}; watching its progress:",
         export.id
     );
@@ -420,16 +421,15 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
     while let Some(status) = watch.next().await {
         let status = status?;
         if let Some(p) = status.progress {
-            print!(
+            out_inline!(
                 "\r    {} {:<30}",
                 bar(p),
                 status.message.clone().unwrap_or_default()
             );
-            let _ = std::io::stdout().flush();
             last = Some(p);
         }
         if status.state.is_terminal() {
-            println!();
+            out!();
             check(
                 status.state == MessageState::Completed,
                 "the export completes",
@@ -443,14 +443,14 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
         .await?
         .ok_or_else(|| CliError::Demo("no result".into()))?
         .output()?;
-    println!("  result: {} users exported as {}", out.count, out.format);
+    out!("  result: {} users exported as {}", out.count, out.format);
 
     // Blocking (FastWorker's submit_task): wait for the output. The first attempt fails.
     let started = Instant::now();
     let sent = client
         .submit_and_wait::<SendEmail>(&"ada@example.com".to_owned(), Duration::from_secs(10))
         .await?;
-    println!(
+    out!(
         "  submit_and_wait(send_email): {sent} (after a transient failure and {:?} of backoff)",
         round(started.elapsed())
     );
@@ -467,9 +467,10 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
         .last()
         .map(|e| e.message.clone())
         .unwrap_or_default();
-    println!(
+    out!(
         "  charge_card is {} after {} attempt: {why}",
-        outcome.state, outcome.attempts
+        outcome.state,
+        outcome.attempts
     );
     check(
         outcome.state == MessageState::Dead && outcome.attempts == 1,
@@ -485,7 +486,7 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
     client.retry(charge.id).await?;
     let outcome = client.wait(charge.id, Duration::from_secs(10)).await?;
     let charged: String = outcome.output()?;
-    println!(
+    out!(
         "  re-driven after the fix: {charged} ({} earlier error kept in its history)",
         outcome.errors.len()
     );
@@ -506,13 +507,13 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
     let state = rx
         .await
         .map_err(|_| CliError::Demo("callback never ran".into()))??;
-    println!("  enqueue_with_callback: the callback ran once, with state {state}");
+    out!("  enqueue_with_callback: the callback ran once, with state {state}");
     check(
         state == MessageState::Completed,
         "the callback saw the job complete",
     )?;
 
     worker.shutdown().await?;
-    println!("  worker shut down gracefully");
+    out!("  worker shut down gracefully");
     Ok(())
 }

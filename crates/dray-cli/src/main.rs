@@ -7,6 +7,32 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that treats a closed stdout (`dray … | head`) as the reader being done: exit
+/// quietly instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+/// `print!` with the same broken-pipe handling as `out!`.
+macro_rules! out_inline {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout();
+        if let Err(e) = write!(stdout, $($arg)*).and_then(|_| stdout.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod demo;
 
 use std::io::Read;
@@ -327,7 +353,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if json {
-                println!(
+                out!(
                     "{}",
                     json!({"error": {"code": e.code(), "message": e.to_string()}})
                 );
@@ -383,13 +409,15 @@ async fn run(cli: Cli) -> CliResult<()> {
                 Backend::Sqlite => open_sqlite(&cli, SchemaMode::Skip).await?.migrate().await?,
             };
             if cli.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                out!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else if report.applied.is_empty() {
-                println!("schema is up to date (version {})", report.to);
+                out!("schema is up to date (version {})", report.to);
             } else {
-                println!(
+                out!(
                     "migrated schema from version {} to {} (applied {:?})",
-                    report.from, report.to, report.applied
+                    report.from,
+                    report.to,
+                    report.applied
                 );
             }
             Ok(())
@@ -447,23 +475,28 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
     };
     let meta = dray_bench::meta(&cfg.url).await;
     if cli.json {
-        println!("{meta}");
+        out!("{meta}");
     } else {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&meta).unwrap_or_default()
         );
-        println!(
+        out!(
             "\n{:<8} {:<14} {:>7} {:>12} {:>8} {:>23}  extra",
-            "store", "workload", "n", "median", "unit", "min-max"
+            "store",
+            "workload",
+            "n",
+            "median",
+            "unit",
+            "min-max"
         );
     }
     let json = cli.json;
     dray_bench::run(&cfg, &workloads, |m| {
         if json {
-            println!("{}", serde_json::to_string(m).unwrap_or_default());
+            out!("{}", serde_json::to_string(m).unwrap_or_default());
         } else {
-            println!(
+            out!(
                 "{:<8} {:<14} {:>7} {:>12.1} {:>8} {:>11.1}-{:<11.1}  {}",
                 m.store,
                 m.workload,
@@ -521,7 +554,7 @@ impl JobsValidated {
 }
 
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(v).unwrap_or_default());
+    out!("{}", serde_json::to_string(v).unwrap_or_default());
 }
 
 async fn jobs_command<S: Store>(
@@ -535,14 +568,19 @@ async fn jobs_command<S: Store>(
             if json_out {
                 print_json(&jobs);
             } else if jobs.is_empty() {
-                println!("no jobs");
+                out!("no jobs");
             } else {
-                println!(
+                out!(
                     "{:<36}  {:<12} {:<16} {:<10} {:>7} {:>5}  enqueued",
-                    "id", "queue", "kind", "state", "attempt", "prog"
+                    "id",
+                    "queue",
+                    "kind",
+                    "state",
+                    "attempt",
+                    "prog"
                 );
                 for j in &jobs {
-                    println!(
+                    out!(
                         "{:<36}  {:<12} {:<16} {:<10} {:>3}/{:<3} {:>5}  {}",
                         j.id,
                         j.queue,
@@ -561,7 +599,7 @@ async fn jobs_command<S: Store>(
             if json_out {
                 print_json(&j);
             } else {
-                println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+                out!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
             }
         }
         JobsValidated::Cancel(id) => {
@@ -570,14 +608,12 @@ async fn jobs_command<S: Store>(
                 print_json(&json!({ "id": id, "outcome": outcome }));
             } else {
                 match outcome {
-                    CancelOutcome::Cancelled => println!("cancelled {id}: it will not run"),
+                    CancelOutcome::Cancelled => out!("cancelled {id}: it will not run"),
                     CancelOutcome::Requested => {
-                        println!(
-                            "cancel requested for {id}: it is running and stops at its next check"
-                        )
+                        out!("cancel requested for {id}: it is running and stops at its next check")
                     }
                     CancelOutcome::AlreadyFinished(s) => {
-                        println!("{id} had already finished ({s}); nothing changed")
+                        out!("{id} had already finished ({s}); nothing changed")
                     }
                 }
             }
@@ -587,7 +623,7 @@ async fn jobs_command<S: Store>(
             if json_out {
                 print_json(&j);
             } else {
-                println!("re-driven {id}: {} again with fresh attempts", j.state);
+                out!("re-driven {id}: {} again with fresh attempts", j.state);
             }
         }
     }
@@ -779,16 +815,16 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
             let out = q.enqueue_many(&queue, &payloads, &options).await?;
             if json_out {
                 if many {
-                    println!("{}", serde_json::to_string(&out).unwrap_or_default());
+                    out!("{}", serde_json::to_string(&out).unwrap_or_default());
                 } else {
-                    println!("{}", serde_json::to_string(&out[0]).unwrap_or_default());
+                    out!("{}", serde_json::to_string(&out[0]).unwrap_or_default());
                 }
             } else {
                 for e in &out {
                     if e.duplicate {
-                        println!("{} (duplicate key: already queued)", e.id);
+                        out!("{} (duplicate key: already queued)", e.id);
                     } else {
-                        println!("{}", e.id);
+                        out!("{}", e.id);
                     }
                 }
             }
@@ -796,9 +832,9 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
         Validated::Receive { queue, options } => {
             let got = q.receive_with(&queue, &options).await?;
             if json_out {
-                println!("{}", serde_json::to_string(&got).unwrap_or_default());
+                out!("{}", serde_json::to_string(&got).unwrap_or_default());
             } else if got.is_empty() {
-                println!("no messages");
+                out!("no messages");
             } else {
                 for m in &got {
                     print_message_line(m);
@@ -841,20 +877,20 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
                 LeaseOp::Extend(by) => ("extended", q.extend(&queue, &ids, by).await?, 0),
             };
             if json_out {
-                println!("{}", json!({ "count": n, "action": verb, "dead": dead }));
+                out!("{}", json!({ "count": n, "action": verb, "dead": dead }));
             } else {
-                println!("{verb} {n}");
+                out!("{verb} {n}");
                 if dead > 0 && verb == "requeued" {
-                    println!("({dead} of them were out of attempts and are dead instead)");
+                    out!("({dead} of them were out of attempts and are dead instead)");
                 }
             }
         }
         Validated::Stats(queue) => {
             let s = q.stats(&queue).await?;
             if json_out {
-                println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                out!("{}", serde_json::to_string(&s).unwrap_or_default());
             } else {
-                println!("queue {queue}");
+                out!("queue {queue}");
                 for (name, n) in [
                     ("available", s.available),
                     ("scheduled", s.scheduled),
@@ -863,16 +899,16 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
                     ("dead", s.dead),
                     ("cancelled", s.cancelled),
                 ] {
-                    println!("  {name:<10} {n}");
+                    out!("  {name:<10} {n}");
                 }
             }
         }
         Validated::Show(id) => {
             let m = q.get(id).await?.ok_or(dray::Error::NotFound { id })?;
             if json_out {
-                println!("{}", serde_json::to_string(&m).unwrap_or_default());
+                out!("{}", serde_json::to_string(&m).unwrap_or_default());
             } else {
-                println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                out!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
             }
         }
     }
@@ -880,7 +916,7 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
 }
 
 fn print_message_line(m: &Message) {
-    println!(
+    out!(
         "{}  attempt {}  {}{}",
         m.id,
         m.attempt,

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Reads the JSON lines of bench/compare.sh and prints medians (min-max) and Dray/peer ratios."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+LOWER_IS_BETTER = {"ms"}
+
+
+def main(path):
+    runs = defaultdict(list)
+    extras = defaultdict(list)
+    meta = []
+    units = {}
+    for line in open(path):
+        line = line.strip()
+        if not line:
+            continue
+        r = json.loads(line)
+        if r["system"].startswith("meta"):
+            meta.append(r)
+            continue
+        key = (r["workload"], r["system"], r["store"])
+        runs[key].append(r["value"])
+        extras[key].append(r.get("extra", {}))
+        units[r["workload"]] = r["unit"]
+    for m in meta:
+        print("# " + json.dumps(m))
+    print()
+    print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
+    workloads = sorted({k[0] for k in runs}, key=lambda w: ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"].index(w) if w in ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"] else 99)
+    for w in workloads:
+        rows = [(k, v) for k, v in runs.items() if k[0] == w]
+        dray = [statistics.median(v) for k, v in rows if k[1] == "dray"]
+        for (wk, system, store), values in sorted(rows, key=lambda kv: kv[0][1] != "dray"):
+            med = statistics.median(values)
+            ratio = ""
+            if dray and system != "dray" and med:
+                r = (med / dray[0]) if units[w] in LOWER_IS_BETTER else (dray[0] / med)
+                ratio = f"{r:.2f}x"
+            notes = ""
+            ex = extras[(wk, system, store)]
+            p99 = [e["p99_ms"] for e in ex if "p99_ms" in e]
+            if p99:
+                notes = f"p99 median {statistics.median(p99):.2f} ms"
+            print(f"{w:<13} {system + ' (' + store + ')':<26} {med:>10.1f} {min(values):>10.1f}-{max(values):<10.1f} {units[w]:>7}  {ratio:>9}  {notes}")
+    def med(w, system):
+        v = [statistics.median(vals) for (wk, sy, _), vals in runs.items() if wk == w and sy == system]
+        return v[0] if v else None
+
+    print()
+    for label, a, b in [
+        ("W1-single / plain INSERT", med("W1-single", "dray"), med("plain-insert", "raw-sql")),
+        ("W2 / raw-SQL floor", med("W2", "dray"), med("floor", "raw-sql")),
+        ("W2-tuned / raw-SQL floor", med("W2-tuned", "dray"), med("floor", "raw-sql")),
+    ]:
+        if a and b:
+            print(f"{label:<26} {a / b:.2f}")
+    print()
+    print("Dray/this: how many times better Dray is than that row (for ms, the row's latency over Dray's).")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "results.jsonl")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs Dray and its peers interleaved, rep by rep, on one PostgreSQL, then prints the
+# side-by-side table with Dray/peer ratios. Usage: bench/compare.sh   (env: DRAY_BENCH_DATABASE_URL,
+# N=20000, REPS=3, OUT=bench/results.jsonl)
+set -euo pipefail
+cd "$(dirname "$0")"
+URL=${DRAY_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+N=${N:-20000}
+REPS=${REPS:-3}
+OUT=${OUT:-results.jsonl}
+if [ ! -x peers/node_modules/.bin/node ]; then
+  (cd peers && npm ci --no-audit --no-fund)
+fi
+NODE="$PWD/peers/node_modules/.bin/node"
+cargo build --release -p dray-cli
+DRAY=../target/release/dray
+: > "$OUT"
+# Versions and machine, once.
+"$DRAY" --database "$URL" --json bench --reps 1 --n 10 --workload plain-insert > "$OUT.meta"
+head -n 1 "$OUT.meta" >> "$OUT"
+rm -f "$OUT.meta"
+echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(cd peers && $NODE -p 'require("graphile-worker/package.json").version')\"}" >> "$OUT"
+for rep in $(seq 1 "$REPS"); do
+  echo "rep $rep/$REPS" >&2
+  for w in plain-insert W1-single W1-batch floor W2 W2-tuned W3; do
+    "$DRAY" --database "$URL" --json bench --reps 1 --n "$N" --workload "$w" | tail -n +2 >> "$OUT"
+    case "$w" in
+      W1-single|W1-batch|W2|W2-tuned|W3) "$NODE" peers/graphile.mjs "$w" "$N" "$URL" >> "$OUT" ;;
+    esac
+  done
+done
+python3 compare.py "$OUT"
