@@ -74,9 +74,20 @@ pub struct PgStoreBuilder {
     schema_mode: SchemaMode,
     poll_interval: Duration,
     application_name: Option<String>,
+    synchronous_worker_commits: bool,
 }
 
 impl PgStoreBuilder {
+    /// Whether worker-side transitions (claim, complete, fail, progress, heartbeat, rescue,
+    /// leadership, callback bookkeeping) wait for their commit to reach disk. Default `false`:
+    /// they commit with `synchronous_commit = off`, which saves an fsync wait per statement.
+    /// That is safe under Dray's at-least-once promise: if PostgreSQL itself crashes and loses
+    /// the last few of those commits, the jobs concerned are simply delivered again. Enqueues,
+    /// cancels and re-drives are always synchronous. Set `true` to make every commit wait.
+    pub fn synchronous_worker_commits(mut self, yes: bool) -> Self {
+        self.synchronous_worker_commits = yes;
+        self
+    }
     /// Schema holding Dray's tables ([`DEFAULT_SCHEMA`]): lowercase letters, digits and `_`,
     /// starting with a letter or `_`, at most 63 bytes.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
@@ -141,6 +152,21 @@ impl PgStoreBuilder {
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(options.clone());
         drop(first);
+        // Worker-side transitions commit without waiting for the WAL flush (see
+        // `synchronous_worker_commits`): a lost one only means a job is delivered again.
+        let worker_pool = if self.synchronous_worker_commits {
+            pool.clone()
+        } else {
+            PgPoolOptions::new()
+                .max_connections(self.max_connections)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_lazy_with(
+                    options
+                        .clone()
+                        .application_name(&format!("{app}:worker"))
+                        .options([("synchronous_commit", "off")]),
+                )
+        };
         let listen_options = options.application_name(&format!("{app}:listen"));
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -153,6 +179,7 @@ impl PgStoreBuilder {
                 channel: format!("{}.dray", self.schema),
                 schema: self.schema,
                 pool,
+                worker_pool,
                 listen_pool,
                 hub: Arc::new(WakeHub::new()),
                 listener: tokio::sync::OnceCell::new(),
@@ -212,6 +239,8 @@ struct Inner {
     schema: String,
     channel: String,
     pool: PgPool,
+    /// Connections with `synchronous_commit = off` for worker-side transitions.
+    worker_pool: PgPool,
     listen_pool: PgPool,
     sql: Sql,
     hub: Arc<WakeHub>,
@@ -246,6 +275,7 @@ impl PgStore {
             schema_mode: SchemaMode::Check,
             poll_interval: DEFAULT_POLL_INTERVAL,
             application_name: None,
+            synchronous_worker_commits: false,
         }
     }
 
@@ -275,6 +305,7 @@ impl PgStore {
             task.0.abort();
         }
         self.inner.pool.close().await;
+        self.inner.worker_pool.close().await;
         self.inner.listen_pool.close().await;
     }
 
@@ -404,7 +435,7 @@ impl PgStore {
             .bind(ids)
             .bind(attempts);
         let rows = extra(q)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
         self.lease_rows(op, &rows, queue.as_str()).await
@@ -709,7 +740,7 @@ impl Store for PgStore {
             .bind(i64::from(p.limit))
             .bind(micros(p.lease))
             .bind(p.leased_by.as_deref())
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("message_claim"))?;
         let mut out = rows
@@ -765,7 +796,7 @@ impl Store for PgStore {
     async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
         let rows = sqlx::query(AssertSqlSafe(self.inner.sql.rescue.clone()))
             .bind(queue.map(|q| q.as_str().to_owned()))
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("message_rescue_expired"))?;
         let mut report = RescueReport::default();
@@ -839,7 +870,7 @@ impl Store for PgStore {
             .bind(ids)
             .bind(attempts)
             .bind(results)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
         self.lease_rows(op, &rows, "").await
@@ -865,7 +896,7 @@ impl Store for PgStore {
             .bind(message)
             .bind(to)
             .bind(delay)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
         self.lease_rows(op, &rows, "").await
@@ -883,7 +914,7 @@ impl Store for PgStore {
             .bind(lease.attempt)
             .bind(i16::from(percent.min(100)))
             .bind(message)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
         self.lease_rows(op, &rows, "").await
@@ -953,7 +984,7 @@ impl Store for PgStore {
             .bind(name)
             .bind(holder)
             .bind(micros(ttl))
-            .fetch_optional(&self.inner.pool)
+            .fetch_optional(&self.inner.worker_pool)
             .await
             .map_err(Error::db("leader_acquire"))?;
         Ok(row.is_some())
@@ -963,7 +994,7 @@ impl Store for PgStore {
         sqlx::query(AssertSqlSafe(self.inner.sql.leader_release.clone()))
             .bind(name)
             .bind(holder)
-            .execute(&self.inner.pool)
+            .execute(&self.inner.worker_pool)
             .await
             .map_err(Error::db("leader_release"))?;
         Ok(())
@@ -973,7 +1004,7 @@ impl Store for PgStore {
         let rows = sqlx::query(AssertSqlSafe(self.inner.sql.callback_claim.clone()))
             .bind(i64::from(limit))
             .bind(micros(lease))
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("callback_claim"))?;
         rows.iter().map(decode_message).collect()
@@ -995,7 +1026,7 @@ impl Store for PgStore {
             .bind(delivered)
             .bind(after)
             .bind(error)
-            .execute(&self.inner.pool)
+            .execute(&self.inner.worker_pool)
             .await
             .map_err(Error::db("callback_settle"))?;
         Ok(r.rows_affected() == 1)

@@ -20,7 +20,7 @@ fn fresh_schema() -> String {
 async fn open(schema: &str, mode: SchemaMode) -> dray_core::Result<PgStore> {
     PgStore::builder(url())
         .schema(schema)
-        .max_connections(6)
+        .max_connections(4)
         .schema_mode(mode)
         .connect()
         .await
