@@ -19,7 +19,7 @@ DRAY=../target/release/dray
 "$DRAY" --database "$URL" --json bench --reps 1 --n 10 --workload plain-insert > "$OUT.meta"
 head -n 1 "$OUT.meta" >> "$OUT"
 rm -f "$OUT.meta"
-echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(cd peers && $NODE -p 'require("graphile-worker/package.json").version')\"}" >> "$OUT"
+echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$($NODE -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).version)' peers/node_modules/graphile-worker/package.json)\"}" >> "$OUT"
 for rep in $(seq 1 "$REPS"); do
   echo "rep $rep/$REPS" >&2
   for w in plain-insert W1-single W1-batch floor W2 W2-tuned W3; do
