@@ -67,6 +67,7 @@ pub const DEFAULT_READERS: u32 = 4;
 
 struct Statements {
     insert: String,
+    insert_many: String,
     find_key: String,
     claim: String,
     ack: String,
@@ -93,6 +94,7 @@ struct Statements {
 
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     insert: sql::expand(sql::INSERT),
+    insert_many: sql::expand(sql::INSERT_MANY),
     find_key: sql::expand(sql::FIND_KEY),
     claim: sql::expand(sql::CLAIM),
     ack: sql::expand(sql::ACK),
@@ -270,18 +272,47 @@ impl SqliteStore {
     ) -> Result<Vec<Enqueued>> {
         let op = "message_insert_many";
         let batch = dedup_keys(messages);
-        let mut sent = Vec::with_capacity(batch.send.len());
-        for &i in &batch.send {
+        let mut sent: Vec<Option<Enqueued>> = vec![None; batch.send.len()];
+        // Key-less rows cannot conflict: all of them in one statement.
+        let mut rows = Vec::new();
+        for (pos, &i) in batch.send.iter().enumerate() {
             let m = &messages[i];
-            let (delay_ms, not_before) = match m.run_at {
-                RunAt::Now => (0i64, None),
-                // Rounded up: a delay is a promise not to deliver early.
-                RunAt::After(d) => (
-                    i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX),
-                    None,
-                ),
-                RunAt::At(t) => (0, Some(t.timestamp_millis())),
-            };
+            if m.key.is_some() {
+                continue;
+            }
+            let (delay_ms, not_before) = due(m);
+            rows.push(serde_json::json!([
+                m.id.simple().to_string(),
+                m.queue.as_str(),
+                m.kind,
+                m.payload,
+                m.headers,
+                m.priority.0,
+                delay_ms,
+                not_before,
+                m.max_attempts,
+                m.enqueued_at.map(|t| t.timestamp_millis()),
+                m.callback_url,
+            ]));
+            sent[pos] = Some(Enqueued {
+                id: m.id,
+                duplicate: false,
+            });
+        }
+        if !rows.is_empty() {
+            q(&SQL.insert_many)
+                .bind(serde_json::Value::Array(rows).to_string())
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db(op))?;
+        }
+        // Keyed rows one by one: each needs its own "inserted or already there" answer.
+        for (pos, &i) in batch.send.iter().enumerate() {
+            let m = &messages[i];
+            if m.key.is_none() {
+                continue;
+            }
+            let (delay_ms, not_before) = due(m);
             let row = q(&SQL.insert)
                 .bind(m.id)
                 .bind(m.queue.as_str())
@@ -298,7 +329,7 @@ impl SqliteStore {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(Error::db(op))?;
-            let e = match row {
+            sent[pos] = Some(match row {
                 Some(_) => Enqueued {
                     id: m.id,
                     duplicate: false,
@@ -315,9 +346,9 @@ impl SqliteStore {
                         duplicate: true,
                     }
                 }
-            };
-            sent.push(e);
+            });
         }
+        let sent: Vec<Enqueued> = sent.into_iter().flatten().collect();
         batch.spread(&sent)
     }
 
@@ -466,6 +497,19 @@ fn decode_message(row: &SqliteRow) -> Result<Message> {
         },
         id,
     })
+}
+
+/// A new row's delay (ms, rounded up: a delay is a promise not to deliver early) and
+/// not-before time (ms since the epoch), for the insert statements.
+fn due(m: &NewMessage) -> (i64, Option<i64>) {
+    match m.run_at {
+        RunAt::Now => (0, None),
+        RunAt::After(d) => (
+            i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX),
+            None,
+        ),
+        RunAt::At(t) => (0, Some(t.timestamp_millis())),
+    }
 }
 
 fn millis(d: Duration) -> i64 {

@@ -42,6 +42,21 @@ ON CONFLICT (queue, key)
     DO NOTHING
 RETURNING id";
 
+/// Insert every key-less row of a batch in one statement: ?1 is a JSON array of
+/// [hex id, queue, kind, payload text, headers text, priority, delay ms, not_before ms,
+/// max_attempts, enqueued_at ms, callback_url]. The due time uses the database clock, read once.
+pub const INSERT_MANY: &str = "
+INSERT INTO dray_jobs
+    (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
+     enqueued_at, run_at, callback_url)
+SELECT unhex(r.value ->> 0), r.value ->> 1, r.value ->> 2, NULL, r.value ->> 3, r.value ->> 4,
+       r.value ->> 5,
+       CASE WHEN COALESCE(r.value ->> 7, d.now + (r.value ->> 6)) > d.now
+            THEN 'scheduled' ELSE 'available' END,
+       0, r.value ->> 8, COALESCE(r.value ->> 9, d.now),
+       COALESCE(r.value ->> 7, d.now + (r.value ->> 6)), r.value ->> 10
+FROM json_each(?1) r, (SELECT {now} AS now) d";
+
 pub const FIND_KEY: &str = "
 SELECT id FROM dray_jobs
 WHERE queue = ?1 AND key = ?2 AND state IN ('scheduled', 'available', 'retryable', 'running')";
