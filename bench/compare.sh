@@ -15,17 +15,21 @@ NODE="$PWD/peers/node_modules/.bin/node"
 cargo build --release -p dray-cli
 DRAY=../target/release/dray
 : > "$OUT"
+version() { "$NODE" -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).version)' "peers/node_modules/$1/package.json"; }
 # Versions and machine, once.
 "$DRAY" --database "$URL" --json bench --reps 1 --n 10 --workload plain-insert > "$OUT.meta"
 head -n 1 "$OUT.meta" >> "$OUT"
 rm -f "$OUT.meta"
-echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$($NODE -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).version)' peers/node_modules/graphile-worker/package.json)\"}" >> "$OUT"
+echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(version graphile-worker)\",\"pg-boss\":\"$(version pg-boss)\"}" >> "$OUT"
 for rep in $(seq 1 "$REPS"); do
   echo "rep $rep/$REPS" >&2
   for w in plain-insert W1-single W1-batch floor W2 W2-tuned W3; do
     "$DRAY" --database "$URL" --json bench --reps 1 --n "$N" --workload "$w" | tail -n +2 >> "$OUT"
     case "$w" in
-      W1-single|W1-batch|W2|W2-tuned|W3) "$NODE" peers/graphile.mjs "$w" "$N" "$URL" >> "$OUT" ;;
+      W1-single|W1-batch|W2|W2-tuned|W3)
+        "$NODE" peers/graphile.mjs "$w" "$N" "$URL" >> "$OUT"
+        "$NODE" peers/pgboss.mjs "$w" "$N" "$URL" >> "$OUT"
+        ;;
     esac
   done
 done

@@ -1,0 +1,83 @@
+// Drives pg-boss through the same workloads as `dray bench`, on the same PostgreSQL, and prints
+// one JSON line in the same shape. Usage: node pgboss.mjs WORKLOAD N DATABASE_URL
+// W2: work() with batchSize 10 and burstWhenBatchFull (its plain default of one job per poll
+// cannot drain a backlog); W2-tuned: batchSize 100 and burstWhenBatchFull; W3: LISTEN/NOTIFY
+// on (useListenNotify + a notify queue), batchSize 1.
+import { PgBoss } from "pg-boss";
+import pg from "pg";
+
+const [workload, nArg, url] = process.argv.slice(2);
+const n = Number(nArg);
+const schema = "pgb_bench_" + Math.random().toString(36).slice(2, 10);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
+const w3 = workload === "W3";
+const boss = new PgBoss({ connectionString: url, schema, useListenNotify: w3, schedule: false, supervise: false });
+boss.on("error", (e) => console.error(e));
+await boss.start();
+const pool = new pg.Pool({ connectionString: url, max: 2 });
+const queue = w3 ? "lat" : "noop";
+await boss.createQueue(queue, { notify: w3 });
+const unfinished = async () =>
+  (await pool.query(`SELECT count(*)::int AS c FROM "${schema}".job WHERE name = $1 AND state <> 'completed'`, [queue])).rows[0].c;
+const fill = async (count) => {
+  for (let i = 0; i < count; i += 1000) {
+    const size = Math.min(1000, count - i);
+    await boss.insert(queue, Array.from({ length: size }, (_, k) => ({ data: { i: i + k } })));
+  }
+};
+
+let value;
+let unit = "jobs/s";
+const extra = {};
+let system = "pg-boss";
+try {
+  if (workload === "W1-single") {
+    const t0 = performance.now();
+    for (let i = 0; i < n; i++) await boss.send(queue, { i });
+    value = n / ((performance.now() - t0) / 1000);
+  } else if (workload === "W1-batch") {
+    const t0 = performance.now();
+    await fill(n);
+    value = n / ((performance.now() - t0) / 1000);
+  } else if (workload === "W2" || workload === "W2-tuned") {
+    const batchSize = workload === "W2" ? 10 : 100;
+    system = `pg-boss (batch ${batchSize})`;
+    Object.assign(extra, { batchSize, burstWhenBatchFull: true });
+    await fill(n);
+    const t0 = performance.now();
+    await boss.work(queue, { batchSize, burstWhenBatchFull: true, pollingIntervalSeconds: 0.5 }, async () => {});
+    while ((await unfinished()) > 0) await sleep(2);
+    value = n / ((performance.now() - t0) / 1000);
+  } else if (w3) {
+    const samples = [];
+    Object.assign(extra, { notify: true, batchSize: 1 });
+    await boss.work(queue, { batchSize: 1, pollingIntervalSeconds: 0.5 }, async ([job]) => {
+      samples.push(nowUs() - job.data.t);
+    });
+    await boss.send(queue, { t: nowUs() });
+    while (samples.length < 1) await sleep(5);
+    samples.length = 0;
+    const t0 = performance.now();
+    for (let i = 0; i < 1000; i++) {
+      const wait = t0 + i * 5 - performance.now();
+      if (wait > 0) await sleep(wait);
+      await boss.send(queue, { t: nowUs() });
+    }
+    const deadline = performance.now() + 30000;
+    while (samples.length < 1000 && performance.now() < deadline) await sleep(5);
+    samples.sort((a, b) => a - b);
+    const pct = (p) => samples[Math.min(samples.length - 1, Math.floor(samples.length * p))] / 1000;
+    value = pct(0.5);
+    unit = "ms";
+    extra.p99_ms = pct(0.99);
+    extra.samples = samples.length;
+  } else {
+    throw new Error(`unknown workload ${workload}`);
+  }
+} finally {
+  await boss.stop({ graceful: false, wait: true });
+  await pool.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+  await pool.end();
+}
+console.log(JSON.stringify({ system, store: "postgres", workload, n: w3 ? 1000 : n, value, unit, extra }));
