@@ -6,6 +6,7 @@
 // completeJobBatchDelay 0), W3 (1,000 jobs at 200/s, pick-up latency).
 import { run, makeWorkerUtils, Logger } from "graphile-worker";
 import pg from "pg";
+import { sleep, nowUs, w3 as runW3 } from "./common.mjs";
 
 const [workload, nArg, url] = process.argv.slice(2);
 const n = Number(nArg);
@@ -22,8 +23,6 @@ const worker = {
 const preset = { worker };
 // Its log lines would mix with the JSON on stdout: errors go to stderr, the rest nowhere.
 const logger = new Logger(() => (level, message) => { if (level === "error") console.error(message); });
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
 
 const utils = await makeWorkerUtils({ preset, logger });
 await utils.migrate();
@@ -65,25 +64,12 @@ try {
       noHandleSignals: true,
       logger,
     });
-    await utils.addJob("lat", { t: nowUs() });
-    while (samples.length < 1) await sleep(5);
-    samples.length = 0;
-    const t0 = performance.now();
-    for (let i = 0; i < 1000; i++) {
-      const due = t0 + i * 5;
-      const wait = due - performance.now();
-      if (wait > 0) await sleep(wait);
-      await utils.addJob("lat", { t: nowUs() });
-    }
-    const deadline = performance.now() + 30000;
-    while (samples.length < 1000 && performance.now() < deadline) await sleep(5);
+    const r = await runW3((t) => utils.addJob("lat", { t }), samples);
     await runner.stop();
-    samples.sort((a, b) => a - b);
-    const pct = (p) => samples[Math.min(samples.length - 1, Math.floor(samples.length * p))] / 1000;
-    value = pct(0.5);
+    value = r.p50;
     unit = "ms";
-    extra.p99_ms = pct(0.99);
-    extra.samples = samples.length;
+    extra.p99_ms = r.p99_ms;
+    extra.samples = r.samples;
   } else {
     throw new Error(`unknown workload ${workload}`);
   }

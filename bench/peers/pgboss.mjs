@@ -5,12 +5,11 @@
 // on (useListenNotify + a notify queue), batchSize 1.
 import { PgBoss } from "pg-boss";
 import pg from "pg";
+import { sleep, nowUs, w3 as runW3 } from "./common.mjs";
 
 const [workload, nArg, url] = process.argv.slice(2);
 const n = Number(nArg);
 const schema = "pgb_bench_" + Math.random().toString(36).slice(2, 10);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
 const w3 = workload === "W3";
 const boss = new PgBoss({ connectionString: url, schema, useListenNotify: w3, schedule: false, supervise: false });
 boss.on("error", (e) => console.error(e));
@@ -55,23 +54,11 @@ try {
     await boss.work(queue, { batchSize: 1, pollingIntervalSeconds: 0.5 }, async ([job]) => {
       samples.push(nowUs() - job.data.t);
     });
-    await boss.send(queue, { t: nowUs() });
-    while (samples.length < 1) await sleep(5);
-    samples.length = 0;
-    const t0 = performance.now();
-    for (let i = 0; i < 1000; i++) {
-      const wait = t0 + i * 5 - performance.now();
-      if (wait > 0) await sleep(wait);
-      await boss.send(queue, { t: nowUs() });
-    }
-    const deadline = performance.now() + 30000;
-    while (samples.length < 1000 && performance.now() < deadline) await sleep(5);
-    samples.sort((a, b) => a - b);
-    const pct = (p) => samples[Math.min(samples.length - 1, Math.floor(samples.length * p))] / 1000;
-    value = pct(0.5);
+    const r = await runW3((t) => boss.send(queue, { t }), samples);
+    value = r.p50;
     unit = "ms";
-    extra.p99_ms = pct(0.99);
-    extra.samples = samples.length;
+    extra.p99_ms = r.p99_ms;
+    extra.samples = r.samples;
   } else {
     throw new Error(`unknown workload ${workload}`);
   }

@@ -153,3 +153,21 @@ pub fn redrive_key_taken(id: uuid::Uuid) -> Error {
 pub fn list_limit(limit: u32) -> u32 {
     if limit == 0 { 100 } else { limit.min(10_000) }
 }
+
+/// A failed attempt's destination as the stores' SQL takes it: `'retry'`, `'dead'` or
+/// `'cancelled'`, and the retry delay.
+pub fn fail_to_parts(to: crate::FailTo) -> (&'static str, std::time::Duration) {
+    match to {
+        crate::FailTo::Retry(d) => ("retry", d),
+        crate::FailTo::Dead => ("dead", std::time::Duration::ZERO),
+        crate::FailTo::Cancelled => ("cancelled", std::time::Duration::ZERO),
+    }
+}
+
+/// A callback try's outcome as the stores' SQL takes it: delivered?, retry delay, error.
+pub fn settle_parts(outcome: &crate::CallbackSettle) -> (bool, std::time::Duration, Option<&str>) {
+    match outcome {
+        crate::CallbackSettle::Delivered => (true, std::time::Duration::ZERO, None),
+        crate::CallbackSettle::Retry { after, error } => (false, *after, Some(error.as_str())),
+    }
+}

@@ -24,7 +24,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
     cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    delivery_order, list_limit, micros, redrive_key_taken, redrive_refused,
+    delivery_order, fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused,
+    settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -884,11 +885,8 @@ impl Store for PgStore {
         to: FailTo,
     ) -> Result<LeaseWrite> {
         let op = "job_fail";
-        let (to, delay) = match to {
-            FailTo::Retry(d) => ("retry", micros(d)),
-            FailTo::Dead => ("dead", 0),
-            FailTo::Cancelled => ("cancelled", 0),
-        };
+        let (to, delay) = fail_to_parts(to);
+        let delay = micros(delay);
         let rows = sqlx::query(AssertSqlSafe(self.inner.sql.fail.clone()))
             .bind(lease.id)
             .bind(lease.attempt)
@@ -1016,10 +1014,8 @@ impl Store for PgStore {
         attempt: i32,
         outcome: &CallbackSettle,
     ) -> Result<bool> {
-        let (delivered, after, error) = match outcome {
-            CallbackSettle::Delivered => (true, 0, None),
-            CallbackSettle::Retry { after, error } => (false, micros(*after), Some(error.as_str())),
-        };
+        let (delivered, after, error) = settle_parts(outcome);
+        let after = micros(after);
         let r = sqlx::query(AssertSqlSafe(self.inner.sql.callback_settle.clone()))
             .bind(id)
             .bind(attempt)

@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
     cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    delivery_order, list_limit, redrive_key_taken, redrive_refused,
+    delivery_order, fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -790,11 +790,8 @@ impl Store for SqliteStore {
         to: FailTo,
     ) -> Result<LeaseWrite> {
         let op = "job_fail";
-        let (to, delay) = match to {
-            FailTo::Retry(d) => ("retry", millis(d)),
-            FailTo::Dead => ("dead", 0),
-            FailTo::Cancelled => ("cancelled", 0),
-        };
+        let (to, delay) = fail_to_parts(to);
+        let delay = millis(delay);
         let rows = q(&SQL.fail)
             .bind(lease.id)
             .bind(lease.attempt)
@@ -936,10 +933,8 @@ impl Store for SqliteStore {
         attempt: i32,
         outcome: &CallbackSettle,
     ) -> Result<bool> {
-        let (delivered, after, error) = match outcome {
-            CallbackSettle::Delivered => (true, 0, None),
-            CallbackSettle::Retry { after, error } => (false, millis(*after), Some(error.clone())),
-        };
+        let (delivered, after, error) = settle_parts(outcome);
+        let after = millis(after);
         let r = q(&SQL.callback_settle)
             .bind(id)
             .bind(attempt)
