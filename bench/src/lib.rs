@@ -473,3 +473,28 @@ pub async fn meta(url: &str) -> serde_json::Value {
         "at": chrono::Utc::now().to_rfc3339(),
     })
 }
+
+/// Dray's share of the baselines measured in the same run: W1-single over the plain INSERT,
+/// W2 and W2-tuned over the raw-SQL floor (per store). Pairs whose halves were not both run
+/// are left out.
+pub fn ratios(results: &[Measurement]) -> Vec<(String, f64)> {
+    let find = |store: &str, w: &str| {
+        results
+            .iter()
+            .find(|m| m.store == store && m.workload == w && m.value > 0.0)
+            .map(|m| m.value)
+    };
+    let mut out = Vec::new();
+    for store in ["postgres", "sqlite"] {
+        for (num, den) in [
+            ("W1-single", "plain-insert"),
+            ("W2", "floor"),
+            ("W2-tuned", "floor"),
+        ] {
+            if let (Some(a), Some(b)) = (find(store, num), find(store, den)) {
+                out.push((format!("{store} {num} / {den}"), a / b));
+            }
+        }
+    }
+    out
+}

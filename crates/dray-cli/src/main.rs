@@ -492,7 +492,7 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
         );
     }
     let json = cli.json;
-    dray_bench::run(&cfg, &workloads, |m| {
+    let results = dray_bench::run(&cfg, &workloads, |m| {
         if json {
             out!("{}", serde_json::to_string(m).unwrap_or_default());
         } else {
@@ -511,6 +511,16 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
     })
     .await
     .map_err(|e| CliError::Bench(e.to_string()))?;
+    for (what, ratio) in dray_bench::ratios(&results) {
+        if json {
+            out!(
+                "{}",
+                json!({ "system": "ratio", "what": what, "value": ratio })
+            );
+        } else {
+            out!("{what:<32} {ratio:.2}");
+        }
+    }
     Ok(())
 }
 

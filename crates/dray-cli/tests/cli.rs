@@ -476,3 +476,61 @@ fn demo_runs_on_sqlite_with_no_setup() {
         "the demo leaves no file behind"
     );
 }
+
+#[test]
+fn bench_prints_json_lines_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dray"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--database",
+        "sqlite://b.db",
+        "--json",
+        "bench",
+        "--workload",
+        "W1-batch,plain-insert,W1-single",
+        "--n",
+        "200",
+        "--reps",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["system"], "meta", "versions and machine first");
+    assert!(lines[0]["database"].as_str().unwrap().starts_with("SQLite"));
+    let batch = lines.iter().find(|l| l["workload"] == "W1-batch").unwrap();
+    assert_eq!(
+        (
+            batch["system"].as_str(),
+            batch["store"].as_str(),
+            batch["n"].as_u64()
+        ),
+        (Some("dray"), Some("sqlite"), Some(200))
+    );
+    assert!(batch["value"].as_f64().unwrap() > 0.0);
+    assert_eq!(batch["unit"], "jobs/s");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["system"] == "ratio" && l["what"] == "sqlite W1-single / plain-insert")
+    );
+
+    let out = run(&["bench", "--workload", "W9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload \"W9\""));
+    let out = run(&["bench", "--reps", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+}
