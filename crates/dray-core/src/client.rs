@@ -102,6 +102,11 @@ pub struct Client<S: Store> {
 const POLL_MIN: Duration = Duration::from_millis(5);
 const POLL_MAX: Duration = Duration::from_millis(200);
 
+/// How long an in-process completion callback waits for its job: far longer than any job
+/// lives (finished jobs are pruned after a day by default), yet small enough that adding it
+/// to the current instant cannot overflow.
+pub const CALLBACK_WAIT: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl<S: Store> Client<S> {
     /// A client on `store`.
     pub fn new(store: S) -> Self {
@@ -279,7 +284,7 @@ impl<S: Store> Client<S> {
         let e = self.enqueue::<J>(input).await?;
         let client = self.clone();
         tokio::spawn(async move {
-            callback(client.wait(e.id, Duration::MAX / 4).await);
+            callback(client.wait(e.id, CALLBACK_WAIT).await);
         });
         Ok(e)
     }
