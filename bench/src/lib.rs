@@ -184,6 +184,13 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (mid, *v.first().unwrap_or(&0.0), *v.last().unwrap_or(&0.0))
 }
 
+/// Starts a new peak-RSS window (Linux: writing `5` to `/proc/self/clear_refs` resets
+/// `VmHWM` to the current RSS), so that W2's figure is the worker's peak, not the prefill's or
+/// an earlier workload's. Best effort: elsewhere the figure is the process's lifetime peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Peak resident memory of this process so far, in MiB (Linux; `None` elsewhere).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -305,7 +312,7 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
     let value = match w {
         Workload::PlainInsert => store.plain_insert(n).await?,
         Workload::Floor => {
-            prefill(store, n).await?;
+            prefill_analyzed(store, n).await?;
             store.floor(n).await?
         }
         Workload::W1Single => {
@@ -324,7 +331,7 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
             n as f64 / start.elapsed().as_secs_f64()
         }
         Workload::W2 | Workload::W2Tuned => {
-            prefill(store, n).await?;
+            prefill_analyzed(store, n).await?;
             let runs = Arc::new(AtomicUsize::new(0));
             let mut worker = Worker::new(store.clone()).register(Counted { runs: runs.clone() });
             if w == Workload::W2Tuned {
@@ -333,6 +340,7 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
                 extra.insert("fetch_batch".into(), TUNED_FETCH_BATCH.into());
             }
             let wal_start = store.wal_position().await?;
+            reset_peak_rss();
             let start = Instant::now();
             let handle = worker.start()?;
             while runs.load(Ordering::Relaxed) < n {
@@ -415,11 +423,21 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
 /// Queues `n` no-op jobs in chunks of 1,000 (W1-batch, and the setup of W2 and the floor).
 async fn prefill<S: Store>(store: &S, n: usize) -> BenchResult<()> {
     let client = Client::new(store.clone());
-    let payloads: Vec<serde_json::Value> = (0..n).map(|i| serde_json::json!({ "i": i })).collect();
-    for chunk in payloads.chunks(1000) {
+    for start in (0..n).step_by(1000) {
+        let chunk: Vec<serde_json::Value> = (start..(start + 1000).min(n))
+            .map(|i| serde_json::json!({ "i": i }))
+            .collect();
         client.enqueue_many::<Noop>(chunk.iter()).await?;
     }
     Ok(())
+}
+
+/// [`prefill`], then table statistics as a live database has them (autovacuum's ANALYZE on
+/// PostgreSQL, `ANALYZE` on SQLite): the planner then sees a table of `n` rows, as it would
+/// in production, rather than an empty one (which can hide a plan that scans the table).
+async fn prefill_analyzed<S: RawStore>(store: &S, n: usize) -> BenchResult<()> {
+    prefill(store, n).await?;
+    store.analyze().await
 }
 
 /// What a run was measured on: versions of everything and the machine, as one JSON object.

@@ -18,18 +18,20 @@ pub trait RawStore: Store {
     -> impl Future<Output = BenchResult<f64>> + Send;
     /// `n` one-row autocommit INSERTs from one client; rows/s.
     fn plain_insert(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
+    /// Updates the planner's statistics of Dray's tables.
+    fn analyze(&self) -> impl Future<Output = BenchResult<()>> + Send;
     /// Drains `n` queued jobs with raw claim-and-complete statements; jobs/s.
     fn floor(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
 }
 
 const PG_CLAIM: &str = "
-WITH c AS MATERIALIZED (
-    SELECT id FROM {s}.dray_jobs
-    WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
-    ORDER BY priority DESC, run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED)
 UPDATE {s}.dray_jobs j SET state = 'running', attempt = j.attempt + 1,
     leased_until = now() + interval '30 seconds'
-FROM c WHERE j.id = c.id RETURNING j.id";
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM {s}.dray_jobs
+    WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+    ORDER BY priority DESC, run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED))
+RETURNING j.id";
 
 const PG_COMPLETE: &str = "
 UPDATE {s}.dray_jobs SET state = 'completed', finished_at = now(), leased_until = NULL
@@ -50,6 +52,12 @@ impl RawStore for PgStore {
             .fetch_one(self.pool())
             .await?;
         Ok(d)
+    }
+
+    async fn analyze(&self) -> BenchResult<()> {
+        let sql = format!("ANALYZE \"{}\".dray_jobs", self.schema());
+        sqlx::query(AssertSqlSafe(sql)).execute(self.pool()).await?;
+        Ok(())
     }
 
     async fn plain_insert(&self, n: usize) -> BenchResult<f64> {
@@ -116,6 +124,13 @@ impl RawStore for SqliteStore {
 
     async fn wal_diff(&self, _later: &str, _earlier: &str) -> BenchResult<f64> {
         Ok(0.0)
+    }
+
+    async fn analyze(&self) -> BenchResult<()> {
+        sqlx::query("ANALYZE dray_jobs")
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     async fn plain_insert(&self, n: usize) -> BenchResult<f64> {

@@ -17,7 +17,7 @@
 //!   [`WorkerConfig::shutdown_grace`], then stop them and release their leases so another
 //!   worker takes them at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,9 +38,9 @@ use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Messag
 /// hundred waiting on I/O cost little).
 pub const DEFAULT_CONCURRENCY: usize = 100;
 
-/// When a busy fetcher has fewer than a quarter of its slots free, it waits this long for more
-/// to free up before claiming, so that it claims in batches rather than one job per round
-/// trip. An idle fetcher (all slots free) never waits.
+/// When a busy fetcher has fewer than a quarter of its batch free, it waits up to this long
+/// for that many slots to free up before claiming (and goes as soon as they have), so that it
+/// claims in batches rather than one job per round trip. An idle fetcher never waits.
 pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 
 /// Settings of a [`Worker`].
@@ -455,8 +455,25 @@ async fn fetch_loop<S: Store>(
             }
         };
         take(&mut permits);
-        if permits.len() < (want / 4).max(1) {
-            tokio::time::sleep(FETCH_COOLDOWN).await;
+        let quarter = (want / 4).max(1);
+        if permits.len() < quarter {
+            // Busy: wait until a quarter of the batch is free (or the cooldown ends) so the
+            // next claim carries a batch rather than one job.
+            let more = (quarter - permits.len()) as u32;
+            tokio::select! {
+                p = slots.clone().acquire_many_owned(more) => {
+                    if let Ok(mut p) = p {
+                        while p.num_permits() > 1 {
+                            if let Some(one) = p.split(1) {
+                                permits.push(one);
+                            }
+                        }
+                        permits.push(p);
+                    }
+                }
+                _ = tokio::time::sleep(FETCH_COOLDOWN) => {}
+                _ = stop.cancelled() => {}
+            }
             take(&mut permits);
         }
         let options = ReceiveOptions {
@@ -733,7 +750,7 @@ async fn completer<S: Store>(
         let mut backoff = Duration::from_millis(50);
         let applied = loop {
             match shared.store.job_complete_many(&completions).await {
-                Ok(w) => break Some(w.applied),
+                Ok(w) => break Some(w.applied.into_iter().collect::<HashSet<Uuid>>()),
                 Err(err) if backoff < Duration::from_secs(10) => {
                     tracing::warn!(%err, n = completions.len(), "dray: cannot record completions; retrying");
                     tokio::time::sleep(backoff).await;
@@ -787,15 +804,17 @@ async fn beat<S: Store>(shared: &Shared<S>) {
             .await
         {
             Ok(w) => {
+                let applied: HashSet<Uuid> = w.applied.into_iter().collect();
+                let cancel_requested: HashSet<Uuid> = w.cancel_requested.into_iter().collect();
                 let mut running = shared.running();
                 for l in &leases {
                     let Some(r) = running.get_mut(&l.id) else {
                         continue;
                     };
-                    if !w.applied.contains(&l.id) {
+                    if !applied.contains(&l.id) {
                         tracing::warn!(id = %l.id, "dray: lease lost while running; telling the handler to stop");
                         r.cancel.cancel();
-                    } else if w.cancel_requested.contains(&l.id) {
+                    } else if cancel_requested.contains(&l.id) {
                         r.cancel_requested = true;
                         r.cancel.cancel();
                     }

@@ -56,35 +56,43 @@ RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
 /// is held until the state change commits (a separate SELECT then UPDATE would let two
 /// receivers take the same row).
 ///
-/// The CTE is `MATERIALIZED` as an optimization fence: without it the planner may fold the
-/// subquery into the UPDATE and lock more rows than `LIMIT` asks for. The ORDER BY matches
-/// `dray_jobs_claim_idx` exactly, so the pick is an index range scan that stops after `LIMIT`
-/// unlocked rows.
+/// The pick is an `ARRAY(…)` sub-select, which PostgreSQL runs once, before the UPDATE, as an
+/// InitPlan: it cannot be folded into the UPDATE (which could lock more rows than `LIMIT` asks
+/// for). Its ORDER BY matches `dray_jobs_claim_idx` exactly, so the pick is an index range scan
+/// that stops after `LIMIT` unlocked rows. The UPDATE then finds the picked rows by `ctid`
+/// (a TID scan: no second index descent per row). `ctid = ANY(array)` rather than a join is
+/// deliberate: with real table statistics the planner otherwise prefers a hash join over a
+/// sequential scan of the whole table for a large batch, which made each claim cost as much
+/// as the table is big. The ctid is stable while the statement runs because the pick holds the
+/// row lock; a row updated between the statement's snapshot and the lock is simply not
+/// claimed this time (it stays pending).
 const CLAIM: &str = "
-WITH picked AS MATERIALIZED (
-    SELECT id FROM {s}.dray_jobs
-    WHERE queue = $1 AND state IN {pending} AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE {s}.dray_jobs j
 SET state = 'running',
     attempt = j.attempt + 1,
     leased_until = now() + $3 * interval '1 microsecond',
     leased_by = $4
-FROM picked
-WHERE j.id = picked.id
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM {s}.dray_jobs
+    WHERE queue = $1 AND state IN {pending} AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED))
 RETURNING {cols}";
 
 /// Ack: completes leased rows. Fencing: a row named with an attempt is touched only while that
 /// attempt still holds the lease (`state = 'running' AND attempt = r.attempt`); a late ack by a
 /// receiver whose lease was rescued matches nothing.
+///
+/// `j.id = ANY($2)` repeats the join key as an array condition so the rows are always found
+/// through the primary key: joining the UNNEST alone lets the planner hash-join it against
+/// every running row (the lease index), a cost that grows with the number of jobs in flight.
+/// The lease writes below (nack, extend, complete) do the same.
 const ACK: &str = "
 UPDATE {s}.dray_jobs j
 SET state = 'completed', finished_at = now(), leased_until = NULL
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
 {lease_returning}";
 
@@ -99,7 +107,7 @@ SET state = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN 'dead'
     finished_at = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN now() END,
     leased_until = NULL
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
 {lease_returning}";
 
@@ -108,7 +116,7 @@ const EXTEND: &str = "
 UPDATE {s}.dray_jobs j
 SET leased_until = now() + $4 * interval '1 microsecond'
 FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
+WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
 {lease_returning}";
 
@@ -116,13 +124,6 @@ WHERE j.id = r.id AND j.queue = $1 AND j.state = 'running'
 /// batches. `SKIP LOCKED` so the sweep never waits on (or races) a receiver that is acking the
 /// same row right now: whichever commits first wins, the other matches nothing.
 const RESCUE: &str = "
-WITH expired AS MATERIALIZED (
-    SELECT id FROM {s}.dray_jobs
-    WHERE state = 'running' AND leased_until <= now() AND ($1::text IS NULL OR queue = $1)
-    ORDER BY leased_until
-    LIMIT 1000
-    FOR UPDATE SKIP LOCKED
-)
 UPDATE {s}.dray_jobs j
 SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
     finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
@@ -130,8 +131,12 @@ SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' E
     errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
         'at', now(), 'kind', 'lease_expired',
         'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
-FROM expired
-WHERE j.id = expired.id
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM {s}.dray_jobs
+    WHERE state = 'running' AND leased_until <= now() AND ($1::text IS NULL OR queue = $1)
+    ORDER BY leased_until
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED))
 RETURNING j.queue, j.state";
 
 const GET: &str = "SELECT {cols} FROM {s}.dray_jobs j WHERE j.id = $1";
@@ -158,7 +163,8 @@ const COMPLETE: &str = "
 UPDATE {s}.dray_jobs j
 SET state = 'completed', finished_at = now(), leased_until = NULL, result = r.result::jsonb
 FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
-WHERE j.id = r.id AND j.state = 'running' AND (r.attempt IS NULL OR j.attempt = r.attempt)
+WHERE j.id = ANY($1) AND j.id = r.id AND j.state = 'running'
+  AND (r.attempt IS NULL OR j.attempt = r.attempt)
 {lease_returning}";
 
 /// Fail: record the attempt's error and move on: retryable after a delay (dead when out of
@@ -236,20 +242,17 @@ const LEADER_RELEASE: &str = "DELETE FROM {s}.dray_leaders WHERE name = $1 AND h
 /// is due. Leased by pushing callback_next_at out, so a dispatcher that dies mid-try is
 /// retried after the lease; SKIP LOCKED keeps concurrent dispatchers apart.
 const CALLBACK_CLAIM: &str = "
-WITH due AS MATERIALIZED (
-    SELECT id FROM {s}.dray_jobs
+UPDATE {s}.dray_jobs j
+SET callback_attempts = j.callback_attempts + 1,
+    callback_next_at = now() + $2 * interval '1 microsecond'
+WHERE j.ctid = ANY(ARRAY(
+    SELECT ctid FROM {s}.dray_jobs
     WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
       AND state IN ('completed', 'dead', 'cancelled')
       AND (callback_next_at IS NULL OR callback_next_at <= now())
     ORDER BY callback_next_at NULLS FIRST
     LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {s}.dray_jobs j
-SET callback_attempts = j.callback_attempts + 1,
-    callback_next_at = now() + $2 * interval '1 microsecond'
-FROM due
-WHERE j.id = due.id
+    FOR UPDATE SKIP LOCKED))
 RETURNING {cols}";
 
 /// Settle a callback try ($3: delivered?), fenced by the try number.
