@@ -30,7 +30,7 @@ UPDATE {s}.dray_jobs j SET state = 'running', attempt = j.attempt + 1,
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
     WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
-    ORDER BY priority DESC, run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED))
+    ORDER BY -(priority::int4), run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED))
 RETURNING j.id";
 
 const PG_COMPLETE: &str = "

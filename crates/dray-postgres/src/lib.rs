@@ -17,6 +17,7 @@
 
 mod sql;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "callbacks",
         sql: include_str!("../migrations/0003_callbacks.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "claim_cursor",
+        sql: include_str!("../migrations/0004_claim_cursor.sql"),
     },
 ];
 
@@ -185,6 +191,7 @@ impl PgStoreBuilder {
                 hub: Arc::new(WakeHub::new()),
                 listener: tokio::sync::OnceCell::new(),
                 poll_interval: self.poll_interval,
+                cursors: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         match self.schema_mode {
@@ -247,6 +254,132 @@ struct Inner {
     hub: Arc<WakeHub>,
     listener: tokio::sync::OnceCell<ListenerTask>,
     poll_interval: Duration,
+    /// Per queue: where this process's next claim may start (see [`ClaimCursor`]).
+    cursors: std::sync::Mutex<HashMap<String, ClaimCursor>>,
+}
+
+/// A claim's position in a queue's delivery order: (−priority, run_at, id), the key of
+/// `dray_jobs_claim_cursor_idx`.
+type ClaimKey = (i32, DateTime<Utc>, Uuid);
+
+/// The last row this process claimed from a queue, so the next claim starts there instead of
+/// walking, from the head of the queue, the index entries that earlier claims left dead (they
+/// stay until VACUUM, and under a backlog that walk is most of a claim's cost).
+///
+/// Rows can appear before the cursor: a higher priority enqueued later, a lease rescued with
+/// its old due time, an enqueue whose transaction began before the claim and committed after
+/// it. So the cursor is only a shortcut: a claim scans from the head whenever the cursor is
+/// older than [`HEAD_SCAN_EVERY`], when a claim from the cursor finds nothing, after a claim
+/// that came back short (the queue is drained: the head is cheap to find), and when this
+/// process enqueues or rescues a row that sorts before it. A row that sorts before another
+/// process's cursor therefore waits at most [`HEAD_SCAN_EVERY`] longer than strict delivery
+/// order would have it wait.
+#[derive(Clone, Copy, Debug)]
+struct ClaimCursor {
+    key: ClaimKey,
+    head_scan_at: std::time::Instant,
+}
+
+/// How often a claim of a busy queue starts from the head of the queue regardless of its
+/// cursor.
+const HEAD_SCAN_EVERY: Duration = Duration::from_millis(100);
+
+/// The cursor value that starts a claim at the head of the queue (below every −priority).
+const HEAD: ClaimKey = (i32::MIN, DateTime::<Utc>::UNIX_EPOCH, Uuid::nil());
+
+fn claim_key(m: &Message) -> ClaimKey {
+    (-i32::from(m.priority.0), m.run_at, m.id)
+}
+
+impl PgStore {
+    /// The cursor a claim of `queue` may start from, or `None` when it should scan from the head.
+    fn cursor(&self, queue: &str) -> Option<ClaimKey> {
+        let cursors = self.cursors();
+        let c = cursors.get(queue)?;
+        (c.head_scan_at.elapsed() < HEAD_SCAN_EVERY).then_some(c.key)
+    }
+
+    fn cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, ClaimCursor>> {
+        self.inner.cursors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims up to `p.limit` rows that sort after `after`, in delivery order.
+    async fn claim_after(&self, p: &ClaimParams, after: ClaimKey) -> Result<Vec<Message>> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
+            .bind(p.queue.as_str())
+            .bind(i64::from(p.limit))
+            .bind(micros(p.lease))
+            .bind(p.leased_by.as_deref())
+            .bind(after.0)
+            .bind(after.1)
+            .bind(after.2)
+            .fetch_all(&self.inner.worker_pool)
+            .await
+            .map_err(Error::db("message_claim"))?;
+        let mut out = rows
+            .iter()
+            .map(decode_message)
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(delivery_order);
+        Ok(out)
+    }
+
+    /// After a claim: a full batch moves the cursor to its last row; a short one means the
+    /// queue is drained, so the next claim starts from the head (which is then cheap).
+    fn advance_cursor(&self, queue: &str, from_head: bool, limit: u32, claimed: &[Message]) {
+        let mut cursors = self.cursors();
+        let last = match claimed.last() {
+            Some(m) if claimed.len() >= limit as usize => claim_key(m),
+            _ => {
+                cursors.remove(queue);
+                return;
+            }
+        };
+        match cursors.get_mut(queue) {
+            // A head scan restarts the window; rows between it and an older cursor come next.
+            _ if from_head => {
+                cursors.insert(
+                    queue.to_owned(),
+                    ClaimCursor {
+                        key: last,
+                        head_scan_at: std::time::Instant::now(),
+                    },
+                );
+            }
+            // Concurrent claims in this process: the cursor only moves forward.
+            Some(c) if last > c.key => c.key = last,
+            _ => {}
+        }
+    }
+
+    /// Makes the next claim of `queue` start from the head, because a row that may sort before
+    /// the cursor has become claimable.
+    fn rewind(&self, queue: &str) {
+        self.cursors().remove(queue);
+    }
+
+    /// Rewinds the cursors that the messages being inserted may sort before: a higher priority
+    /// than the cursor's row, or an explicit due time before it. (`Now` and delays are due
+    /// after every row claimed so far.)
+    fn rewind_for(&self, messages: &[NewMessage]) {
+        let mut cursors = self.cursors();
+        if cursors.is_empty() {
+            return;
+        }
+        for m in messages {
+            let Some(c) = cursors.get(m.queue.as_str()) else {
+                continue;
+            };
+            let neg = -i32::from(m.priority.0);
+            let before = match m.run_at {
+                RunAt::At(t) => (neg, t) < (c.key.0, c.key.1),
+                RunAt::Now | RunAt::After(_) => neg < c.key.0,
+            };
+            if before {
+                cursors.remove(m.queue.as_str());
+            }
+        }
+    }
 }
 
 /// The background task feeding NOTIFYs into the hub; aborted when the store is dropped.
@@ -714,6 +847,7 @@ impl Store for PgStore {
             .await
             .map_err(Error::db("message_insert_many"))?;
         let out = self.insert(&mut conn, messages).await?;
+        self.rewind_for(messages);
         // Local receivers need not wait for the NOTIFY round trip through the server.
         let mut woken: Vec<&str> = Vec::new();
         for m in messages {
@@ -732,23 +866,19 @@ impl Store for PgStore {
     ) -> Result<Vec<Enqueued>> {
         // No local wake-up here: the rows are invisible until the caller commits, and the
         // trigger's NOTIFY is delivered exactly then.
+        self.rewind_for(messages);
         self.insert(conn, messages).await
     }
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
-        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
-            .bind(p.queue.as_str())
-            .bind(i64::from(p.limit))
-            .bind(micros(p.lease))
-            .bind(p.leased_by.as_deref())
-            .fetch_all(&self.inner.worker_pool)
-            .await
-            .map_err(Error::db("message_claim"))?;
-        let mut out = rows
-            .iter()
-            .map(decode_message)
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by(delivery_order);
+        let cursor = self.cursor(p.queue.as_str());
+        let mut out = self.claim_after(p, cursor.unwrap_or(HEAD)).await?;
+        let mut from_head = cursor.is_none();
+        if out.is_empty() && !from_head {
+            out = self.claim_after(p, HEAD).await?;
+            from_head = true;
+        }
+        self.advance_cursor(p.queue.as_str(), from_head, p.limit, &out);
         Ok(out)
     }
 
@@ -813,6 +943,8 @@ impl Store for PgStore {
                 report.dead += 1;
             } else {
                 report.requeued += 1;
+                // Requeued with its old due time: it sorts before this process's cursor.
+                self.rewind(&q);
                 if !woken.contains(&q) {
                     woken.push(q);
                 }

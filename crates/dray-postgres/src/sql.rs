@@ -18,7 +18,7 @@ const COLS: &str = "j.id, j.queue, j.kind, j.key, j.payload, j.headers, j.priori
 const LEASE_RETURNING: &str = "RETURNING j.id, j.state, (j.cancel_requested_at IS NOT NULL)";
 
 /// The pending states: rows the claim may take once `run_at <= now()`. Must match the
-/// predicate of `dray_jobs_claim_idx` for the planner to use that index.
+/// predicate of `dray_jobs_claim_cursor_idx` for the planner to use that index.
 const PENDING: &str = "('scheduled', 'available', 'retryable')";
 
 /// Bulk insert: one statement for any number of rows, each column passed as one array
@@ -56,9 +56,18 @@ RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
 /// is held until the state change commits (a separate SELECT then UPDATE would let two
 /// receivers take the same row).
 ///
+/// The pick starts after a cursor `($5, $6, $7)` = (−priority, run_at, id) of the last row
+/// this process claimed from the queue, one B-tree descent past the dead index entries that
+/// earlier claims left behind (see migration 0004); `$5 = i32::MIN` starts at the head. The
+/// row comparison is the scan's start key in `dray_jobs_claim_cursor_idx`, whose key columns
+/// are all ascending in delivery order. The queue is pinned by `queue <= $1` together with the
+/// row comparison (which implies `queue >= $1`) rather than by `queue = $1`: given an equality
+/// on the first column, PostgreSQL starts the scan from the equality alone and only filters
+/// by the row comparison, walking every dead entry again.
+///
 /// The pick is an `ARRAY(…)` sub-select, which PostgreSQL runs once, before the UPDATE, as an
 /// InitPlan: it cannot be folded into the UPDATE (which could lock more rows than `LIMIT` asks
-/// for). Its ORDER BY matches `dray_jobs_claim_idx` exactly, so the pick is an index range scan
+/// for). Its ORDER BY matches `dray_jobs_claim_cursor_idx` exactly, so the pick is an index range scan
 /// that stops after `LIMIT` unlocked rows. The UPDATE then finds the picked rows by `ctid`
 /// (a TID scan: no second index descent per row). `ctid = ANY(array)` rather than a join is
 /// deliberate: with real table statistics the planner otherwise prefers a hash join over a
@@ -74,8 +83,9 @@ SET state = 'running',
     leased_by = $4
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
-    WHERE queue = $1 AND state IN {pending} AND run_at <= now()
-    ORDER BY priority DESC, run_at, id
+    WHERE (queue, -(priority::int4), run_at, id) > ($1, $5, $6, $7) AND queue <= $1
+      AND state IN {pending} AND run_at <= now()
+    ORDER BY queue, -(priority::int4), run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED))
 RETURNING {cols}";

@@ -97,6 +97,7 @@ macro_rules! conformance_tests {
             receiver_wakes_on_enqueue_from_another_handle,
             stats_count_every_state,
             get_unknown_id_is_none,
+            rows_that_sort_before_a_drained_backlog_are_not_left_behind,
             migrations_twice_change_nothing,
         );
         $crate::conformance_tests!(@jobs $fixture;
