@@ -18,13 +18,3 @@ CREATE INDEX dray_jobs_claim_cursor_idx ON dray_jobs (queue, (-(priority::int4))
 
 DROP INDEX dray_jobs_claim_idx;
 
--- The expired-lease index, keyed the same but with a predicate that the fenced lease writes
--- (complete, fail, ack, extend: `state = 'running' AND id = …`) do not imply. With
--- `WHERE state = 'running'` the planner could read the whole index of running rows for them,
--- estimating it nearly empty from statistics taken when nothing ran, and then filter by id: a
--- cost that grows with the number of jobs in flight. Only running rows have a lease end
--- (`dray_jobs_lease_check` and every transition out of running clears it), so the rows indexed
--- are the same; the rescue's `leased_until <= now()` still implies the new predicate.
-CREATE INDEX dray_jobs_lease_end_idx ON dray_jobs (leased_until) WHERE leased_until IS NOT NULL;
-
-DROP INDEX dray_jobs_lease_idx;

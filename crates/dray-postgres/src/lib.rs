@@ -159,21 +159,31 @@ impl PgStoreBuilder {
             .acquire_timeout(Duration::from_secs(30))
             .connect_lazy_with(options.clone());
         drop(first);
-        // Worker-side transitions commit without waiting for the WAL flush (see
-        // `synchronous_worker_commits`): a lost one only means a job is delivered again.
-        let worker_pool = if self.synchronous_worker_commits {
-            pool.clone()
-        } else {
-            PgPoolOptions::new()
-                .max_connections(self.max_connections)
-                .acquire_timeout(Duration::from_secs(30))
-                .connect_lazy_with(
-                    options
-                        .clone()
-                        .application_name(&format!("{app}:worker"))
-                        .options([("synchronous_commit", "off")]),
-                )
-        };
+        // Worker-side transitions run on connections of their own:
+        // * they commit without waiting for the WAL flush (see `synchronous_worker_commits`):
+        //   a lost one only means a job is delivered again;
+        // * every one of them names its rows by key (a batch of ids, the claim index's range,
+        //   a lease end), so a sequential scan or a parallel plan is never the right plan for
+        //   them, yet the planner picks one for a large batch of ids on a table whose
+        //   statistics predate the batch (seen: a parallel seq scan per 2,000 completions).
+        //   `enable_seqscan = off` makes the index the plan whenever one applies, and no
+        //   parallel workers are started for a few milliseconds of work.
+        let mut worker_settings = vec![
+            ("enable_seqscan", "off"),
+            ("max_parallel_workers_per_gather", "0"),
+        ];
+        if !self.synchronous_worker_commits {
+            worker_settings.push(("synchronous_commit", "off"));
+        }
+        let worker_pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .application_name(&format!("{app}:worker"))
+                    .options(worker_settings),
+            );
         let listen_options = options.application_name(&format!("{app}:listen"));
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
@@ -247,7 +257,8 @@ struct Inner {
     schema: String,
     channel: String,
     pool: PgPool,
-    /// Connections with `synchronous_commit = off` for worker-side transitions.
+    /// Connections for worker-side transitions (index-only plans; `synchronous_commit = off`
+    /// unless `synchronous_worker_commits`).
     worker_pool: PgPool,
     listen_pool: PgPool,
     sql: Sql,
