@@ -38,9 +38,11 @@ use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Messag
 /// hundred waiting on I/O cost little).
 pub const DEFAULT_CONCURRENCY: usize = 100;
 
-/// When a busy fetcher has fewer than a quarter of its batch free, it waits up to this long
-/// for that many slots to free up before claiming (and goes as soon as they have), so that it
-/// claims in batches rather than one job per round trip. An idle fetcher never waits.
+/// When a busy fetcher has fewer than a quarter of its slots free, it waits this long for more
+/// to free up before claiming, so that it claims in batches rather than one job per round
+/// trip. An idle fetcher (all slots free) never waits. (Claiming as soon as a quarter is free
+/// was measured too: no faster on PostgreSQL, slower on SQLite, whose single writer gains
+/// most from larger batches.)
 pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 
 /// Settings of a [`Worker`].
@@ -455,25 +457,8 @@ async fn fetch_loop<S: Store>(
             }
         };
         take(&mut permits);
-        let quarter = (want / 4).max(1);
-        if permits.len() < quarter {
-            // Busy: wait until a quarter of the batch is free (or the cooldown ends) so the
-            // next claim carries a batch rather than one job.
-            let more = (quarter - permits.len()) as u32;
-            tokio::select! {
-                p = slots.clone().acquire_many_owned(more) => {
-                    if let Ok(mut p) = p {
-                        while p.num_permits() > 1 {
-                            if let Some(one) = p.split(1) {
-                                permits.push(one);
-                            }
-                        }
-                        permits.push(p);
-                    }
-                }
-                _ = tokio::time::sleep(FETCH_COOLDOWN) => {}
-                _ = stop.cancelled() => {}
-            }
+        if permits.len() < (want / 4).max(1) {
+            tokio::time::sleep(FETCH_COOLDOWN).await;
             take(&mut permits);
         }
         let options = ReceiveOptions {
