@@ -13,6 +13,7 @@ def main(path):
     extras = defaultdict(list)
     meta = []
     units = {}
+    unavailable = {}
     for line in open(path):
         line = line.strip()
         if not line:
@@ -22,6 +23,12 @@ def main(path):
             meta.append(r)
             continue
         key = (r["workload"], r["system"], r["store"])
+        note = r.get("extra", {}).get("note")
+        if note and not r["value"]:
+            # A workload this build cannot run (e.g. W4 before the workflow layer): no figure.
+            unavailable[key] = note
+            units[r["workload"]] = r["unit"]
+            continue
         runs[key].append(r["value"])
         extras[key].append(r.get("extra", {}))
         units[r["workload"]] = r["unit"]
@@ -29,8 +36,11 @@ def main(path):
         print("# " + json.dumps(m))
     print()
     print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
-    workloads = sorted({k[0] for k in runs}, key=lambda w: ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"].index(w) if w in ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"] else 99)
+    workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"].index(w) if w in ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"] else 99)
     for w in workloads:
+        for (wk, system, store), note in unavailable.items():
+            if wk == w:
+                print(f"{w:<13} {system + ' (' + store + ')':<26} {'n/a':>10} {'':>21} {units[w]:>7}  {'':>9}  {note}")
         rows = [(k, v) for k, v in runs.items() if k[0] == w]
         dray = [statistics.median(v) for k, v in rows if k[1] == "dray"]
         for (wk, system, store), values in sorted(rows, key=lambda kv: kv[0][1] != "dray"):

@@ -8,7 +8,7 @@ URL=${DRAY_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 N=${N:-20000}
 REPS=${REPS:-3}
 OUT=${OUT:-results.jsonl}
-if [ ! -x peers/node_modules/.bin/node ]; then
+if [ ! -x peers/node_modules/.bin/node ] || [ ! -d peers/node_modules/@dbos-inc/dbos-sdk ]; then
   (cd peers && npm ci --no-audit --no-fund)
 fi
 NODE="$PWD/peers/node_modules/.bin/node"
@@ -20,15 +20,18 @@ version() { "$NODE" -e 'console.log(JSON.parse(require("fs").readFileSync(proces
 "$DRAY" --database "$URL" --json bench --reps 1 --n 10 --workload plain-insert > "$OUT.meta"
 head -n 1 "$OUT.meta" >> "$OUT"
 rm -f "$OUT.meta"
-echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(version graphile-worker)\",\"pg-boss\":\"$(version pg-boss)\"}" >> "$OUT"
+echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(version graphile-worker)\",\"pg-boss\":\"$(version pg-boss)\",\"dbos-sdk\":\"$(version @dbos-inc/dbos-sdk)\"}" >> "$OUT"
 for rep in $(seq 1 "$REPS"); do
   echo "rep $rep/$REPS" >&2
-  for w in plain-insert W1-single W1-batch floor W2 W2-tuned W3; do
+  for w in plain-insert W1-single W1-batch floor W2 W2-tuned W3 W4; do
     "$DRAY" --database "$URL" --json bench --reps 1 --n "$N" --workload "$w" | tail -n +2 >> "$OUT"
     case "$w" in
       W1-single|W1-batch|W2|W2-tuned|W3)
         "$NODE" peers/graphile.mjs "$w" "$N" "$URL" >> "$OUT"
         "$NODE" peers/pgboss.mjs "$w" "$N" "$URL" >> "$OUT"
+        ;;
+      W4)
+        "$NODE" peers/dbos.mjs W4 "$N" "$URL" >> "$OUT"
         ;;
     esac
   done
