@@ -346,20 +346,19 @@ impl PgStore {
                 return;
             }
         };
-        match cursors.get_mut(queue) {
+        if from_head {
             // A head scan restarts the window; rows between it and an older cursor come next.
-            _ if from_head => {
-                cursors.insert(
-                    queue.to_owned(),
-                    ClaimCursor {
-                        key: last,
-                        head_scan_at: std::time::Instant::now(),
-                    },
-                );
-            }
+            let head_scan_at = std::time::Instant::now();
+            cursors.insert(
+                queue.to_owned(),
+                ClaimCursor {
+                    key: last,
+                    head_scan_at,
+                },
+            );
+        } else if let Some(c) = cursors.get_mut(queue) {
             // Concurrent claims in this process: the cursor only moves forward.
-            Some(c) if last > c.key => c.key = last,
-            _ => {}
+            c.key = c.key.max(last);
         }
     }
 
@@ -513,6 +512,9 @@ impl PgStore {
             .fetch_all(&mut *conn)
             .await
             .map_err(Error::db("message_insert_many"))?;
+        // Rows that sort before a claim cursor are claimable once committed (at once, or with
+        // the caller's transaction): this process's next claim of their queue starts at the head.
+        self.rewind_for(messages);
         // RETURNING order is not input order: a fresh row is found by its id, a duplicate by
         // its (queue, key), which the batch holds at most once.
         let mut by_id = std::collections::HashMap::with_capacity(rows.len());
@@ -858,7 +860,6 @@ impl Store for PgStore {
             .await
             .map_err(Error::db("message_insert_many"))?;
         let out = self.insert(&mut conn, messages).await?;
-        self.rewind_for(messages);
         // Local receivers need not wait for the NOTIFY round trip through the server.
         let mut woken: Vec<&str> = Vec::new();
         for m in messages {
@@ -877,7 +878,6 @@ impl Store for PgStore {
     ) -> Result<Vec<Enqueued>> {
         // No local wake-up here: the rows are invisible until the caller commits, and the
         // trigger's NOTIFY is delivered exactly then.
-        self.rewind_for(messages);
         self.insert(conn, messages).await
     }
 

@@ -90,21 +90,25 @@ WHERE j.ctid = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED))
 RETURNING {cols}";
 
-/// Ack: completes leased rows. Fencing: a row named with an attempt is touched only while that
-/// attempt still holds the lease (`state = 'running' AND attempt = r.attempt`); a late ack by a
-/// receiver whose lease was rescued matches nothing.
+/// The rows a queue-port lease write (ack, nack, extend) names: `$1` the queue, `$2` the ids,
+/// `$3` the attempts (NULL: unfenced). Fencing: a row named with an attempt is touched only
+/// while that attempt still holds the lease (`state = 'running' AND attempt = r.attempt`); a
+/// late write by a receiver whose lease was rescued matches nothing.
 ///
 /// `j.id = ANY($2)` repeats the join key as an array condition so the rows are always found
 /// through the primary key: joining the UNNEST alone lets the planner hash-join it against
 /// every running row (the lease index), a cost that grows with the number of jobs in flight.
-/// The lease writes below (nack, extend, complete) do the same.
-const ACK: &str = "
-UPDATE {s}.dray_jobs j
-SET state = 'completed', finished_at = now(), leased_until = NULL
-FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+/// `COMPLETE` does the same.
+const REFS: &str = "FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
 WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
   AND (r.attempt IS NULL OR j.attempt = r.attempt)
 {lease_returning}";
+
+/// Ack: completes leased rows.
+const ACK: &str = "
+UPDATE {s}.dray_jobs j
+SET state = 'completed', finished_at = now(), leased_until = NULL
+{refs}";
 
 /// Nack: requeue after a delay ($4 = true), or dead ($4 = false). A requeue of a row that has
 /// used all its attempts makes it dead instead, so a poison message cannot loop forever.
@@ -116,19 +120,13 @@ SET state = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN 'dead'
                   ELSE now() + $5 * interval '1 microsecond' END,
     finished_at = CASE WHEN NOT $4 OR j.attempt >= j.max_attempts THEN now() END,
     leased_until = NULL
-FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
-  AND (r.attempt IS NULL OR j.attempt = r.attempt)
-{lease_returning}";
+{refs}";
 
 /// Extend (heartbeat): the lease now ends `$4` microseconds after the database's now().
 const EXTEND: &str = "
 UPDATE {s}.dray_jobs j
 SET leased_until = now() + $4 * interval '1 microsecond'
-FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND j.state = 'running'
-  AND (r.attempt IS NULL OR j.attempt = r.attempt)
-{lease_returning}";
+{refs}";
 
 /// Rescue: expired leases go back to available (or dead when out of attempts), in bounded
 /// batches. `SKIP LOCKED` so the sweep never waits on (or races) a receiver that is acking the
@@ -307,7 +305,8 @@ impl Sql {
     /// Fills in the quoted schema name.
     pub fn new(quoted_schema: &str) -> Sql {
         let f = |t: &str| -> Arc<str> {
-            t.replace("{lease_returning}", LEASE_RETURNING)
+            t.replace("{refs}", REFS)
+                .replace("{lease_returning}", LEASE_RETURNING)
                 .replace("{cols}", COLS)
                 .replace("{pending}", PENDING)
                 .replace("{s}", quoted_schema)
