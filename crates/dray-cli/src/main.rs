@@ -881,6 +881,7 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
                     let verb = match action {
                         NackAction::Dead => "dead",
                         NackAction::Requeue { .. } => "requeued",
+                        NackAction::Release => "released",
                     };
                     (verb, w.applied.len() as u64, w.dead.len())
                 }

@@ -518,6 +518,30 @@ pub enum NackAction {
     },
     /// Make it dead at once.
     Dead,
+    /// Give back a delivery that never started: deliverable again at once, in its old place
+    /// in the queue, and the attempt is not counted (its attempt number goes back down by
+    /// one, so it can never go dead this way). A worker uses it for jobs it claimed ahead and
+    /// did not get to.
+    Release,
+}
+
+impl NackAction {
+    /// The name the stores' SQL uses for this action.
+    pub fn mode(self) -> &'static str {
+        match self {
+            NackAction::Requeue { .. } => "requeue",
+            NackAction::Dead => "dead",
+            NackAction::Release => "release",
+        }
+    }
+
+    /// Redelivery delay (zero for `Dead` and `Release`).
+    pub fn delay(self) -> Duration {
+        match self {
+            NackAction::Requeue { delay } => delay,
+            NackAction::Dead | NackAction::Release => Duration::ZERO,
+        }
+    }
 }
 
 /// The result of a store write about leased messages.

@@ -17,9 +17,9 @@
 //!   [`WorkerConfig::shutdown_grace`], then stop them and release their leases so another
 //!   worker takes them at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -38,6 +38,12 @@ use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Messag
 /// hundred waiting on I/O cost little).
 pub const DEFAULT_CONCURRENCY: usize = 100;
 
+/// Default of [`WorkerConfig::fetch_batch`].
+pub const DEFAULT_FETCH_BATCH: u32 = 500;
+
+/// Default of [`WorkerConfig::prefetch`].
+pub const DEFAULT_PREFETCH: Duration = Duration::from_millis(100);
+
 /// When a busy fetcher has fewer than a quarter of its slots free, it waits this long for more
 /// to free up before claiming, so that it claims in batches rather than one job per round
 /// trip. An idle fetcher (all slots free) never waits. (Claiming as soon as a quarter is free
@@ -55,8 +61,15 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often running jobs' leases are extended (default a third of the lease).
     pub heartbeat: Duration,
-    /// Most jobs claimed in one statement (default 100).
+    /// Most jobs claimed in one statement (default 500).
     pub fetch_batch: u32,
+    /// How far ahead a queue claims (default 100 ms): beyond its free slots, as many jobs as
+    /// it has been finishing in this much time, so that a busy queue of short jobs claims in
+    /// large batches instead of one small claim per freed handful of slots. A queue of slow
+    /// jobs finishes few per 100 ms and so claims about only what it can start; jobs claimed
+    /// ahead and not started within ten times this (at least a second) are given back, as they
+    /// are at shutdown, without using up an attempt. Zero claims only for free slots.
+    pub prefetch: Duration,
     /// How long running jobs may finish after shutdown begins (default 10 s).
     pub shutdown_grace: Duration,
     /// Take part in maintenance (rescue expired leases, prune finished jobs); default true.
@@ -86,7 +99,8 @@ impl Default for WorkerConfig {
             id: format!("worker-{}", &Uuid::now_v7().simple().to_string()[20..]),
             lease: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
-            fetch_batch: 100,
+            fetch_batch: DEFAULT_FETCH_BATCH,
+            prefetch: DEFAULT_PREFETCH,
             shutdown_grace: Duration::from_secs(10),
             maintenance: true,
             maintenance_interval: Duration::from_secs(1),
@@ -430,6 +444,67 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
     }
 }
 
+/// A job claimed ahead of a free slot, waiting in the fetcher's buffer.
+struct Buffered {
+    message: Message,
+    claimed: Instant,
+}
+
+/// Jobs finished per second on one queue (slots freed), over the last few tenths of a second
+/// (an exponentially weighted mean of 50 ms windows). Once the slots are full, jobs start as
+/// fast as they finish, so this sizes how far ahead the fetcher claims; a burst of starts into
+/// empty slots does not count, and jobs that run long make it fall to zero.
+struct FinishRate {
+    window_start: Instant,
+    count: u64,
+    per_sec: f64,
+}
+
+impl FinishRate {
+    const WINDOW: Duration = Duration::from_millis(50);
+
+    fn new() -> Self {
+        FinishRate {
+            window_start: Instant::now(),
+            count: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    fn finished(&mut self, n: usize) {
+        self.count += n as u64;
+    }
+
+    fn per_sec(&mut self) -> f64 {
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= Self::WINDOW {
+            let now_rate = self.count as f64 / elapsed.as_secs_f64();
+            // A long quiet spell counts as one window: the mean falls at once, not in steps.
+            self.per_sec = if elapsed >= Self::WINDOW * 8 {
+                now_rate
+            } else {
+                0.5 * self.per_sec + 0.5 * now_rate
+            };
+            self.window_start = Instant::now();
+            self.count = 0;
+        }
+        self.per_sec
+    }
+}
+
+type Claim = BoxFuture<'static, Result<Vec<Message>>>;
+
+/// One queue's fetcher: claims jobs, keeps a small buffer of jobs claimed ahead, and starts
+/// them as slots free up.
+///
+/// How much it claims: every free slot, plus as many jobs as the queue has been finishing in
+/// [`WorkerConfig::prefetch`] (so a busy queue of short jobs claims in large batches, while a
+/// queue of slow jobs claims only for its free slots and leaves the rest to other workers),
+/// never more than [`WorkerConfig::fetch_batch`] in one statement. The next claim is already
+/// in flight while the buffer drains. Claimed jobs count as running for the heartbeat, which
+/// keeps their leases; one that waits in the buffer longer than ten times the prefetch horizon
+/// (at least a second) is given back, as is the whole buffer at shutdown, without counting an
+/// attempt ([`crate::NackAction::Release`]).
 async fn fetch_loop<S: Store>(
     shared: Arc<Shared<S>>,
     queue: QueueName,
@@ -439,58 +514,108 @@ async fn fetch_loop<S: Store>(
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
+    let mut buffer: VecDeque<Buffered> = VecDeque::new();
+    let mut rate = FinishRate::new();
+    let mut claim: Option<Claim> = None;
+    let mut retry_at: Option<Instant> = None;
+    let mut cooldown_until: Option<Instant> = None;
     let mut backoff = Duration::from_millis(100);
+    let prefetch = shared.config.prefetch;
+    let batch = shared.config.fetch_batch as usize;
+    let max_hold = (prefetch * 10).max(Duration::from_secs(1));
     loop {
-        while tasks.try_join_next().is_some() {}
-        let first = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.cancelled() => break,
-        };
-        let want = (shared.config.fetch_batch as usize).min(concurrency);
-        let mut permits = vec![first];
-        let take = |permits: &mut Vec<_>| {
-            while permits.len() < want {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-        };
-        take(&mut permits);
-        if permits.len() < (want / 4).max(1) {
-            tokio::time::sleep(FETCH_COOLDOWN).await;
-            take(&mut permits);
+        let mut finished = 0;
+        while tasks.try_join_next().is_some() {
+            finished += 1;
         }
-        let options = ReceiveOptions {
-            limit: permits.len() as u32,
-            wait: Duration::from_secs(30),
-            lease: Some(shared.config.lease),
-        };
-        let got = match shared
-            .queue
-            .receive_until(queue.as_str(), &options, stop.cancelled())
-            .await
-        {
-            Ok(got) => {
-                backoff = Duration::from_millis(100);
-                got
+        rate.finished(finished);
+        // Start what the buffer holds, as far as slots allow.
+        while !buffer.is_empty() {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            if let Some(b) = buffer.pop_front() {
+                tasks.spawn(run_one(shared.clone(), b.message, done.clone(), permit));
             }
-            Err(err) => {
-                tracing::warn!(%err, queue = %queue, "dray: cannot claim jobs; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => break,
+        }
+        // Give back what has waited too long (its slots are taken by slow jobs).
+        let now = Instant::now();
+        if buffer.front().is_some_and(|b| now - b.claimed >= max_hold) {
+            let stale: Vec<Message> = buffer
+                .iter()
+                .take_while(|b| now - b.claimed >= max_hold)
+                .map(|b| b.message.clone())
+                .collect();
+            buffer.drain(..stale.len());
+            release_claimed(&shared, &queue, &stale).await;
+        }
+        // Claim more?
+        let mut wake_at = buffer.front().map(|b| b.claimed + max_hold);
+        if claim.is_none() && !stop.is_cancelled() {
+            let free = slots.available_permits();
+            let ahead = ((rate.per_sec() * prefetch.as_secs_f64()) as usize).min(batch);
+            let room = (free + ahead).saturating_sub(buffer.len()).min(batch);
+            let running = concurrency - free;
+            // Refill once the buffer is down to half of what it should hold. Without a
+            // prefetch (slow jobs), a claim for only a few slots while others run waits briefly
+            // for more to free up, so that claims still come in batches.
+            let low = buffer.len() <= ahead / 2;
+            let small = ahead == 0 && running > 0 && room < (batch.min(concurrency) / 4).max(1);
+            if room > 0 && low && retry_at.is_none_or(|t| now >= t) {
+                if small && cooldown_until.is_none_or(|t| now < t) {
+                    let until = *cooldown_until.get_or_insert(now + FETCH_COOLDOWN);
+                    wake_at = Some(wake_at.map_or(until, |w| w.min(until)));
+                } else {
+                    cooldown_until = None;
+                    retry_at = None;
+                    claim = Some(start_claim(&shared, &queue, room, &stop));
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
+            } else if let Some(t) = retry_at {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+        }
+        // Wait for a slot only when one is needed: for a buffered job, or for a claim that
+        // found no free slot. (Not from a fresh count of free slots: one may have come free
+        // since the decision above, and then this wait returns at once and the loop claims.)
+        let want_slot = !buffer.is_empty() || (claim.is_none() && wake_at.is_none());
+        let sleep = async {
+            match wake_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
             }
         };
-        for m in got {
-            let permit = permits.pop();
-            tasks.spawn(run_one(shared.clone(), m, done.clone(), permit));
+        tokio::select! {
+            got = async {
+                match claim.as_mut() {
+                    Some(c) => c.await,
+                    None => std::future::pending().await,
+                }
+            }, if claim.is_some() => {
+                claim = None;
+                match got {
+                    Ok(got) => {
+                        backoff = Duration::from_millis(100);
+                        hold(&shared, &queue, &got);
+                        let claimed = Instant::now();
+                        buffer.extend(got.into_iter().map(|message| Buffered { message, claimed }));
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, queue = %queue, "dray: cannot claim jobs; retrying");
+                        retry_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            // A slot came free: loop to start a buffered job or claim.
+            p = slots.clone().acquire_owned(), if want_slot => drop(p),
+            _ = sleep => {}
+            _ = stop.cancelled(), if claim.is_none() => break,
         }
     }
-    // Shutting down: no more claims. Let running attempts finish, up to the grace period.
+    // Shutting down: no more claims; what was claimed but not started goes back at once.
+    let left: Vec<Message> = buffer.drain(..).map(|b| b.message).collect();
+    release_claimed(&shared, &queue, &left).await;
+    // Let running attempts finish, up to the grace period.
     let grace = tokio::time::sleep(shared.config.shutdown_grace);
     tokio::pin!(grace);
     loop {
@@ -503,6 +628,73 @@ async fn fetch_loop<S: Store>(
                 break;
             }
         }
+    }
+}
+
+/// Starts a claim of up to `limit` jobs as a future of its own, so that buffered jobs keep
+/// starting while it runs.
+/// Like every claim, it long-polls while the queue is empty; that holds up nothing else.
+fn start_claim<S: Store>(
+    shared: &Arc<Shared<S>>,
+    queue: &QueueName,
+    limit: usize,
+    stop: &CancelToken,
+) -> Claim {
+    let (shared, queue, stop) = (shared.clone(), queue.clone(), stop.clone());
+    async move {
+        let options = ReceiveOptions {
+            limit: limit as u32,
+            wait: Duration::from_secs(30),
+            lease: Some(shared.config.lease),
+        };
+        shared
+            .queue
+            .receive_until(queue.as_str(), &options, stop.cancelled())
+            .await
+    }
+    .boxed()
+}
+
+/// Registers claimed jobs as running, so the heartbeat keeps their leases (and passes on cancel
+/// requests and lost leases) while they wait in the buffer.
+fn hold<S: Store>(shared: &Shared<S>, queue: &QueueName, got: &[Message]) {
+    let mut running = shared.running();
+    for m in got {
+        let cancel = CancelToken::new();
+        if m.cancel_requested {
+            cancel.cancel();
+        }
+        running.insert(
+            m.id,
+            Running {
+                queue: queue.clone(),
+                attempt: m.attempt,
+                cancel,
+                cancel_requested: m.cancel_requested,
+                abort: None,
+            },
+        );
+    }
+}
+
+/// Gives back jobs that were claimed but never started, without counting an attempt.
+async fn release_claimed<S: Store>(shared: &Shared<S>, queue: &QueueName, messages: &[Message]) {
+    if messages.is_empty() {
+        return;
+    }
+    {
+        let mut running = shared.running();
+        for m in messages {
+            running.remove(&m.id);
+        }
+    }
+    let leases: Vec<LeaseRef> = messages.iter().map(Message::lease).collect();
+    if let Err(err) = shared
+        .store
+        .message_nack_many(queue, &leases, crate::NackAction::Release)
+        .await
+    {
+        tracing::warn!(%err, n = leases.len(), "dray: could not give back claimed jobs; their leases expire by themselves");
     }
 }
 
@@ -551,15 +743,20 @@ async fn run_one<S: Store>(
     shared: Arc<Shared<S>>,
     m: Message,
     done: mpsc::UnboundedSender<(Completion, i32)>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let lease = m.lease();
     let queue = match QueueName::new(m.queue.as_str()) {
         Ok(q) => q,
-        Err(_) => return, // stored rows are validated on the way in; nothing to do here
+        Err(_) => {
+            // Stored rows are validated on the way in; nothing to do here but forget it.
+            shared.running().remove(&m.id);
+            return;
+        }
     };
     let kind = m.kind.clone().unwrap_or_default();
     let Some(handler) = shared.handlers.get(&kind).cloned() else {
+        shared.running().remove(&m.id);
         let known: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
         let msg = format!(
             "worker {} has no handler for job kind {kind:?} on queue {} (it runs {known:?}); register it, or route the job to a queue whose workers do",
@@ -570,9 +767,28 @@ async fn run_one<S: Store>(
         return;
     };
     let options = handler.options().clone();
-    let cancel = CancelToken::new();
-    if m.cancel_requested {
-        cancel.cancel();
+    // The entry `hold` made at claim time: the heartbeat may have seen a cancel request or a
+    // lost lease while the job waited in the buffer.
+    let (cancel, cancel_requested) = match shared.running().get(&m.id) {
+        Some(r) => (r.cancel.clone(), r.cancel_requested),
+        None => return, // given back meanwhile
+    };
+    if cancel.is_cancelled() && !cancel_requested {
+        shared.running().remove(&m.id);
+        tracing::warn!(id = %m.id, "dray: lease lost before the job started; not running it");
+        return;
+    }
+    if cancel_requested {
+        shared.running().remove(&m.id);
+        fail(
+            &shared,
+            &m,
+            FailureKind::Cancelled,
+            "cancelled before it started",
+            FailTo::Cancelled,
+        )
+        .await;
+        return;
     }
     let span = tracing::info_span!("dray.job", id = %m.id, kind = %kind, attempt = m.attempt, queue = %m.queue);
     let ctx = JobContext {
@@ -588,16 +804,9 @@ async fn run_one<S: Store>(
         }),
     };
     let handle = tokio::spawn(handler.call(ctx, m.payload.clone()).instrument(span));
-    shared.running().insert(
-        m.id,
-        Running {
-            queue: queue.clone(),
-            attempt: m.attempt,
-            cancel: cancel.clone(),
-            cancel_requested: m.cancel_requested,
-            abort: Some(handle.abort_handle()),
-        },
-    );
+    if let Some(r) = shared.running().get_mut(&m.id) {
+        r.abort = Some(handle.abort_handle());
+    }
     shared.emit(WorkerEvent::Started {
         id: m.id,
         attempt: m.attempt,

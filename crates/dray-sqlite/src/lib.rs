@@ -674,15 +674,11 @@ impl Store for SqliteStore {
         if refs.is_empty() {
             return Ok(LeaseWrite::default());
         }
-        let (requeue, delay) = match action {
-            NackAction::Requeue { delay } => (true, millis(delay)),
-            NackAction::Dead => (false, 0),
-        };
         let query = q(&SQL.nack)
             .bind(queue.as_str().to_owned())
             .bind(refs_json(refs))
-            .bind(requeue)
-            .bind(delay);
+            .bind(action.mode())
+            .bind(millis(action.delay()));
         self.lease_write("message_nack_many", query, queue).await
     }
 

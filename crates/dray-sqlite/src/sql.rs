@@ -89,14 +89,20 @@ WHERE dray_jobs.id = r.id AND dray_jobs.queue = ?1 AND +dray_jobs.state = 'runni
 pub const ACK: &str = "
 UPDATE dray_jobs SET state = 'completed', finished_at = {now}, leased_until = NULL {refs}";
 
-/// Nack: ?3 = requeue (1) or dead (0); ?4 = redelivery delay in ms.
+/// Nack: ?3 = 'requeue', 'dead' or 'release' (see the PostgreSQL store's NACK for what each
+/// does); ?4 = redelivery delay in ms.
 pub const NACK: &str = "
 UPDATE dray_jobs
-SET state = CASE WHEN NOT ?3 OR dray_jobs.attempt >= dray_jobs.max_attempts THEN 'dead'
+SET state = CASE WHEN ?3 = 'release' THEN 'available'
+                 WHEN ?3 = 'dead' OR dray_jobs.attempt >= dray_jobs.max_attempts THEN 'dead'
                  WHEN ?4 > 0 THEN 'scheduled' ELSE 'available' END,
-    run_at = CASE WHEN NOT ?3 OR dray_jobs.attempt >= dray_jobs.max_attempts THEN dray_jobs.run_at
+    attempt = CASE WHEN ?3 = 'release' THEN dray_jobs.attempt - 1 ELSE dray_jobs.attempt END,
+    run_at = CASE WHEN ?3 = 'release' OR ?3 = 'dead'
+                       OR dray_jobs.attempt >= dray_jobs.max_attempts THEN dray_jobs.run_at
                   ELSE {now} + ?4 END,
-    finished_at = CASE WHEN NOT ?3 OR dray_jobs.attempt >= dray_jobs.max_attempts THEN {now} END,
+    finished_at = CASE WHEN ?3 <> 'release'
+                            AND (?3 = 'dead' OR dray_jobs.attempt >= dray_jobs.max_attempts)
+                       THEN {now} END,
     leased_until = NULL {refs}";
 
 pub const EXTEND: &str = "UPDATE dray_jobs SET leased_until = {now} + ?3 {refs}";

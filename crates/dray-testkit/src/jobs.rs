@@ -1060,7 +1060,7 @@ pub async fn each_queue_runs_at_most_its_concurrency<F: Fixture>(_fx: Arc<F>, st
     assert_eq!(
         q.stats("default").await.unwrap().leased,
         3,
-        "no job is leased beyond the free slots"
+        "no job is leased beyond the free slots: the queue finishes none, so it claims none ahead"
     );
     gate.add_permits(8);
     for e in &ids {
@@ -1071,5 +1071,133 @@ pub async fn each_queue_runs_at_most_its_concurrency<F: Fixture>(_fx: Arc<F>, st
         3,
         "never more than the queue's concurrency at once"
     );
+    w.shutdown().await.unwrap();
+}
+
+/// Runs the first `free` attempts at once, then holds every later one until `gate` opens.
+struct Burst {
+    runs: Arc<AtomicUsize>,
+    free: usize,
+    gate: Arc<Semaphore>,
+}
+impl Job for Burst {
+    const NAME: &'static str = "burst";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        if self.runs.fetch_add(1, Ordering::SeqCst) >= self.free {
+            self.gate
+                .acquire()
+                .await
+                .map_err(JobError::transient)?
+                .forget();
+        }
+        Ok(())
+    }
+}
+
+/// Polls the queue's stats until `cond` holds (or fails after [`WAIT`]).
+async fn stats_until<S: Store>(
+    q: &Queue<S>,
+    what: &str,
+    cond: impl Fn(&dray_core::QueueStats) -> bool,
+) -> dray_core::QueueStats {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = q.stats("default").await.unwrap();
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what} (last stats: {s:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let q = Queue::new(store.clone());
+    let units: Vec<()> = vec![(); 400];
+    client.enqueue_many::<Burst>(units.iter()).await.unwrap();
+
+    // Short jobs finish fast, so the queue claims ahead of its two slots; then the slots hold
+    // on to two jobs that never end, and the claimed-ahead rest waits in the buffer.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let burst = |free| Burst {
+        runs: runs.clone(),
+        free,
+        gate: gate.clone(),
+    };
+    let w = worker(&store, |w| {
+        w.register(burst(300))
+            .queue("default", 2)
+            .unwrap()
+            .configure(|c| {
+                c.fetch_batch = 100;
+                c.prefetch = Duration::from_secs(1);
+            })
+    });
+    let held = stats_until(&q, "300 jobs completed and both slots stuck", |s| {
+        s.completed == 300 && runs.load(Ordering::SeqCst) == 302
+    })
+    .await;
+    assert!(
+        held.leased > 2,
+        "jobs claimed ahead of the two slots are leased too: {held:?}"
+    );
+    w.shutdown().await.unwrap();
+    let s = q.stats("default").await.unwrap();
+    assert_eq!(
+        (s.completed, s.available, s.leased),
+        (300, 100, 0),
+        "shutdown gives everything back"
+    );
+    let jobs = client
+        .list(&JobFilter {
+            queue: Some(dray_core::QueueName::new("default").unwrap()),
+            state: Some(MessageState::Available),
+            limit: 1000,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    // The buffered ones (`held.leased - 2` of them, attempt 1 while claimed) are back at
+    // attempt 0, like the ones never claimed.
+    let unstarted = jobs.iter().filter(|j| j.attempt == 0).count();
+    assert_eq!(
+        unstarted, 98,
+        "jobs claimed ahead are given back without counting an attempt"
+    );
+    assert_eq!(
+        jobs.iter().filter(|j| j.attempt == 1).count(),
+        2,
+        "the two that started were released after the grace period"
+    );
+
+    // Jobs claimed ahead that wait longer than ten times the prefetch horizon (at least a
+    // second) go back while the worker runs, so another worker can take them.
+    runs.store(0, Ordering::SeqCst);
+    let more: Vec<()> = vec![(); 300];
+    client.enqueue_many::<Burst>(more.iter()).await.unwrap();
+    let w = worker(&store, |w| {
+        w.register(burst(300))
+            .queue("default", 2)
+            .unwrap()
+            .configure(|c| {
+                c.fetch_batch = 100;
+                c.prefetch = Duration::from_millis(50);
+            })
+    });
+    let held = stats_until(&q, "300 more completed and both slots stuck", |s| {
+        s.completed == 600 && runs.load(Ordering::SeqCst) == 302
+    })
+    .await;
+    assert!(held.leased > 2, "claimed ahead again: {held:?}");
+    stats_until(&q, "the buffered jobs are given back", |s| s.leased == 2).await;
+    gate.add_permits(1000);
+    stats_until(&q, "every job completed", |s| s.completed == 700).await;
     w.shutdown().await.unwrap();
 }

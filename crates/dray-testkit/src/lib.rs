@@ -98,6 +98,7 @@ macro_rules! conformance_tests {
             stats_count_every_state,
             get_unknown_id_is_none,
             rows_that_sort_before_a_drained_backlog_are_not_left_behind,
+            release_gives_back_without_counting_an_attempt,
             migrations_twice_change_nothing,
         );
         $crate::conformance_tests!(@jobs $fixture;
@@ -115,6 +116,7 @@ macro_rules! conformance_tests {
             shutdown_releases_unfinished_jobs_and_maintenance_rescues,
             http_callbacks_fire_once_per_terminal_state,
             each_queue_runs_at_most_its_concurrency,
+            claimed_ahead_jobs_are_given_back_unstarted,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {

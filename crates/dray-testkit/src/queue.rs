@@ -497,6 +497,56 @@ pub async fn nack_requeue_and_dead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     assert_eq!(q.ack("n", [Uuid::now_v7()]).await.unwrap(), 0);
 }
 
+pub async fn release_gives_back_without_counting_an_attempt<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let q = Queue::new(store);
+    let release = dray_core::NackAction::Release;
+    // On its last attempt: a release neither kills it nor uses the attempt up.
+    let a = q
+        .enqueue("r", &json!("a"), &opts().max_attempts(1))
+        .await
+        .unwrap();
+    let b = q.enqueue("r", &json!("b"), &opts()).await.unwrap();
+    let got = q.receive("r", 2, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 2);
+    let w = q.nack_with("r", &got[..1], release).await.unwrap();
+    assert_eq!((w.applied.clone(), w.dead.clone()), (vec![a.id], vec![]));
+    let m = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.attempt, m.finished_at),
+        (MessageState::Available, 0, None),
+        "released: available again, the attempt not counted"
+    );
+    // It keeps its place: ahead of a message enqueued after it.
+    let c = q.enqueue("r", &json!("c"), &opts()).await.unwrap();
+    let again = q.receive("r", 1, NO_WAIT).await.unwrap();
+    assert_eq!((again[0].id, again[0].attempt), (a.id, 1));
+    // Fenced: a release naming an attempt that no longer holds the lease changes nothing.
+    let stale = dray_core::LeaseRef {
+        id: a.id,
+        attempt: Some(0),
+    };
+    let w = q.nack_with("r", [stale], release).await.unwrap();
+    assert!(w.applied.is_empty(), "a stale release is refused");
+    assert_eq!(q.ack("r", &again).await.unwrap(), 1);
+    assert_eq!(
+        q.get(a.id).await.unwrap().unwrap().state,
+        MessageState::Completed
+    );
+    // A released message wakes a waiting receiver, and every message is still there once.
+    q.nack_with("r", &got[1..], release).await.unwrap();
+    let rest: HashSet<Uuid> = q
+        .receive("r", 10, NO_WAIT)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(rest, HashSet::from([b.id, c.id]));
+}
+
 pub async fn exhausted_attempts_go_dead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     let q = Queue::new(store);
     let a = q
