@@ -168,14 +168,9 @@ impl PgStoreBuilder {
         //   statistics predate the batch (seen: a parallel seq scan per 2,000 completions).
         //   `enable_seqscan = off` makes the index the plan whenever one applies, and no
         //   parallel workers are started for a few milliseconds of work.
-        // * every one of them is planned for its own parameters: a batch's size varies from
-        //   one row to thousands, and a generic plan (which PostgreSQL switches a prepared
-        //   statement to after five runs) assumes ten. Seen: a completion of 1,000 joined to
-        //   its id list by a nested loop, a million comparisons and a second per statement.
         let mut worker_settings = vec![
             ("enable_seqscan", "off"),
             ("max_parallel_workers_per_gather", "0"),
-            ("plan_cache_mode", "force_custom_plan"),
         ];
         if !self.synchronous_worker_commits {
             worker_settings.push(("synchronous_commit", "off"));
@@ -569,7 +564,7 @@ impl PgStore {
     async fn lease_write(
         &self,
         op: &'static str,
-        sql: &Arc<str>,
+        sql: &sql::Batched,
         queue: &QueueName,
         refs: &[LeaseRef],
         extra: impl FnOnce(
@@ -582,7 +577,9 @@ impl PgStore {
         }
         let ids: Vec<Uuid> = refs.iter().map(|r| r.id).collect();
         let attempts: Vec<Option<i32>> = refs.iter().map(|r| r.attempt).collect();
-        let q = sqlx::query(AssertSqlSafe(sql.clone()))
+        let (text, cache) = sql.for_len(refs.len());
+        let q = sqlx::query(AssertSqlSafe(text))
+            .persistent(cache)
             .bind(queue.as_str().to_owned())
             .bind(ids)
             .bind(attempts);
@@ -1018,7 +1015,9 @@ impl Store for PgStore {
         let ids: Vec<Uuid> = done.iter().map(|c| c.lease.id).collect();
         let attempts: Vec<Option<i32>> = done.iter().map(|c| c.lease.attempt).collect();
         let results: Vec<Option<&str>> = done.iter().map(|c| c.result.as_deref()).collect();
-        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.complete.clone()))
+        let (text, cache) = self.inner.sql.complete.for_len(done.len());
+        let rows = sqlx::query(AssertSqlSafe(text))
+            .persistent(cache)
             .bind(ids)
             .bind(attempts)
             .bind(results)

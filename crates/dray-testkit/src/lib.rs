@@ -99,6 +99,7 @@ macro_rules! conformance_tests {
             get_unknown_id_is_none,
             rows_that_sort_before_a_drained_backlog_are_not_left_behind,
             release_gives_back_without_counting_an_attempt,
+            long_lists_of_lease_writes,
             migrations_twice_change_nothing,
         );
         $crate::conformance_tests!(@jobs $fixture;

@@ -547,6 +547,50 @@ pub async fn release_gives_back_without_counting_an_attempt<F: Fixture>(
     assert_eq!(rest, HashSet::from([b.id, c.id]));
 }
 
+/// Lease writes naming hundreds of rows (the worker's batches): every row is found, and the
+/// same statements keep working when short and long lists alternate (the PostgreSQL store runs
+/// long lists through a differently planned statement).
+pub async fn long_lists_of_lease_writes<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let payloads: Vec<serde_json::Value> = (0..300).map(|i| json!(i)).collect();
+    q.enqueue_many("big", &payloads, &opts()).await.unwrap();
+    for round in 0..2 {
+        let got = q.receive("big", 300, NO_WAIT).await.unwrap();
+        // Round two gets back the hundred that round one gave back.
+        assert_eq!(got.len(), if round == 0 { 300 } else { 100 });
+        // Short and long lists, alternating, each form more than five times.
+        for _ in 0..4 {
+            for chunk in [&got[..5], &got[..], &got[..3]] {
+                assert_eq!(
+                    q.extend("big", chunk, Duration::from_secs(30))
+                        .await
+                        .unwrap(),
+                    chunk.len() as u64
+                );
+            }
+        }
+        let (give_back, keep) = got.split_at(100);
+        let w = q
+            .nack_with("big", give_back, dray_core::NackAction::Release)
+            .await
+            .unwrap();
+        assert_eq!(w.applied.len(), 100);
+        let (by_ack, by_complete) = keep.split_at(keep.len() / 2);
+        assert_eq!(q.ack("big", by_ack).await.unwrap(), by_ack.len() as u64);
+        let done: Vec<dray_core::Completion> = by_complete
+            .iter()
+            .map(|m| dray_core::Completion {
+                lease: m.lease(),
+                result: Some("1".into()),
+            })
+            .collect();
+        let w = store.job_complete_many(&done).await.unwrap();
+        assert_eq!(w.applied.len(), by_complete.len());
+    }
+    let s = q.stats("big").await.unwrap();
+    assert_eq!((s.available, s.leased, s.completed), (100, 0, 200));
+}
+
 pub async fn exhausted_attempts_go_dead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     let q = Queue::new(store);
     let a = q
