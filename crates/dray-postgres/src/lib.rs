@@ -496,7 +496,12 @@ impl PgStore {
             max_attempts.push(m.max_attempts);
             callbacks.push(m.callback_url.as_deref());
         }
-        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.insert.clone()))
+        let sql = if keys.iter().any(Option::is_some) {
+            &self.inner.sql.insert
+        } else {
+            &self.inner.sql.insert_unkeyed
+        };
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(&ids)
             .bind(&queues)
             .bind(&kinds)

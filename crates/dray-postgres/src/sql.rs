@@ -57,10 +57,16 @@ FROM (
          AS u(id, queue, kind, key, payload, headers, priority, delay_us, not_before,
               enqueued_at, max_attempts, callback_url)
 ) r
-ON CONFLICT (queue, key)
-    WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
-    DO UPDATE SET key = EXCLUDED.key
+{on_conflict}
 RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
+
+/// The dedup clause of [`INSERT`], for batches in which some message has a key. A batch
+/// without keys leaves it out: with `ON CONFLICT`, PostgreSQL inserts every row speculatively
+/// (a speculative-insertion lock and one more WAL record per row), even for rows that the
+/// arbiter index's predicate (`key IS NOT NULL`) excludes.
+const ON_CONFLICT: &str = "ON CONFLICT (queue, key)
+    WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
+    DO UPDATE SET key = EXCLUDED.key";
 
 /// Claim: pick and lease in ONE statement, so the row lock taken by `FOR UPDATE SKIP LOCKED`
 /// is held until the state change commits (a separate SELECT then UPDATE would let two
@@ -335,6 +341,7 @@ impl Batched {
 #[derive(Debug)]
 pub struct Sql {
     pub insert: Arc<str>,
+    pub insert_unkeyed: Arc<str>,
     pub claim: Arc<str>,
     pub ack: Batched,
     pub nack: Batched,
@@ -369,7 +376,8 @@ impl Sql {
                 .into()
         };
         Sql {
-            insert: f(INSERT),
+            insert: f(&INSERT.replace("{on_conflict}", ON_CONFLICT)),
+            insert_unkeyed: f(&INSERT.replace("{on_conflict}", "")),
             claim: f(CLAIM),
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),
