@@ -189,7 +189,7 @@ enum QueueCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Give leased messages back: requeued (or dead with --dead).
+    /// Give leased messages back: requeued (or dead with --dead, or released with --release).
     Nack {
         /// Queue name.
         queue: String,
@@ -199,6 +199,10 @@ enum QueueCommand {
         /// Make them dead instead of requeueing.
         #[arg(long)]
         dead: bool,
+        /// The deliveries never started: due again at once in their old place, the attempt
+        /// not counted.
+        #[arg(long, conflicts_with_all = ["dead", "delay"])]
+        release: bool,
         /// Wait this long before redelivery.
         #[arg(long, default_value = "0s", value_parser = duration, conflicts_with = "dead")]
         delay: Duration,
@@ -766,12 +770,15 @@ impl Validated {
                 queue,
                 ids,
                 dead,
+                release,
                 delay,
             } => Validated::Lease {
                 queue: check_queue(queue)?,
                 ids: parse_ids(ids)?,
                 op: LeaseOp::Nack(if *dead {
                     NackAction::Dead
+                } else if *release {
+                    NackAction::Release
                 } else {
                     NackAction::Requeue { delay: *delay }
                 }),

@@ -308,6 +308,17 @@ fn nack_and_extend(db: Db) {
     assert_eq!(db.ok(&["queue", "nack", "n", &a]).trim(), "requeued 1");
     let again = db.json(&["queue", "receive", "n"]);
     assert_eq!(again[0]["attempt"], 2);
+    // A release gives the delivery back uncounted: the next one is attempt 2 again.
+    assert_eq!(
+        db.ok(&["queue", "nack", "n", &a, "--release"]).trim(),
+        "released 1"
+    );
+    let again = db.json(&["queue", "receive", "n"]);
+    assert_eq!(again[0]["attempt"], 2);
+    assert!(
+        db.fails(&["queue", "nack", "n", &a, "--release", "--dead"])
+            .contains("cannot be used with")
+    );
     assert_eq!(
         db.json(&["queue", "nack", "n", &a, "--dead"])["action"],
         "dead"
