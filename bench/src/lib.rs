@@ -383,12 +383,21 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
             samples.lock().map(|mut s| s.clear()).ok();
             let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200/s
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // How long the enqueue itself takes (its INSERT and commit): part of every sample.
+            let mut enqueue_us = Vec::with_capacity(1000);
             for _ in 0..1000 {
                 tick.tick().await;
+                let t = Instant::now();
                 client
                     .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
                     .await?;
+                enqueue_us.push(t.elapsed().as_micros() as u64);
             }
+            enqueue_us.sort_unstable();
+            extra.insert(
+                "enqueue_p50_ms".into(),
+                (enqueue_us[enqueue_us.len() / 2] as f64 / 1000.0).into(),
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             while samples.lock().map(|s| s.len()).unwrap_or(0) < 1000 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
