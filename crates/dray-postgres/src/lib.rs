@@ -648,13 +648,18 @@ fn decode_message(row: &PgRow) -> Result<Message> {
         reason: format!("{what}: {err}"),
     };
     let state: String = row.try_get(7).map_err(|e| corrupt("state", e))?;
-    let headers: serde_json::Value = row.try_get(5).map_err(|e| corrupt("headers", e))?;
+    // NULL: empty (see `COLS`; the columns themselves are NOT NULL).
+    let headers: Option<serde_json::Value> = row.try_get(5).map_err(|e| corrupt("headers", e))?;
+    let errors: Option<serde_json::Value> = row.try_get(16).map_err(|e| corrupt("errors", e))?;
     Ok(Message {
         queue: row.try_get(1).map_err(|e| corrupt("queue", e))?,
         kind: row.try_get(2).map_err(|e| corrupt("kind", e))?,
         key: row.try_get(3).map_err(|e| corrupt("key", e))?,
         payload: row.try_get(4).map_err(|e| corrupt("payload", e))?,
-        headers: decode_headers(&id, headers)?,
+        headers: match headers {
+            Some(h) => decode_headers(&id, h)?,
+            None => Default::default(),
+        },
         priority: Priority(row.try_get(6).map_err(|e| corrupt("priority", e))?),
         state: decode_state(&id, &state)?,
         attempt: row.try_get(8).map_err(|e| corrupt("attempt", e))?,
@@ -665,7 +670,10 @@ fn decode_message(row: &PgRow) -> Result<Message> {
         leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
         finished_at: row.try_get(14).map_err(|e| corrupt("finished_at", e))?,
         result: row.try_get(15).map_err(|e| corrupt("result", e))?,
-        errors: decode_errors(&id, row.try_get(16).map_err(|e| corrupt("errors", e))?)?,
+        errors: match errors {
+            Some(e) => decode_errors(&id, e)?,
+            None => Vec::new(),
+        },
         progress: decode_progress(
             &id,
             row.try_get::<Option<i16>, _>(17)
