@@ -1079,12 +1079,17 @@ struct Burst {
     runs: Arc<AtomicUsize>,
     free: usize,
     gate: Arc<Semaphore>,
+    started: Arc<std::sync::Mutex<HashSet<Uuid>>>,
 }
 impl Job for Burst {
     const NAME: &'static str = "burst";
     type Input = ();
     type Output = ();
-    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+    async fn run(&self, ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        self.started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ctx.id());
         if self.runs.fetch_add(1, Ordering::SeqCst) >= self.free {
             self.gate
                 .acquire()
@@ -1130,6 +1135,7 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
         runs: runs.clone(),
         free,
         gate: gate.clone(),
+        started: Arc::default(),
     };
     let w = worker(&store, |w| {
         w.register(burst(300))
@@ -1199,5 +1205,97 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
     stats_until(&q, "the buffered jobs are given back", |s| s.leased == 2).await;
     gate.add_permits(1000);
     stats_until(&q, "every job completed", |s| s.completed == 700).await;
+    w.shutdown().await.unwrap();
+}
+
+pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let q = Queue::new(store.clone());
+    let units: Vec<()> = vec![(); 400];
+    client.enqueue_many::<Burst>(units.iter()).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let w = worker(&store, |w| {
+        w.register(Burst {
+            runs: runs.clone(),
+            free: 300,
+            gate: gate.clone(),
+            started: started.clone(),
+        })
+        .queue("default", 1)
+        .unwrap()
+        .configure(|c| {
+            c.fetch_batch = 100;
+            c.prefetch = Duration::from_secs(1);
+        })
+    });
+    stats_until(
+        &q,
+        "300 completed, the slot stuck and jobs claimed ahead",
+        |s| s.completed == 300 && runs.load(Ordering::SeqCst) == 301 && s.leased > 1,
+    )
+    .await;
+    // A job leased to the worker whose handler never started: it waits in the buffer.
+    let leased = client
+        .list(&JobFilter {
+            queue: Some(dray_core::QueueName::new("default").unwrap()),
+            state: Some(MessageState::Running),
+            limit: 1000,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    let waiting = {
+        let started = started.lock().unwrap();
+        leased
+            .iter()
+            .find(|j| !started.contains(&j.id))
+            .map(|j| j.id)
+            .expect("a leased job that has not started")
+    };
+    assert_eq!(
+        client.cancel(waiting).await.unwrap(),
+        CancelOutcome::Requested,
+        "it is leased, so the worker is asked"
+    );
+    // The heartbeat brings the request to the buffer. Each beat extends the waiting job's
+    // lease too, and beats run one after another: once the lease has been extended twice since
+    // the request, the first beat's answer (cancel requested) has been applied.
+    let mut lease = q.get(waiting).await.unwrap().unwrap().leased_until;
+    for beat in 0..2 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let now = q.get(waiting).await.unwrap().unwrap().leased_until;
+            if now > lease {
+                lease = now;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "heartbeat {beat} never extended the waiting job's lease"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Once the slot frees, the job is settled as cancelled without its handler running.
+    gate.add_permits(1000);
+    let out = client.wait(waiting, WAIT).await.unwrap();
+    assert_eq!(out.state, MessageState::Cancelled);
+    assert!(
+        out.errors
+            .last()
+            .is_some_and(|e| e.message.contains("before it started")),
+        "{:?}",
+        out.errors
+    );
+    assert!(
+        !started.lock().unwrap().contains(&waiting),
+        "the handler of a job cancelled while it waited never ran"
+    );
+    stats_until(&q, "the rest completed", |s| {
+        s.completed == 399 && s.cancelled == 1
+    })
+    .await;
     w.shutdown().await.unwrap();
 }

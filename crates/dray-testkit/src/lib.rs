@@ -118,6 +118,7 @@ macro_rules! conformance_tests {
             http_callbacks_fire_once_per_terminal_state,
             each_queue_runs_at_most_its_concurrency,
             claimed_ahead_jobs_are_given_back_unstarted,
+            a_cancel_reaches_a_job_claimed_ahead,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
