@@ -124,6 +124,17 @@ pub fn delivery_order(a: &crate::Message, b: &crate::Message) -> std::cmp::Order
         .then(a.id.cmp(&b.id))
 }
 
+/// Decodes the rows a claim returned (each store's own `decode`) and puts them in
+/// [`delivery_order`].
+pub fn claimed_in_order<R>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<crate::Message>,
+) -> Result<Vec<crate::Message>> {
+    let mut out = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+    out.sort_by(delivery_order);
+    Ok(out)
+}
+
 /// What a cancel did, from the state the job had before it.
 pub fn cancel_outcome(before: crate::MessageState) -> crate::CancelOutcome {
     match before {

@@ -49,9 +49,9 @@ pub const DEFAULT_PREFETCH: Duration = Duration::from_millis(100);
 /// When a busy fetcher that claims nothing ahead (its jobs finish too slowly, or
 /// [`WorkerConfig::prefetch`] is zero) would claim for fewer than a quarter of its slots, it
 /// waits this long for more to free up first, so that it claims in batches rather than one job
-/// per round trip. An idle fetcher (all slots free) never waits. (Claiming as soon as a quarter is free
-/// was measured too: no faster on PostgreSQL, slower on SQLite, whose single writer gains
-/// most from larger batches.)
+/// per round trip. An idle fetcher (all slots free) never waits. (Claiming as soon as a
+/// quarter is free was measured too: no faster on PostgreSQL, slower on SQLite, whose single
+/// writer gains most from larger batches.)
 pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 
 /// Settings of a [`Worker`].
@@ -543,13 +543,12 @@ async fn fetch_loop<S: Store>(
         }
         // Give back what has waited too long (its slots are taken by slow jobs).
         let now = Instant::now();
-        if buffer.front().is_some_and(|b| now - b.claimed >= max_hold) {
-            let stale: Vec<Message> = buffer
-                .iter()
-                .take_while(|b| now - b.claimed >= max_hold)
-                .map(|b| b.message.clone())
-                .collect();
-            buffer.drain(..stale.len());
+        let stale = buffer
+            .iter()
+            .take_while(|b| now - b.claimed >= max_hold)
+            .count();
+        if stale > 0 {
+            let stale: Vec<Message> = buffer.drain(..stale).map(|b| b.message).collect();
             release_claimed(&shared, &queue, &stale).await;
         }
         // Claim more?

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    delivery_order, fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused,
+    cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress, decode_state,
+    dedup_keys, fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused,
     settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -327,12 +327,7 @@ impl PgStore {
             .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("message_claim"))?;
-        let mut out = rows
-            .iter()
-            .map(decode_message)
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by(delivery_order);
-        Ok(out)
+        claimed_in_order(&rows, decode_message)
     }
 
     /// After a claim: a full batch moves the cursor to its last row; a short one means the

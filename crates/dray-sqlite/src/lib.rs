@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    cancel_outcome, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    delivery_order, fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
+    cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress, decode_state,
+    dedup_keys, fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -647,12 +647,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db("message_claim"))?;
-        let mut out = rows
-            .iter()
-            .map(decode_message)
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by(delivery_order);
-        Ok(out)
+        claimed_in_order(&rows, decode_message)
     }
 
     async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {

@@ -1121,6 +1121,25 @@ async fn stats_until<S: Store>(
     }
 }
 
+/// A worker running only `job` on the default queue with `slots` slots, claiming ahead by
+/// `prefetch`, up to 100 per claim.
+fn claiming_ahead<S: Store>(
+    store: &S,
+    job: Burst,
+    slots: usize,
+    prefetch: Duration,
+) -> WorkerHandle {
+    worker(store, |w| {
+        w.register(job)
+            .queue("default", slots)
+            .unwrap()
+            .configure(|c| {
+                c.fetch_batch = 100;
+                c.prefetch = prefetch;
+            })
+    })
+}
+
 pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     let client = Client::new(store.clone());
     let q = Queue::new(store.clone());
@@ -1137,15 +1156,7 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
         gate: gate.clone(),
         started: Arc::default(),
     };
-    let w = worker(&store, |w| {
-        w.register(burst(300))
-            .queue("default", 2)
-            .unwrap()
-            .configure(|c| {
-                c.fetch_batch = 100;
-                c.prefetch = Duration::from_secs(1);
-            })
-    });
+    let w = claiming_ahead(&store, burst(300), 2, Duration::from_secs(1));
     let held = stats_until(&q, "300 jobs completed and both slots stuck", |s| {
         s.completed == 300 && runs.load(Ordering::SeqCst) == 302
     })
@@ -1188,15 +1199,7 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
     runs.store(0, Ordering::SeqCst);
     let more: Vec<()> = vec![(); 300];
     client.enqueue_many::<Burst>(more.iter()).await.unwrap();
-    let w = worker(&store, |w| {
-        w.register(burst(300))
-            .queue("default", 2)
-            .unwrap()
-            .configure(|c| {
-                c.fetch_batch = 100;
-                c.prefetch = Duration::from_millis(50);
-            })
-    });
+    let w = claiming_ahead(&store, burst(300), 2, Duration::from_millis(50));
     let held = stats_until(&q, "300 more completed and both slots stuck", |s| {
         s.completed == 600 && runs.load(Ordering::SeqCst) == 302
     })
@@ -1216,20 +1219,13 @@ pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store
     let runs = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(std::sync::Mutex::new(HashSet::new()));
-    let w = worker(&store, |w| {
-        w.register(Burst {
-            runs: runs.clone(),
-            free: 300,
-            gate: gate.clone(),
-            started: started.clone(),
-        })
-        .queue("default", 1)
-        .unwrap()
-        .configure(|c| {
-            c.fetch_batch = 100;
-            c.prefetch = Duration::from_secs(1);
-        })
-    });
+    let burst = Burst {
+        runs: runs.clone(),
+        free: 300,
+        gate: gate.clone(),
+        started: started.clone(),
+    };
+    let w = claiming_ahead(&store, burst, 1, Duration::from_secs(1));
     stats_until(
         &q,
         "300 completed, the slot stuck and jobs claimed ahead",
