@@ -179,7 +179,11 @@ impl SqliteStoreBuilder {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(self.busy_timeout)
             .foreign_keys(true)
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // sqlx hands rows from its connection thread to the caller through a channel of
+            // this many; at the default (50) a claim of 500 rows stalled SQLite's thread ten
+            // times waiting for the caller to drain it.
+            .row_buffer_size(ROW_CHANNEL);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -216,6 +220,10 @@ impl SqliteStoreBuilder {
         Ok(store)
     }
 }
+
+/// Rows sqlx may buffer between SQLite's thread and the caller: the largest claim (1,000 by
+/// default at most) and completion (2,000) pass without the thread ever waiting.
+const ROW_CHANNEL: usize = 2048;
 
 /// The SQLite store. Cheap to clone; clones share the connections and the wake-up hub.
 #[derive(Clone)]
@@ -397,13 +405,25 @@ impl SqliteStore {
     }
 }
 
-/// Encodes lease refs for the `json_each` in the lease-write statements.
+/// Encodes lease refs for the lease-write statements (see `sql::REFS`).
 fn refs_json(refs: &[LeaseRef]) -> String {
-    let items: Vec<serde_json::Value> = refs
-        .iter()
-        .map(|r| serde_json::json!([r.id.simple().to_string(), r.attempt]))
-        .collect();
-    serde_json::Value::Array(items).to_string()
+    let items: Vec<String> = refs.iter().map(|r| lease_item(r, None)).collect();
+    serde_json::to_string(&items).unwrap_or_default()
+}
+
+/// One lease item: the id's 32 hex digits, the attempt in decimal (empty for any), `|`, then
+/// the completion's output as JSON text, if any.
+fn lease_item(r: &LeaseRef, output: Option<&str>) -> String {
+    let mut item = String::with_capacity(44 + output.map_or(0, str::len));
+    item.push_str(r.id.simple().encode_lower(&mut Uuid::encode_buffer()));
+    if let Some(attempt) = r.attempt {
+        item.push_str(&attempt.to_string());
+    }
+    item.push('|');
+    if let Some(output) = output {
+        item.push_str(output);
+    }
+    item
 }
 
 fn ms_to_time(id: &Uuid, what: &str, ms: i64) -> Result<DateTime<Utc>> {
@@ -754,19 +774,12 @@ impl Store for SqliteStore {
             return Ok(LeaseWrite::default());
         }
         let op = "job_complete_many";
-        let mut items = Vec::with_capacity(done.len());
-        for c in done {
-            let mut item = vec![
-                serde_json::Value::String(c.lease.id.simple().to_string()),
-                serde_json::json!(c.lease.attempt),
-            ];
-            if let Some(r) = &c.result {
-                item.push(serde_json::from_str(r)?);
-            }
-            items.push(serde_json::Value::Array(item));
-        }
+        let items: Vec<String> = done
+            .iter()
+            .map(|c| lease_item(&c.lease, c.result.as_deref()))
+            .collect();
         let rows = q(&SQL.complete)
-            .bind(serde_json::Value::Array(items).to_string())
+            .bind(serde_json::to_string(&items)?)
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db(op))?;

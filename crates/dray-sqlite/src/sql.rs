@@ -72,8 +72,12 @@ WHERE id IN (
     LIMIT ?2)
 RETURNING {cols}";
 
-/// The rows a lease write names: a JSON array of [hex id, attempt or null]. Fencing as on
-/// PostgreSQL: a named attempt must still hold the lease.
+/// The rows a lease write names: a JSON array of strings, each the id's 32 hex digits followed
+/// by the attempt in decimal and `|` (`"0192…ab3|"` names any attempt); see `lease_item`.
+/// Scalars rather than `[id, attempt]` pairs: `json_each` hands a string element over as it is,
+/// while a nested array is rendered back to JSON text and parsed again by every `->>` (that
+/// round trip was about a tenth of SQLite's time during W2). Fencing as on PostgreSQL: a named
+/// attempt must still hold the lease.
 ///
 /// `+dray_jobs.state` (a unary plus) keeps the planner off `dray_jobs_lease_idx`, whose
 /// predicate `state = 'running'` the plain comparison would let it use: after `ANALYZE` taken
@@ -81,10 +85,18 @@ RETURNING {cols}";
 /// evaluating the JSON list once per row (measured: W2-tuned fell from ~40,000 to ~2,000
 /// jobs/s). Without it the only plan is the one wanted: each listed id looked up by key.
 const REFS: &str = "
-FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS attempt FROM json_each(?2)) r
+FROM ({lease_items}) r
 WHERE dray_jobs.id = r.id AND dray_jobs.queue = ?1 AND +dray_jobs.state = 'running'
   AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
 {lease_returning}";
+
+/// Decodes the lease items of parameter ?N (see REFS) into id, attempt and, after the `|`, the
+/// completion's output as JSON text (NULL when nothing follows the `|`).
+const LEASE_ITEMS: &str = "
+SELECT unhex(substr(i.value, 1, 32)) AS id,
+       CAST(NULLIF(substr(i.value, 33, instr(i.value, '|') - 33), '') AS INTEGER) AS attempt,
+       json(NULLIF(substr(i.value, instr(i.value, '|') + 1), '')) AS result
+FROM json_each(?N) i";
 
 pub const ACK: &str = "
 UPDATE dray_jobs SET state = 'completed', finished_at = {now}, leased_until = NULL {refs}";
@@ -140,13 +152,12 @@ WHERE queue = ?1 AND state IN {pending} AND run_at > {now}";
 
 pub const NOW_MS: &str = "SELECT {now}";
 
-/// Complete a batch: a JSON array of [hex id, attempt or null, output?] (the output is the
-/// third element itself, so `-> 2` gives back its JSON text; absent means no output). Fenced.
+/// Complete a batch: ?1 lists lease items (see REFS), each with its output, if any, after the
+/// `|`. Fenced.
 pub const COMPLETE: &str = "
 UPDATE dray_jobs
 SET state = 'completed', finished_at = {now}, leased_until = NULL, result = r.result
-FROM (SELECT unhex(value ->> 0) AS id, value ->> 1 AS attempt, value -> 2 AS result
-      FROM json_each(?1)) r
+FROM ({complete_items}) r
 WHERE dray_jobs.id = r.id AND +dray_jobs.state = 'running' -- `+`: see REFS
   AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
 {lease_returning}";
@@ -237,6 +248,8 @@ pub const LEADER_RELEASE: &str = "DELETE FROM dray_leaders WHERE name = ?1 AND h
 /// Expands the placeholders of a statement above (done once per statement, cached).
 pub fn expand(t: &str) -> String {
     t.replace("{refs}", REFS)
+        .replace("{lease_items}", &LEASE_ITEMS.replace("?N", "?2"))
+        .replace("{complete_items}", &LEASE_ITEMS.replace("?N", "?1"))
         .replace("{lease_returning}", LEASE_RETURNING)
         .replace("{iso_now}", ISO_NOW)
         .replace("{cols}", COLS)
