@@ -1,4 +1,4 @@
-//! Helpers both stores share for bulk inserts.
+//! Helpers both stores share: bulk inserts, decoding rows, claim order.
 
 use std::collections::HashMap;
 
@@ -122,6 +122,59 @@ pub fn delivery_order(a: &crate::Message, b: &crate::Message) -> std::cmp::Order
         .cmp(&a.priority)
         .then(a.run_at.cmp(&b.run_at))
         .then(a.id.cmp(&b.id))
+}
+
+/// The columns of a job row that a claim does not read back, because for a row the claim has
+/// just leased their values are known: the claim's queue, `running`, the claim's `leased_by`,
+/// no finish time, no result, and a callback not yet tried (callbacks are only tried for
+/// finished jobs, and a re-drive resets them). Leaving them out of the claim's `RETURNING`
+/// saves eight values per claimed row (the conformance test `claimed_rows_read_as_stored`
+/// checks that a claimed message equals the stored row). Every other read takes them from
+/// the row.
+#[derive(Clone, Debug)]
+pub struct RowTail {
+    /// `queue`.
+    pub queue: String,
+    /// `state`.
+    pub state: crate::MessageState,
+    /// `leased_by`.
+    pub leased_by: Option<String>,
+    /// `finished_at`.
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `result`.
+    pub result: Option<serde_json::Value>,
+    /// `callback_attempts`.
+    pub callback_attempts: i32,
+    /// `callback_done_at`.
+    pub callback_delivered_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// `callback_error`.
+    pub callback_error: Option<String>,
+}
+
+impl RowTail {
+    /// The tail of every row the claim `p` leased.
+    pub fn claimed(p: &crate::ClaimParams) -> Self {
+        RowTail {
+            queue: p.queue.as_str().to_owned(),
+            state: crate::MessageState::Running,
+            leased_by: p.leased_by.clone(),
+            finished_at: None,
+            result: None,
+            callback_attempts: 0,
+            callback_delivered_at: None,
+            callback_error: None,
+        }
+    }
+
+    /// The callback status of a row whose `callback_url` is `url`.
+    pub fn callback(&self, url: Option<String>) -> Option<crate::CallbackStatus> {
+        url.map(|url| crate::CallbackStatus {
+            url,
+            attempts: self.callback_attempts,
+            delivered_at: self.callback_delivered_at,
+            last_error: self.callback_error.clone(),
+        })
+    }
 }
 
 /// Decodes the rows a claim returned (each store's own `decode`) and puts them in

@@ -24,16 +24,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress, decode_state,
-    dedup_keys, fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused,
-    settle_parts,
+    RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress,
+    decode_state, dedup_keys, fail_to_parts, list_limit, micros, redrive_key_taken,
+    redrive_refused, settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued, Error,
-    FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
-    WakeHub,
+    CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
+    JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction,
+    NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -327,7 +326,7 @@ impl PgStore {
             .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("message_claim"))?;
-        claimed_in_order(&rows, decode_message)
+        claimed_in_order(&rows, |r| decode_claimed(r, p))
     }
 
     /// After a claim: a full batch moves the cursor to its last row; a short one means the
@@ -635,68 +634,101 @@ impl PgStore {
     }
 }
 
+/// Decodes a row read with every column (`{cols}`).
 fn decode_message(row: &PgRow) -> Result<Message> {
-    let e = Error::db("decode");
-    let id: Uuid = row.try_get(0).map_err(e)?;
-    let corrupt = |what: &str, err: sqlx::Error| Error::CorruptRow {
+    decode_row(row, |id| decode_tail(id, row))
+}
+
+/// Decodes a row the claim `p` just leased (`{claim_cols}`).
+fn decode_claimed(row: &PgRow, p: &ClaimParams) -> Result<Message> {
+    decode_row(row, |_| Ok(RowTail::claimed(p)))
+}
+
+fn corrupt(id: &Uuid, what: &str, err: sqlx::Error) -> Error {
+    Error::CorruptRow {
         id: id.to_string(),
         reason: format!("{what}: {err}"),
-    };
-    let state: String = row.try_get(7).map_err(|e| corrupt("state", e))?;
-    // NULL: empty (see `COLS`; the columns themselves are NOT NULL).
-    let headers: Option<serde_json::Value> = row.try_get(5).map_err(|e| corrupt("headers", e))?;
-    let errors: Option<serde_json::Value> = row.try_get(16).map_err(|e| corrupt("errors", e))?;
+    }
+}
+
+/// Reads the columns after `sql::CLAIM_COLS` (see `RowTail`).
+fn decode_tail(id: &Uuid, row: &PgRow) -> Result<RowTail> {
+    const AT: usize = 16;
+    let state: String = row.try_get(AT + 1).map_err(|e| corrupt(id, "state", e))?;
+    Ok(RowTail {
+        queue: row.try_get(AT).map_err(|e| corrupt(id, "queue", e))?,
+        state: decode_state(id, &state)?,
+        leased_by: row
+            .try_get(AT + 2)
+            .map_err(|e| corrupt(id, "leased_by", e))?,
+        finished_at: row
+            .try_get(AT + 3)
+            .map_err(|e| corrupt(id, "finished_at", e))?,
+        result: row.try_get(AT + 4).map_err(|e| corrupt(id, "result", e))?,
+        callback_attempts: row
+            .try_get(AT + 5)
+            .map_err(|e| corrupt(id, "callback_attempts", e))?,
+        callback_delivered_at: row
+            .try_get(AT + 6)
+            .map_err(|e| corrupt(id, "callback_done_at", e))?,
+        callback_error: row
+            .try_get(AT + 7)
+            .map_err(|e| corrupt(id, "callback_error", e))?,
+    })
+}
+
+/// Decodes `sql::CLAIM_COLS`, and the rest from `tail`.
+fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Result<Message> {
+    let id: Uuid = row.try_get(0).map_err(Error::db("decode"))?;
+    let tail = tail(&id)?;
+    // NULL: empty (see `CLAIM_COLS`; the columns themselves are NOT NULL).
+    let headers: Option<serde_json::Value> =
+        row.try_get(4).map_err(|e| corrupt(&id, "headers", e))?;
+    let errors: Option<serde_json::Value> =
+        row.try_get(11).map_err(|e| corrupt(&id, "errors", e))?;
+    let callback_url: Option<String> = row
+        .try_get(15)
+        .map_err(|e| corrupt(&id, "callback_url", e))?;
     Ok(Message {
-        queue: row.try_get(1).map_err(|e| corrupt("queue", e))?,
-        kind: row.try_get(2).map_err(|e| corrupt("kind", e))?,
-        key: row.try_get(3).map_err(|e| corrupt("key", e))?,
-        payload: row.try_get(4).map_err(|e| corrupt("payload", e))?,
+        kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
+        key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
+        payload: row.try_get(3).map_err(|e| corrupt(&id, "payload", e))?,
         headers: match headers {
             Some(h) => decode_headers(&id, h)?,
             None => Default::default(),
         },
-        priority: Priority(row.try_get(6).map_err(|e| corrupt("priority", e))?),
-        state: decode_state(&id, &state)?,
-        attempt: row.try_get(8).map_err(|e| corrupt("attempt", e))?,
-        max_attempts: row.try_get(9).map_err(|e| corrupt("max_attempts", e))?,
-        enqueued_at: row.try_get(10).map_err(|e| corrupt("enqueued_at", e))?,
-        run_at: row.try_get(11).map_err(|e| corrupt("run_at", e))?,
-        leased_until: row.try_get(12).map_err(|e| corrupt("leased_until", e))?,
-        leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
-        finished_at: row.try_get(14).map_err(|e| corrupt("finished_at", e))?,
-        result: row.try_get(15).map_err(|e| corrupt("result", e))?,
+        priority: Priority(row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?),
+        attempt: row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
+        max_attempts: row
+            .try_get(7)
+            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+        enqueued_at: row.try_get(8).map_err(|e| corrupt(&id, "enqueued_at", e))?,
+        run_at: row.try_get(9).map_err(|e| corrupt(&id, "run_at", e))?,
+        leased_until: row
+            .try_get(10)
+            .map_err(|e| corrupt(&id, "leased_until", e))?,
         errors: match errors {
             Some(e) => decode_errors(&id, e)?,
             None => Vec::new(),
         },
         progress: decode_progress(
             &id,
-            row.try_get::<Option<i16>, _>(17)
-                .map_err(|e| corrupt("progress", e))?
+            row.try_get::<Option<i16>, _>(12)
+                .map_err(|e| corrupt(&id, "progress", e))?
                 .map(i64::from),
         )?,
         progress_message: row
-            .try_get(18)
-            .map_err(|e| corrupt("progress_message", e))?,
+            .try_get(13)
+            .map_err(|e| corrupt(&id, "progress_message", e))?,
         cancel_requested: row
-            .try_get(19)
-            .map_err(|e| corrupt("cancel_requested", e))?,
-        callback: row
-            .try_get::<Option<String>, _>(20)
-            .map_err(|e| corrupt("callback_url", e))?
-            .map(|url| -> Result<CallbackStatus> {
-                Ok(CallbackStatus {
-                    url,
-                    attempts: row
-                        .try_get(21)
-                        .map_err(|e| corrupt("callback_attempts", e))?,
-                    delivered_at: row
-                        .try_get(22)
-                        .map_err(|e| corrupt("callback_done_at", e))?,
-                    last_error: row.try_get(23).map_err(|e| corrupt("callback_error", e))?,
-                })
-            })
-            .transpose()?,
+            .try_get(14)
+            .map_err(|e| corrupt(&id, "cancel_requested", e))?,
+        callback: tail.callback(callback_url),
+        queue: tail.queue,
+        state: tail.state,
+        leased_by: tail.leased_by,
+        finished_at: tail.finished_at,
+        result: tail.result,
         id,
     })
 }

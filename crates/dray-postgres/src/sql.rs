@@ -7,14 +7,18 @@
 
 use std::sync::Arc;
 
-/// The columns a [`dray_core::Message`] is decoded from, in `decode_message`'s order. Empty
-/// headers and an empty error list (what nearly every claimed row has) come back as NULL, which
-/// spares PostgreSQL a `jsonb` output and the client a JSON parse for each, per row.
-const COLS: &str = "j.id, j.queue, j.kind, j.key, j.payload, NULLIF(j.headers, '{}'::jsonb), \
-     j.priority, j.state, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, \
-     j.leased_by, j.finished_at, j.result, NULLIF(j.errors, '[]'::jsonb), j.progress, \
-     j.progress_message, (j.cancel_requested_at IS NOT NULL), \
-     j.callback_url, j.callback_attempts, j.callback_done_at, j.callback_error";
+/// The columns a claimed [`dray_core::Message`] is decoded from, in `decode_row`'s order:
+/// every column but those whose value the claim fixes (see `dray_core::batch::RowTail`).
+/// Empty headers and an empty error list (what nearly every claimed row has) come back as
+/// NULL, which spares PostgreSQL a `jsonb` output and the client a JSON parse for each, per row.
+const CLAIM_COLS: &str = "j.id, j.kind, j.key, j.payload, NULLIF(j.headers, '{}'::jsonb), \
+     j.priority, j.attempt, j.max_attempts, j.enqueued_at, j.run_at, j.leased_until, \
+     NULLIF(j.errors, '[]'::jsonb), j.progress, j.progress_message, \
+     (j.cancel_requested_at IS NOT NULL), j.callback_url";
+
+/// The columns every other read adds after [`CLAIM_COLS`] (`decode_tail`).
+const TAIL_COLS: &str = "j.queue, j.state, j.leased_by, j.finished_at, j.result, \
+     j.callback_attempts, j.callback_done_at, j.callback_error";
 
 /// What every fenced lease write returns: the row, its new state, and whether a cancel is
 /// pending (so a heartbeat tells a running handler to stop).
@@ -107,7 +111,7 @@ WHERE j.ctid = ANY(ARRAY(
     ORDER BY queue, -(priority::int4), run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED))
-RETURNING {cols}";
+RETURNING {claim_cols}";
 
 /// The rows a queue-port lease write (ack, nack, extend) names: `$1` the queue, `$2` the ids,
 /// `$3` the attempts (NULL: unfenced). Fencing: a row named with an attempt is touched only
@@ -373,7 +377,8 @@ impl Sql {
             t.replace("{refs}", REFS)
                 .replace("{running}", RUNNING)
                 .replace("{lease_returning}", LEASE_RETURNING)
-                .replace("{cols}", COLS)
+                .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
+                .replace("{claim_cols}", CLAIM_COLS)
                 .replace("{pending}", PENDING)
                 .replace("{s}", quoted_schema)
                 .into()

@@ -22,15 +22,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress, decode_state,
-    dedup_keys, fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
+    RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress,
+    decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken, redrive_refused,
+    settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
-    CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued, Error,
-    FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
-    WakeHub,
+    CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
+    JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction,
+    NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -433,88 +433,120 @@ fn ms_to_time(id: &Uuid, what: &str, ms: i64) -> Result<DateTime<Utc>> {
     })
 }
 
+/// Decodes a row read with every column (`{cols}`).
 fn decode_message(row: &SqliteRow) -> Result<Message> {
+    decode_row(row, |id| decode_tail(id, row))
+}
+
+/// Decodes a row the claim `p` just leased (`{claim_cols}`).
+fn decode_claimed(row: &SqliteRow, p: &ClaimParams) -> Result<Message> {
+    decode_row(row, |_| Ok(RowTail::claimed(p)))
+}
+
+fn corrupt(id: &Uuid, what: &str, err: impl std::fmt::Display) -> Error {
+    Error::CorruptRow {
+        id: id.to_string(),
+        reason: format!("{what}: {err}"),
+    }
+}
+
+/// Reads a JSON text column; NULL reads as `None`.
+fn json_column(
+    row: &SqliteRow,
+    i: usize,
+    id: &Uuid,
+    what: &str,
+) -> Result<Option<serde_json::Value>> {
+    let text: Option<String> = row.try_get(i).map_err(|e| corrupt(id, what, e))?;
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| corrupt(id, what, format!("not JSON: {e}")))
+}
+
+/// Reads the columns after `sql::CLAIM_COLS` (see `RowTail`).
+fn decode_tail(id: &Uuid, row: &SqliteRow) -> Result<RowTail> {
+    const AT: usize = 16;
+    let opt_time = |i: usize, what: &str| -> Result<Option<DateTime<Utc>>> {
+        let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(id, what, e))?;
+        v.map(|ms| ms_to_time(id, what, ms)).transpose()
+    };
+    let state: String = row.try_get(AT + 1).map_err(|e| corrupt(id, "state", e))?;
+    Ok(RowTail {
+        queue: row.try_get(AT).map_err(|e| corrupt(id, "queue", e))?,
+        state: decode_state(id, &state)?,
+        leased_by: row
+            .try_get(AT + 2)
+            .map_err(|e| corrupt(id, "leased_by", e))?,
+        finished_at: opt_time(AT + 3, "finished_at")?,
+        result: json_column(row, AT + 4, id, "result")?,
+        callback_attempts: row
+            .try_get(AT + 5)
+            .map_err(|e| corrupt(id, "callback_attempts", e))?,
+        callback_delivered_at: opt_time(AT + 6, "callback_done_at")?,
+        callback_error: row
+            .try_get(AT + 7)
+            .map_err(|e| corrupt(id, "callback_error", e))?,
+    })
+}
+
+/// Decodes `sql::CLAIM_COLS`, and the rest from `tail`.
+fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Result<Message> {
     let id: Uuid = row.try_get(0).map_err(|e| Error::CorruptRow {
         id: String::new(),
         reason: format!("id: {e}"),
     })?;
-    let corrupt = |what: &str, err: sqlx::Error| Error::CorruptRow {
-        id: id.to_string(),
-        reason: format!("{what}: {err}"),
-    };
-    let payload: String = row.try_get(4).map_err(|e| corrupt("payload", e))?;
-    let payload = serde_json::from_str(&payload).map_err(|e| Error::CorruptRow {
-        id: id.to_string(),
-        reason: format!("payload is not JSON: {e}"),
-    })?;
-    let headers: String = row.try_get(5).map_err(|e| corrupt("headers", e))?;
-    let headers: serde_json::Value =
-        serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
-            id: id.to_string(),
-            reason: format!("headers are not JSON: {e}"),
-        })?;
-    let state: String = row.try_get(7).map_err(|e| corrupt("state", e))?;
     let opt_time = |i: usize, what: &str| -> Result<Option<DateTime<Utc>>> {
-        let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(what, e))?;
+        let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(&id, what, e))?;
         v.map(|ms| ms_to_time(&id, what, ms)).transpose()
     };
     let time = |i: usize, what: &str| -> Result<DateTime<Utc>> {
-        let v: i64 = row.try_get(i).map_err(|e| corrupt(what, e))?;
+        let v: i64 = row.try_get(i).map_err(|e| corrupt(&id, what, e))?;
         ms_to_time(&id, what, v)
     };
+    let tail = tail(&id)?;
+    // Empty headers and errors come back as NULL (see `sql::CLAIM_COLS`).
+    let headers = match json_column(row, 4, &id, "headers")? {
+        Some(h) => decode_headers(&id, h)?,
+        None => Default::default(),
+    };
+    let errors = match json_column(row, 11, &id, "errors")? {
+        Some(e) => decode_errors(&id, e)?,
+        None => Vec::new(),
+    };
+    let callback_url: Option<String> = row
+        .try_get(15)
+        .map_err(|e| corrupt(&id, "callback_url", e))?;
     Ok(Message {
-        queue: row.try_get(1).map_err(|e| corrupt("queue", e))?,
-        kind: row.try_get(2).map_err(|e| corrupt("kind", e))?,
-        key: row.try_get(3).map_err(|e| corrupt("key", e))?,
-        payload,
-        headers: decode_headers(&id, headers)?,
-        priority: Priority(row.try_get(6).map_err(|e| corrupt("priority", e))?),
-        state: decode_state(&id, &state)?,
-        attempt: row.try_get(8).map_err(|e| corrupt("attempt", e))?,
-        max_attempts: row.try_get(9).map_err(|e| corrupt("max_attempts", e))?,
-        enqueued_at: time(10, "enqueued_at")?,
-        run_at: time(11, "run_at")?,
-        leased_until: opt_time(12, "leased_until")?,
-        leased_by: row.try_get(13).map_err(|e| corrupt("leased_by", e))?,
-        finished_at: opt_time(14, "finished_at")?,
-        result: row
-            .try_get::<Option<String>, _>(15)
-            .map_err(|e| corrupt("result", e))?
-            .map(|t| serde_json::from_str(&t))
-            .transpose()
-            .map_err(|e| Error::CorruptRow {
-                id: id.to_string(),
-                reason: format!("result is not JSON: {e}"),
-            })?,
-        errors: {
-            let t: String = row.try_get(16).map_err(|e| corrupt("errors", e))?;
-            let v = serde_json::from_str(&t).map_err(|e| Error::CorruptRow {
-                id: id.to_string(),
-                reason: format!("errors are not JSON: {e}"),
-            })?;
-            decode_errors(&id, v)?
-        },
-        progress: decode_progress(&id, row.try_get(17).map_err(|e| corrupt("progress", e))?)?,
+        kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
+        key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
+        payload: json_column(row, 3, &id, "payload")?
+            .ok_or_else(|| corrupt(&id, "payload", "NULL"))?,
+        headers,
+        priority: Priority(row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?),
+        attempt: row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
+        max_attempts: row
+            .try_get(7)
+            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+        enqueued_at: time(8, "enqueued_at")?,
+        run_at: time(9, "run_at")?,
+        leased_until: opt_time(10, "leased_until")?,
+        errors,
+        progress: decode_progress(
+            &id,
+            row.try_get(12).map_err(|e| corrupt(&id, "progress", e))?,
+        )?,
         progress_message: row
-            .try_get(18)
-            .map_err(|e| corrupt("progress_message", e))?,
+            .try_get(13)
+            .map_err(|e| corrupt(&id, "progress_message", e))?,
         cancel_requested: row
-            .try_get(19)
-            .map_err(|e| corrupt("cancel_requested", e))?,
-        callback: {
-            let url: Option<String> = row.try_get(20).map_err(|e| corrupt("callback_url", e))?;
-            match url {
-                None => None,
-                Some(url) => Some(CallbackStatus {
-                    url,
-                    attempts: row
-                        .try_get(21)
-                        .map_err(|e| corrupt("callback_attempts", e))?,
-                    delivered_at: opt_time(22, "callback_done_at")?,
-                    last_error: row.try_get(23).map_err(|e| corrupt("callback_error", e))?,
-                }),
-            }
-        },
+            .try_get(14)
+            .map_err(|e| corrupt(&id, "cancel_requested", e))?,
+        callback: tail.callback(callback_url),
+        queue: tail.queue,
+        state: tail.state,
+        leased_by: tail.leased_by,
+        finished_at: tail.finished_at,
+        result: tail.result,
         id,
     })
 }
@@ -667,7 +699,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db("message_claim"))?;
-        claimed_in_order(&rows, decode_message)
+        claimed_in_order(&rows, |r| decode_claimed(r, p))
     }
 
     async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {

@@ -8,11 +8,17 @@
 //! Time is SQLite's clock, read once per statement ({now}: milliseconds since the Unix epoch;
 //! SQLite evaluates 'now' once per statement step, so every use in a statement agrees).
 
-/// The columns a message is decoded from, in `decode_message`'s order.
-const COLS: &str = "id, queue, kind, key, payload, headers, priority, state, attempt, \
-     max_attempts, enqueued_at, run_at, leased_until, leased_by, finished_at, result, errors, \
-     progress, progress_message, (cancel_requested_at IS NOT NULL), callback_url, \
-     callback_attempts, callback_done_at, callback_error";
+/// The columns a claimed message is decoded from, in `decode_row`'s order: every column but
+/// those whose value the claim fixes (see `dray_core::batch::RowTail`). Empty headers and an
+/// empty error list (what nearly every claimed row has) come back as NULL, which spares the
+/// client a JSON parse for each.
+const CLAIM_COLS: &str = "id, kind, key, payload, NULLIF(headers, '{}'), priority, attempt, \
+     max_attempts, enqueued_at, run_at, leased_until, NULLIF(errors, '[]'), progress, \
+     progress_message, (cancel_requested_at IS NOT NULL), callback_url";
+
+/// The columns a message is decoded from: [`CLAIM_COLS`], then the tail (`decode_tail`).
+const TAIL_COLS: &str = "queue, state, leased_by, finished_at, result, callback_attempts, \
+     callback_done_at, callback_error";
 
 /// The database clock as an RFC 3339 string, for timestamps inside JSON (attempt errors).
 const ISO_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -70,7 +76,7 @@ WHERE id IN (
     WHERE queue = ?1 AND state IN {pending} AND run_at <= {now}
     ORDER BY priority DESC, run_at, id
     LIMIT ?2)
-RETURNING {cols}";
+RETURNING {claim_cols}";
 
 /// The rows a lease write names: a JSON array of strings, each the id's 32 hex digits followed
 /// by the attempt in decimal and `|` (`"0192…ab3|"` names any attempt); see `lease_item`.
@@ -252,7 +258,8 @@ pub fn expand(t: &str) -> String {
         .replace("{complete_items}", &LEASE_ITEMS.replace("?N", "?1"))
         .replace("{lease_returning}", LEASE_RETURNING)
         .replace("{iso_now}", ISO_NOW)
-        .replace("{cols}", COLS)
+        .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
+        .replace("{claim_cols}", CLAIM_COLS)
         .replace("{pending}", PENDING)
         .replace("{now}", NOW)
 }

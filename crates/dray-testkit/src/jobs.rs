@@ -1295,3 +1295,86 @@ pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store
     .await;
     w.shutdown().await.unwrap();
 }
+
+/// A claim reads back fewer columns than `get` and fills in the ones it fixes (queue, state,
+/// holder, no finish time, no result, a callback not yet tried): what it returns must equal the
+/// stored row, for a fresh row and for rows with a history (progress, errors, a callback tried
+/// and then re-driven), with and without a holder.
+pub async fn claimed_rows_read_as_stored<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let q = Queue::new(store.clone());
+    let e = q
+        .enqueue(
+            "hist",
+            &serde_json::json!({"n": 1}),
+            &dray_core::EnqueueOptions::new()
+                .kind("report")
+                .key("k-1")
+                .header("trace", "t-9")
+                .priority(dray_core::Priority::HIGH)
+                .max_attempts(2)
+                .callback_url("http://127.0.0.1:9/never"),
+        )
+        .await
+        .unwrap();
+    let claim = |holder: Option<&str>| dray_core::ClaimParams {
+        queue: dray_core::QueueName::new("hist").unwrap(),
+        limit: 10,
+        lease: Duration::from_secs(30),
+        leased_by: holder.map(str::to_owned),
+    };
+    let claim_one = |holder: Option<&'static str>| {
+        let store = store.clone();
+        let p = claim(holder);
+        async move {
+            let got = store.message_claim(&p).await.unwrap();
+            assert_eq!(got.len(), 1, "one row to claim");
+            let stored = store.message_get(got[0].id).await.unwrap().unwrap();
+            assert_eq!(got[0], stored, "a claimed row reads as stored");
+            got.into_iter().next().unwrap()
+        }
+    };
+    // Fresh.
+    let m = claim_one(Some("worker-a")).await;
+    assert_eq!((m.id, m.attempt), (e.id, 1));
+    assert_eq!(m.leased_by.as_deref(), Some("worker-a"));
+    let lease = LeaseRef {
+        id: m.id,
+        attempt: Some(m.attempt),
+    };
+    // With progress and an error from the first attempt, and no holder.
+    store
+        .job_progress(lease, 40, Some("half way"))
+        .await
+        .unwrap();
+    store
+        .job_fail(
+            lease,
+            FailureKind::Error,
+            "boom",
+            FailTo::Retry(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    let m = claim_one(None).await;
+    assert_eq!((m.attempt, m.errors.len(), m.progress), (2, 1, Some(40)));
+    assert_eq!(m.leased_by, None);
+    // Dead, its callback tried once, re-driven: the claim sees the callback reset.
+    let lease = LeaseRef {
+        id: m.id,
+        attempt: Some(m.attempt),
+    };
+    store
+        .job_fail(lease, FailureKind::Permanent, "no", FailTo::Dead)
+        .await
+        .unwrap();
+    let tried = store
+        .callback_claim(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(tried.len(), 1);
+    assert_eq!(tried[0].callback.as_ref().map(|c| c.attempts), Some(1));
+    store.job_redrive(e.id).await.unwrap().unwrap();
+    let m = claim_one(Some("worker-b")).await;
+    assert_eq!(m.attempt, 1);
+    assert_eq!(m.callback.as_ref().map(|c| c.attempts), Some(0));
+}

@@ -119,6 +119,7 @@ macro_rules! conformance_tests {
             each_queue_runs_at_most_its_concurrency,
             claimed_ahead_jobs_are_given_back_unstarted,
             a_cancel_reaches_a_job_claimed_ahead,
+            claimed_rows_read_as_stored,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
