@@ -1056,15 +1056,37 @@ impl Store for PgStore {
         let attempts: Vec<Option<i32>> = done.iter().map(|c| c.lease.attempt).collect();
         let results: Vec<Option<&str>> = done.iter().map(|c| c.result.as_deref()).collect();
         let (text, cache) = self.inner.sql.complete.for_len(done.len());
-        let rows = sqlx::query(AssertSqlSafe(text))
+        let row = sqlx::query(AssertSqlSafe(text))
             .persistent(cache)
             .bind(ids)
             .bind(attempts)
             .bind(results)
-            .fetch_all(&self.inner.worker_pool)
+            .fetch_one(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
-        self.lease_rows(op, &rows, "").await
+        // One row: the count, the completed ids when some were refused, the ids with a cancel
+        // request (see `sql::COMPLETE`).
+        let count: i64 = row.try_get(0).map_err(Error::db(op))?;
+        let applied: Option<Vec<Uuid>> = row.try_get(1).map_err(Error::db(op))?;
+        let cancel: Option<Vec<Uuid>> = row.try_get(2).map_err(Error::db(op))?;
+        let applied = match applied {
+            Some(ids) => ids,
+            None if count == done.len() as i64 => done.iter().map(|c| c.lease.id).collect(),
+            None => {
+                return Err(Error::CorruptRow {
+                    id: String::new(),
+                    reason: format!(
+                        "completion of {} jobs reported {count} completed without naming them",
+                        done.len()
+                    ),
+                });
+            }
+        };
+        Ok(LeaseWrite {
+            applied,
+            dead: Vec::new(),
+            cancel_requested: cancel.unwrap_or_default(),
+        })
     }
 
     async fn job_fail(

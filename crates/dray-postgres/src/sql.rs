@@ -197,13 +197,23 @@ FROM {s}.dray_jobs WHERE queue = $1 AND state IN {pending} AND run_at > now()";
 
 /// Complete: finished attempts with their outputs, one statement for the whole batch (the
 /// worker's completer buffers them for a few milliseconds). Fenced like ack.
+///
+/// It answers with one row, not one per job: how many rows it completed, the ids it completed
+/// only when that is fewer than it was given (a lease was lost: the caller needs to know
+/// which), and the ids with a cancel request pending. A batch of 1,000 then costs PostgreSQL
+/// one result row instead of 1,000, and the client one row to read.
 const COMPLETE: &str = "
-UPDATE {s}.dray_jobs j
-SET state = 'completed', finished_at = now(), leased_until = NULL, result = r.result::jsonb
-FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
-WHERE j.id = ANY($1) AND j.id = r.id AND {running}
-  AND (r.attempt IS NULL OR j.attempt = r.attempt)
-{lease_returning}";
+WITH done AS (
+    UPDATE {s}.dray_jobs j
+    SET state = 'completed', finished_at = now(), leased_until = NULL, result = r.result::jsonb
+    FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+    WHERE j.id = ANY($1) AND j.id = r.id AND {running}
+      AND (r.attempt IS NULL OR j.attempt = r.attempt)
+    RETURNING j.id, (j.cancel_requested_at IS NOT NULL) AS cancel)
+SELECT count(*),
+       CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END,
+       array_agg(id) FILTER (WHERE cancel)
+FROM done";
 
 /// Fail: record the attempt's error and move on: retryable after a delay (dead when out of
 /// attempts), dead, or cancelled. $5 is 'retry', 'dead' or 'cancelled'. Fenced.
