@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, broadcast, mpsc};
-use tokio::task::{AbortHandle, JoinSet};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -220,7 +220,6 @@ struct Running {
     attempt: i32,
     cancel: CancelToken,
     cancel_requested: bool,
-    abort: Option<AbortHandle>,
 }
 
 struct Shared<S: Store> {
@@ -673,7 +672,6 @@ fn hold<S: Store>(shared: &Shared<S>, queue: &QueueName, got: &[Message]) {
                 attempt: m.attempt,
                 cancel,
                 cancel_requested: m.cancel_requested,
-                abort: None,
             },
         );
     }
@@ -707,9 +705,6 @@ async fn release_running<S: Store>(shared: &Shared<S>, queue: &QueueName) {
         let mut leases = Vec::new();
         for (id, r) in running.iter_mut() {
             if &r.queue == queue {
-                if let Some(a) = r.abort.take() {
-                    a.abort();
-                }
                 leases.push(LeaseRef {
                     id: *id,
                     attempt: Some(r.attempt),
@@ -743,7 +738,7 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 
 async fn run_one<S: Store>(
     shared: Arc<Shared<S>>,
-    m: Message,
+    mut m: Message,
     done: mpsc::UnboundedSender<(Completion, i32)>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -805,24 +800,18 @@ async fn run_one<S: Store>(
             span: span.clone(),
         }),
     };
-    let handle = tokio::spawn(handler.call(ctx, m.payload.clone()).instrument(span));
-    if let Some(r) = shared.running().get_mut(&m.id) {
-        r.abort = Some(handle.abort_handle());
-    }
     shared.emit(WorkerEvent::Started {
         id: m.id,
         attempt: m.attempt,
     });
-    let abort = handle.abort_handle();
+    // The handler runs inside this task (no task of its own per job): a panic is caught here,
+    // a timeout drops it, and shutdown aborts this task after its grace period.
+    let payload = std::mem::take(&mut m.payload);
+    let run =
+        std::panic::AssertUnwindSafe(handler.call(ctx, payload).instrument(span)).catch_unwind();
     let outcome = match options.timeout {
-        Some(t) => match tokio::time::timeout(t, handle).await {
-            Ok(r) => Some(r),
-            Err(_) => {
-                abort.abort();
-                None
-            }
-        },
-        None => Some(handle.await),
+        Some(t) => tokio::time::timeout(t, run).await.ok(),
+        None => Some(run.await),
     };
     let cancel_requested = shared
         .running()
@@ -874,8 +863,8 @@ async fn run_one<S: Store>(
             )
             .await
         }
-        Some(Err(join)) if join.is_panic() => {
-            let msg = format!("handler panicked: {}", panic_message(&*join.into_panic()));
+        Some(Err(panic)) => {
+            let msg = format!("handler panicked: {}", panic_message(&*panic));
             fail(
                 &shared,
                 &m,
@@ -885,8 +874,6 @@ async fn run_one<S: Store>(
             )
             .await
         }
-        // Aborted by shutdown: its lease was released there.
-        Some(Err(_)) => {}
         None => {
             let msg = format!(
                 "timed out after {}",
