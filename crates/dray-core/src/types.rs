@@ -289,7 +289,9 @@ pub struct Message {
     pub leased_by: Option<String>,
     /// When it reached a terminal state.
     pub finished_at: Option<DateTime<Utc>>,
-    /// The handler's output, once completed (jobs).
+    /// The handler's output, once completed (jobs); `None` when it had none (a handler
+    /// returning `()` or `None`), which [`JobOutcome::output`](crate::JobOutcome::output) reads
+    /// as JSON null.
     pub result: Option<serde_json::Value>,
     /// One entry per failed attempt, oldest first (jobs).
     pub errors: Vec<AttemptError>,

@@ -175,9 +175,12 @@ impl<J: Job> Erased for Typed<J> {
                 JobError::Permanent(format!("input does not fit job {}: {e}", J::NAME))
             })?;
             let out = job.run(&ctx, input).await?;
-            serde_json::to_string(&out).map(Some).map_err(|e| {
+            let out = serde_json::to_string(&out).map_err(|e| {
                 JobError::Permanent(format!("output of job {} does not serialize: {e}", J::NAME))
-            })
+            })?;
+            // No output (`()`, `None`) is stored as no result: a completed job without one
+            // reads back as JSON null (see `JobOutcome::output`), and the row stays narrower.
+            Ok((out != "null").then_some(out))
         }
         .boxed()
     }

@@ -1209,6 +1209,19 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
     gate.add_permits(1000);
     stats_until(&q, "every job completed", |s| s.completed == 700).await;
     w.shutdown().await.unwrap();
+    // A handler without output (`()`) leaves no result, which reads back as `()`.
+    let done = client
+        .list(&JobFilter {
+            queue: Some(dray_core::QueueName::new("default").unwrap()),
+            state: Some(MessageState::Completed),
+            limit: 1,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(done[0].result, None, "no output, no result");
+    let outcome = client.wait(done[0].id, WAIT).await.unwrap();
+    outcome.output::<()>().unwrap();
 }
 
 pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
