@@ -68,12 +68,19 @@ SELECT id FROM dray_jobs
 WHERE queue = ?1 AND key = ?2 AND state IN ('scheduled', 'available', 'retryable', 'running')";
 
 /// Claim: pick and lease in one UPDATE. The subquery reads the claim index in delivery order.
+///
+/// `queue = (SELECT ?1)` rather than `queue = ?1`: once a file has been analyzed (`ANALYZE`,
+/// `PRAGMA optimize`), the bundled SQLite (built with `ENABLE_STAT4`) treats a statement whose
+/// plan could depend on a value bound against an indexed column as needing a fresh plan
+/// whenever that value is bound, which is every run. The scalar subquery gives the same plan
+/// (an equality on the claim index) with nothing to re-plan. Measured on an analyzed file: W2
+/// ~19.2k → ~23.8k jobs/s (medians of 7 runs each; unanalyzed files within noise).
 pub const CLAIM: &str = "
 UPDATE dray_jobs
 SET state = 'running', attempt = attempt + 1, leased_until = {now} + ?3, leased_by = ?4
 WHERE id IN (
     SELECT id FROM dray_jobs
-    WHERE queue = ?1 AND state IN {pending} AND run_at <= {now}
+    WHERE queue = (SELECT ?1) AND state IN {pending} AND run_at <= {now}
     ORDER BY priority DESC, run_at, id
     LIMIT ?2)
 RETURNING {claim_cols}";
@@ -85,6 +92,8 @@ RETURNING {claim_cols}";
 /// round trip was about a tenth of SQLite's time during W2). Fencing as on PostgreSQL: a named
 /// attempt must still hold the lease.
 ///
+/// `(SELECT ?1)` for the queue: see CLAIM.
+///
 /// `+dray_jobs.state` (a unary plus) keeps the planner off `dray_jobs_lease_idx`, whose
 /// predicate `state = 'running'` the plain comparison would let it use: after `ANALYZE` taken
 /// while nothing ran, SQLite believes that index nearly empty and scans every running row,
@@ -92,7 +101,7 @@ RETURNING {claim_cols}";
 /// jobs/s). Without it the only plan is the one wanted: each listed id looked up by key.
 const REFS: &str = "
 FROM ({lease_items}) r
-WHERE dray_jobs.id = r.id AND dray_jobs.queue = ?1 AND +dray_jobs.state = 'running'
+WHERE dray_jobs.id = r.id AND dray_jobs.queue = (SELECT ?1) AND +dray_jobs.state = 'running'
   AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
 {lease_returning}";
 
