@@ -177,6 +177,73 @@ impl RowTail {
     }
 }
 
+/// The columns every read of a job row returns, claims included (the rest is [`RowTail`]), as
+/// each store decodes them.
+#[derive(Clone, Debug)]
+pub struct RowHead {
+    /// `id`.
+    pub id: uuid::Uuid,
+    /// `kind`.
+    pub kind: Option<String>,
+    /// `key`.
+    pub key: Option<String>,
+    /// `payload`.
+    pub payload: serde_json::Value,
+    /// `headers`.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// `priority`.
+    pub priority: crate::Priority,
+    /// `attempt`.
+    pub attempt: i32,
+    /// `max_attempts`.
+    pub max_attempts: i32,
+    /// `enqueued_at`.
+    pub enqueued_at: chrono::DateTime<chrono::Utc>,
+    /// `run_at`.
+    pub run_at: chrono::DateTime<chrono::Utc>,
+    /// `leased_until`.
+    pub leased_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// `errors`.
+    pub errors: Vec<crate::AttemptError>,
+    /// `progress`.
+    pub progress: Option<u8>,
+    /// `progress_message`.
+    pub progress_message: Option<String>,
+    /// `cancel_requested_at IS NOT NULL`.
+    pub cancel_requested: bool,
+    /// `callback_url`.
+    pub callback_url: Option<String>,
+}
+
+impl RowHead {
+    /// The message these columns and `tail` make.
+    pub fn with(self, tail: RowTail) -> crate::Message {
+        crate::Message {
+            callback: tail.callback(self.callback_url),
+            id: self.id,
+            queue: tail.queue,
+            kind: self.kind,
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers,
+            priority: self.priority,
+            state: tail.state,
+            attempt: self.attempt,
+            max_attempts: self.max_attempts,
+            enqueued_at: self.enqueued_at,
+            run_at: self.run_at,
+            leased_until: self.leased_until,
+            leased_by: tail.leased_by,
+            finished_at: tail.finished_at,
+            result: tail.result,
+            errors: self.errors,
+            progress: self.progress,
+            progress_message: self.progress_message,
+            cancel_requested: self.cancel_requested,
+        }
+    }
+}
+
 /// Decodes the rows a claim returned (each store's own `decode`) and puts them in
 /// [`delivery_order`].
 pub fn claimed_in_order<R>(

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress,
-    decode_state, dedup_keys, fail_to_parts, list_limit, micros, redrive_key_taken,
-    redrive_refused, settle_parts,
+    RowHead, RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
+    decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, micros,
+    redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -689,7 +689,7 @@ fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Resul
     let callback_url: Option<String> = row
         .try_get(15)
         .map_err(|e| corrupt(&id, "callback_url", e))?;
-    Ok(Message {
+    Ok(RowHead {
         kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
         key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
         payload: row.try_get(3).map_err(|e| corrupt(&id, "payload", e))?,
@@ -723,14 +723,10 @@ fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Resul
         cancel_requested: row
             .try_get(14)
             .map_err(|e| corrupt(&id, "cancel_requested", e))?,
-        callback: tail.callback(callback_url),
-        queue: tail.queue,
-        state: tail.state,
-        leased_by: tail.leased_by,
-        finished_at: tail.finished_at,
-        result: tail.result,
+        callback_url,
         id,
-    })
+    }
+    .with(tail))
 }
 
 /// Runs the LISTEN loop: every NOTIFY wakes its queue's receivers; a lost connection wakes

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers, decode_progress,
-    decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken, redrive_refused,
-    settle_parts,
+    RowHead, RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
+    decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken,
+    redrive_refused, settle_parts,
 };
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -562,7 +562,7 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
     let callback_url: Option<String> = row
         .try_get(15)
         .map_err(|e| corrupt(&id, "callback_url", e))?;
-    Ok(Message {
+    Ok(RowHead {
         kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
         key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
         payload: json_column(row, 3, &id, "payload")?
@@ -587,14 +587,10 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
         cancel_requested: row
             .try_get(14)
             .map_err(|e| corrupt(&id, "cancel_requested", e))?,
-        callback: tail.callback(callback_url),
-        queue: tail.queue,
-        state: tail.state,
-        leased_by: tail.leased_by,
-        finished_at: tail.finished_at,
-        result: tail.result,
+        callback_url,
         id,
-    })
+    }
+    .with(tail))
 }
 
 /// A new row's delay (ms, rounded up: a delay is a promise not to deliver early) and
