@@ -130,6 +130,8 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Records finished attempts as completed with their outputs, in one statement. Fenced:
     /// an attempt whose lease was taken back is not applied (it is absent from `applied`).
+    /// `dead` and `cancel_requested` are always empty: a completed job has nothing left to
+    /// cancel.
     fn job_complete_many(
         &self,
         done: &[Completion],

@@ -1060,11 +1060,10 @@ impl Store for PgStore {
             .fetch_one(&self.inner.worker_pool)
             .await
             .map_err(Error::db(op))?;
-        // One row: the count, the completed ids when some were refused, the ids with a cancel
-        // request (see `sql::COMPLETE`).
+        // One row: the count, and the completed ids when some were refused (see
+        // `sql::COMPLETE`).
         let count: i64 = row.try_get(0).map_err(Error::db(op))?;
         let applied: Option<Vec<Uuid>> = row.try_get(1).map_err(Error::db(op))?;
-        let cancel: Option<Vec<Uuid>> = row.try_get(2).map_err(Error::db(op))?;
         let applied = match applied {
             Some(ids) => ids,
             None if count == done.len() as i64 => done.iter().map(|c| c.lease.id).collect(),
@@ -1080,8 +1079,7 @@ impl Store for PgStore {
         };
         Ok(LeaseWrite {
             applied,
-            dead: Vec::new(),
-            cancel_requested: cancel.unwrap_or_default(),
+            ..LeaseWrite::default()
         })
     }
 

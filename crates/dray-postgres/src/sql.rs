@@ -198,10 +198,10 @@ FROM {s}.dray_jobs WHERE queue = $1 AND state IN {pending} AND run_at > now()";
 /// Complete: finished attempts with their outputs, one statement for the whole batch (the
 /// worker's completer buffers them for a few milliseconds). Fenced like ack.
 ///
-/// It answers with one row, not one per job: how many rows it completed, the ids it completed
-/// only when that is fewer than it was given (a lease was lost: the caller needs to know
-/// which), and the ids with a cancel request pending. A batch of 1,000 then costs PostgreSQL
-/// one result row instead of 1,000, and the client one row to read.
+/// It answers with one row, not one per job: how many rows it completed, and the ids it
+/// completed only when that is fewer than it was given (a lease was lost: the caller needs to
+/// know which). A batch of 1,000 then costs PostgreSQL one result row instead of 1,000, and the
+/// client one row to read.
 const COMPLETE: &str = "
 WITH done AS (
     UPDATE {s}.dray_jobs j
@@ -209,10 +209,9 @@ WITH done AS (
     FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
     WHERE j.id = ANY($1) AND j.id = r.id AND {running}
       AND (r.attempt IS NULL OR j.attempt = r.attempt)
-    RETURNING j.id, (j.cancel_requested_at IS NOT NULL) AS cancel)
+    RETURNING j.id)
 SELECT count(*),
-       CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END,
-       array_agg(id) FILTER (WHERE cancel)
+       CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END
 FROM done";
 
 /// Fail: record the attempt's error and move on: retryable after a delay (dead when out of

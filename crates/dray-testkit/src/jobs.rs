@@ -464,14 +464,26 @@ pub async fn fencing_refuses_a_worker_whose_lease_was_taken<F: Fixture>(
         (now.state, now.attempt, now.result.clone()),
         (MessageState::Running, 2, None)
     );
+    // In one batch with a stale lease, the live one still completes, and only it is applied.
     let w = store
-        .job_complete_many(&[Completion {
-            lease: second.lease(),
-            result: Some("2".into()),
-        }])
+        .job_complete_many(&[
+            Completion {
+                lease: stale,
+                result: Some("1".into()),
+            },
+            Completion {
+                lease: second.lease(),
+                result: Some("2".into()),
+            },
+        ])
         .await
         .unwrap();
     assert_eq!(w.applied, vec![e.id]);
+    assert_eq!(
+        client.get(e.id).await.unwrap().unwrap().attempt,
+        2,
+        "the stale completion changed nothing"
+    );
     assert_eq!(
         client
             .result(e.id)
