@@ -1,9 +1,6 @@
 //! Dray's embedded SQLite store: the zero-setup default. One file, WAL mode, one writer
 //! connection (every write is `BEGIN IMMEDIATE` or a single statement on it) and a pool of
 //! readers; receivers in the same process are woken in-process the moment a write commits.
-//! The write-ahead log is copied back into the file by a background task every 250 ms (a
-//! PASSIVE checkpoint on a reader connection), so no write waits for a checkpoint; the writer
-//! checkpoints by itself only if the log passes 10,000 pages.
 //!
 //! ```no_run
 //! # async fn f() -> dray_core::Result<()> {
@@ -20,7 +17,7 @@
 mod sql;
 
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -188,10 +185,7 @@ impl SqliteStoreBuilder {
             // sqlx hands rows from its connection thread to the caller through a channel of
             // this many; at the default (50) a claim of 500 rows stalled SQLite's thread ten
             // times waiting for the caller to drain it.
-            .row_buffer_size(ROW_CHANNEL)
-            // WAL checkpoints run in the background (`checkpointer`), off the writer's path;
-            // the writer checkpoints by itself only when the WAL outgrows that.
-            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES);
+            .row_buffer_size(ROW_CHANNEL);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -218,9 +212,6 @@ impl SqliteStoreBuilder {
                 poll_interval: self.poll_interval,
             }),
         };
-        if !memory {
-            tokio::spawn(checkpointer(Arc::downgrade(&store.inner)));
-        }
         match self.schema_mode {
             SchemaMode::Migrate => {
                 store.migrate().await?;
@@ -235,43 +226,6 @@ impl SqliteStoreBuilder {
 /// Rows sqlx may buffer between SQLite's thread and the caller: the largest claim (1,000 by
 /// default at most) and completion (2,000) pass without the thread ever waiting.
 const ROW_CHANNEL: usize = 2048;
-
-/// How often the background checkpointer copies the write-ahead log back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
-
-/// WAL pages (of 4 KiB) past which the writer checkpoints by itself, as SQLite does by default
-/// after 1,000: a safety net for when the background checkpointer cannot keep up (readers
-/// holding old snapshots) or is gone.
-const WRITER_CHECKPOINT_PAGES: &str = "10000";
-
-/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`], on a reader
-/// connection, until the store is dropped or closed. By default SQLite checkpoints on the
-/// connection whose commit crossed 1,000 WAL pages, inside that commit: here that is the one
-/// writer, so every job waiting on it waited for the copy and the file's fsync too (measured:
-/// W3's p99 on SQLite 3.8–6.5 ms with it, 1.8–3.5 ms without, back to back). A PASSIVE
-/// checkpoint never blocks the writer or readers; what it cannot copy yet (frames a reader
-/// still needs) it copies next time.
-async fn checkpointer(inner: Weak<Inner>) {
-    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(reader) = inner.upgrade().map(|i| i.reader.clone()) else {
-            return; // the store is gone
-        };
-        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&reader)
-            .await
-        {
-            Ok(_) => {}
-            Err(sqlx::Error::PoolClosed) => return,
-            Err(err) => tracing::debug!(
-                %err,
-                "dray: background WAL checkpoint failed; the writer checkpoints by itself past {WRITER_CHECKPOINT_PAGES} pages"
-            ),
-        }
-    }
-}
 
 /// The SQLite store. Cheap to clone; clones share the connections and the wake-up hub.
 #[derive(Clone)]

@@ -140,31 +140,3 @@ async fn unreadable_rows_cannot_be_written() {
     let err = q.get(e.id).await.unwrap_err();
     assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
 }
-
-/// The write-ahead log is copied into the database file in the background: after a burst of
-/// writes far below the writer's own threshold (10,000 pages), the database file itself grows
-/// without anyone asking for a checkpoint.
-#[tokio::test]
-async fn the_wal_is_checkpointed_in_the_background() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dray.db");
-    let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
-    let before = std::fs::metadata(&path).unwrap().len();
-    let q = Queue::new(store.clone());
-    let payloads: Vec<_> = (0..4000)
-        .map(|i| json!({ "i": i, "pad": "x".repeat(200) }))
-        .collect();
-    for chunk in payloads.chunks(1000) {
-        q.enqueue_many("ckpt", chunk, &dray_core::EnqueueOptions::new())
-            .await
-            .unwrap();
-    }
-    // About 1 MB of rows: the database file grows only when a checkpoint copies them in.
-    dray_testkit::wait_until(
-        "a background checkpoint grows the database file",
-        std::time::Duration::from_secs(10),
-        || std::fs::metadata(&path).is_ok_and(|m| m.len() > before + 500_000),
-    )
-    .await;
-    store.close().await;
-}
