@@ -813,8 +813,8 @@ impl Store for SqliteStore {
         // by its count, spares SQLite's thread a row handed over per job. Otherwise it is
         // rolled back and run again naming what it applied.
         let mut tx = self.inner.writer.begin().await.map_err(Error::db(op))?;
-        let changed = q(&SQL.complete_quiet)
-            .bind(items.clone())
+        let changed = sqlx::query(SQL.complete_quiet.as_str())
+            .bind(items.as_str())
             .execute(&mut *tx)
             .await
             .map_err(Error::db(op))?
