@@ -1133,6 +1133,31 @@ async fn stats_until<S: Store>(
     }
 }
 
+/// 400 `Burst` jobs queued on the default queue, and a client and a queue handle on `store`.
+async fn burst_backlog<S: Store>(store: &S) -> (Client<S>, Queue<S>) {
+    let client = Client::new(store.clone());
+    let units: Vec<()> = vec![(); 400];
+    client.enqueue_many::<Burst>(units.iter()).await.unwrap();
+    (client, Queue::new(store.clone()))
+}
+
+/// Up to `limit` jobs of the default queue in `state`.
+async fn default_jobs_in<S: Store>(
+    client: &Client<S>,
+    state: MessageState,
+    limit: u32,
+) -> Vec<dray_core::Message> {
+    client
+        .list(&JobFilter {
+            queue: Some(dray_core::QueueName::new("default").unwrap()),
+            state: Some(state),
+            limit,
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap()
+}
+
 /// A worker running only `job` on the default queue with `slots` slots, claiming ahead by
 /// `prefetch`, up to 100 per claim.
 fn claiming_ahead<S: Store>(
@@ -1153,11 +1178,7 @@ fn claiming_ahead<S: Store>(
 }
 
 pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>, store: F::Store) {
-    let client = Client::new(store.clone());
-    let q = Queue::new(store.clone());
-    let units: Vec<()> = vec![(); 400];
-    client.enqueue_many::<Burst>(units.iter()).await.unwrap();
-
+    let (client, q) = burst_backlog(&store).await;
     // Short jobs finish fast, so the queue claims ahead of its two slots; then the slots hold
     // on to two jobs that never end, and the claimed-ahead rest waits in the buffer.
     let runs = Arc::new(AtomicUsize::new(0));
@@ -1184,15 +1205,7 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
         (300, 100, 0),
         "shutdown gives everything back"
     );
-    let jobs = client
-        .list(&JobFilter {
-            queue: Some(dray_core::QueueName::new("default").unwrap()),
-            state: Some(MessageState::Available),
-            limit: 1000,
-            ..JobFilter::default()
-        })
-        .await
-        .unwrap();
+    let jobs = default_jobs_in(&client, MessageState::Available, 1000).await;
     // The buffered ones (`held.leased - 2` of them, attempt 1 while claimed) are back at
     // attempt 0, like the ones never claimed.
     let unstarted = jobs.iter().filter(|j| j.attempt == 0).count();
@@ -1222,25 +1235,14 @@ pub async fn claimed_ahead_jobs_are_given_back_unstarted<F: Fixture>(_fx: Arc<F>
     stats_until(&q, "every job completed", |s| s.completed == 700).await;
     w.shutdown().await.unwrap();
     // A handler without output (`()`) leaves no result, which reads back as `()`.
-    let done = client
-        .list(&JobFilter {
-            queue: Some(dray_core::QueueName::new("default").unwrap()),
-            state: Some(MessageState::Completed),
-            limit: 1,
-            ..JobFilter::default()
-        })
-        .await
-        .unwrap();
+    let done = default_jobs_in(&client, MessageState::Completed, 1).await;
     assert_eq!(done[0].result, None, "no output, no result");
     let outcome = client.wait(done[0].id, WAIT).await.unwrap();
     outcome.output::<()>().unwrap();
 }
 
 pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store: F::Store) {
-    let client = Client::new(store.clone());
-    let q = Queue::new(store.clone());
-    let units: Vec<()> = vec![(); 400];
-    client.enqueue_many::<Burst>(units.iter()).await.unwrap();
+    let (client, q) = burst_backlog(&store).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(std::sync::Mutex::new(HashSet::new()));
@@ -1258,15 +1260,7 @@ pub async fn a_cancel_reaches_a_job_claimed_ahead<F: Fixture>(_fx: Arc<F>, store
     )
     .await;
     // A job leased to the worker whose handler never started: it waits in the buffer.
-    let leased = client
-        .list(&JobFilter {
-            queue: Some(dray_core::QueueName::new("default").unwrap()),
-            state: Some(MessageState::Running),
-            limit: 1000,
-            ..JobFilter::default()
-        })
-        .await
-        .unwrap();
+    let leased = default_jobs_in(&client, MessageState::Running, 1000).await;
     let waiting = {
         let started = started.lock().unwrap();
         leased
