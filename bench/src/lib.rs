@@ -243,7 +243,9 @@ pub async fn run(
             let rep = if pg {
                 let store = fresh_pg(&cfg.url).await?;
                 let r = one(&store, w, cfg.n).await;
-                store.drop_schema().await?;
+                if std::env::var_os("DRAY_BENCH_KEEP").is_none() {
+                    store.drop_schema().await?;
+                }
                 store.close().await;
                 r
             } else {

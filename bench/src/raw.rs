@@ -29,7 +29,8 @@ UPDATE {s}.dray_jobs j SET state = 'running', attempt = j.attempt + 1,
     leased_until = now() + interval '30 seconds'
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
-    WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
+    WHERE queue = 'default' AND finished_at IS NULL
+      AND state IN ('scheduled', 'available', 'retryable') AND run_at <= now()
     ORDER BY -(priority::int4), run_at, id LIMIT 500 FOR UPDATE SKIP LOCKED))
 RETURNING j.id";
 

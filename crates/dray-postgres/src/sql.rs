@@ -24,18 +24,13 @@ const TAIL_COLS: &str = "j.queue, j.state, j.leased_by, j.finished_at, j.result,
 /// pending (so a heartbeat tells a running handler to stop).
 const LEASE_RETURNING: &str = "RETURNING j.id, j.state, (j.cancel_requested_at IS NOT NULL)";
 
-/// "The row is running", written so that the planner cannot use it to pick
-/// `dray_jobs_lease_idx` (whose predicate is `state = 'running'`) for a write that names its
-/// rows by id. With statistics taken while few rows were running, that index looks empty and
-/// the planner walks it, filtering every entry against the id list: with a generic plan
-/// (a prepared statement after five runs) that filter is a linear search per entry, and the
-/// index holds every running row plus a dead entry per row that has finished since the last
-/// VACUUM. Measured: completions of 1,000 went from ~1 ms to over 500 ms as a 200,000-job
-/// backlog drained. Through the primary key the cost is the batch's, whatever the table holds.
-const RUNNING: &str = "(j.state || '') = 'running'";
+/// "The row is running". (No index names `state` since schema version 5, so the planner
+/// finds the rows that a lease write names through the primary key, whatever their number.)
+const RUNNING: &str = "j.state = 'running'";
 
-/// The pending states: rows the claim may take once `run_at <= now()`. Must match the
-/// predicate of `dray_jobs_claim_cursor_idx` for the planner to use that index.
+/// The pending states: rows the claim may take once `run_at <= now()`. A statement that should
+/// walk `dray_jobs_unfinished_idx` also says `finished_at IS NULL`, that index's predicate,
+/// which the state alone does not let the planner infer.
 const PENDING: &str = "('scheduled', 'available', 'retryable')";
 
 /// Bulk insert: one statement for any number of rows, each column passed as one array
@@ -72,7 +67,7 @@ RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
 /// (a speculative-insertion lock and one more WAL record per row), even for rows that the
 /// arbiter index's predicate (`key IS NOT NULL`) excludes.
 const ON_CONFLICT: &str = "ON CONFLICT (queue, key)
-    WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
+    WHERE key IS NOT NULL AND finished_at IS NULL
     DO UPDATE SET key = EXCLUDED.key";
 
 /// Claim: pick and lease in ONE statement, so the row lock taken by `FOR UPDATE SKIP LOCKED`
@@ -82,7 +77,7 @@ const ON_CONFLICT: &str = "ON CONFLICT (queue, key)
 /// The pick starts after a cursor `($5, $6, $7)` = (−priority, run_at, id) of the last row
 /// this process claimed from the queue, one B-tree descent past the dead index entries that
 /// earlier claims left behind (see migration 0004); `$5 = i32::MIN` starts at the head. The
-/// row comparison is the scan's start key in `dray_jobs_claim_cursor_idx`, whose key columns
+/// row comparison is the scan's start key in `dray_jobs_unfinished_idx`, whose key columns
 /// are all ascending in delivery order. The queue is pinned by `queue <= $1` together with the
 /// row comparison (which implies `queue >= $1`) rather than by `queue = $1`: given an equality
 /// on the first column, PostgreSQL starts the scan from the equality alone and only filters
@@ -90,8 +85,11 @@ const ON_CONFLICT: &str = "ON CONFLICT (queue, key)
 ///
 /// The pick is an `ARRAY(…)` sub-select, which PostgreSQL runs once, before the UPDATE, as an
 /// InitPlan: it cannot be folded into the UPDATE (which could lock more rows than `LIMIT` asks
-/// for). Its ORDER BY matches `dray_jobs_claim_cursor_idx` exactly, so the pick is an index range scan
-/// that stops after `LIMIT` unlocked rows. The UPDATE then finds the picked rows by `ctid`
+/// for). Its ORDER BY matches `dray_jobs_unfinished_idx` exactly, so the pick is an index range
+/// scan that stops after `LIMIT` unlocked pending rows. That index also holds the running rows
+/// (so that a claim is a HOT update, see migration 0005); the pick passes over them by their
+/// state, and a claim from the cursor, which starts past the rows this process claimed last,
+/// does not even walk them. The UPDATE then finds the picked rows by `ctid`
 /// (a TID scan: no second index descent per row). `ctid = ANY(array)` rather than a join is
 /// deliberate: with real table statistics the planner otherwise prefers a hash join over a
 /// sequential scan of the whole table for a large batch, which made each claim cost as much
@@ -107,7 +105,7 @@ SET state = 'running',
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
     WHERE (queue, -(priority::int4), run_at, id) > ($1, $5, $6, $7) AND queue <= $1
-      AND state IN {pending} AND run_at <= now()
+      AND finished_at IS NULL AND state IN {pending} AND run_at <= now()
     ORDER BY queue, -(priority::int4), run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED))
@@ -158,9 +156,34 @@ UPDATE {s}.dray_jobs j
 SET leased_until = now() + $4 * interval '1 microsecond'
 {refs}";
 
-/// Rescue: expired leases go back to available (or dead when out of attempts), in bounded
-/// batches. `SKIP LOCKED` so the sweep never waits on (or races) a receiver that is acking the
-/// same row right now: whichever commits first wins, the other matches nothing.
+/// One window of the expired-lease sweep: up to `$5` unfinished rows in claim-index order,
+/// starting after `($1, $2, $3, $4)` = (queue, −priority, run_at, id). Answers one row: how many
+/// rows the window held, the ids among them whose lease has ended (of queue `$6`, or of any
+/// queue when `$6` is NULL), and the window's last key, where the next window starts.
+///
+/// There is no index of running rows by lease end: it would name `state` or `leased_until`,
+/// and then no claim or heartbeat could be a HOT update (migration 0005). The sweep walks the
+/// claim index instead, a bounded window per call, so its cost per call stays bounded however
+/// large the backlog is.
+const SWEEP_WINDOW: &str = "
+WITH w AS MATERIALIZED (
+    SELECT queue, -(priority::int4) AS np, run_at, id, state, leased_until
+    FROM {s}.dray_jobs
+    WHERE (queue, -(priority::int4), run_at, id) > ($1, $2, $3, $4) AND finished_at IS NULL
+    ORDER BY queue, -(priority::int4), run_at, id
+    LIMIT $5)
+SELECT (SELECT count(*) FROM w),
+       ARRAY(SELECT id FROM w WHERE state = 'running' AND leased_until <= now()
+                                AND ($6::text IS NULL OR queue = $6)),
+       l.queue, l.np, l.run_at, l.id
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (SELECT queue, np, run_at, id FROM w
+                   ORDER BY queue DESC, np DESC, run_at DESC, id DESC LIMIT 1) AS l ON true";
+
+/// Rescue the expired leases a sweep window found (`$1`): back to available (or dead when out of
+/// attempts). The lease is checked again under the row lock, and `SKIP LOCKED` keeps the sweep
+/// from waiting on (or racing) a receiver that is acking the same row right now: whichever
+/// commits first wins, the other matches nothing.
 const RESCUE: &str = "
 UPDATE {s}.dray_jobs j
 SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
@@ -171,9 +194,7 @@ SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' E
         'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
-    WHERE state = 'running' AND leased_until <= now() AND ($1::text IS NULL OR queue = $1)
-    ORDER BY leased_until
-    LIMIT 1000
+    WHERE id = ANY($1) AND state = 'running' AND leased_until <= now()
     FOR UPDATE SKIP LOCKED))
 RETURNING j.queue, j.state";
 
@@ -193,7 +214,8 @@ FROM {s}.dray_jobs WHERE queue = $1";
 /// Time until the queue's next not-yet-due row is due, in microseconds (NULL: none).
 const NEXT_DUE: &str = "
 SELECT (EXTRACT(EPOCH FROM min(run_at) - now()) * 1000000)::int8
-FROM {s}.dray_jobs WHERE queue = $1 AND state IN {pending} AND run_at > now()";
+FROM {s}.dray_jobs
+WHERE queue = $1 AND finished_at IS NULL AND state IN {pending} AND run_at > now()";
 
 /// Complete: finished attempts with their outputs, one statement for the whole batch (the
 /// worker's completer buffers them for a few milliseconds). Fenced like ack.
@@ -265,12 +287,12 @@ WHERE ($1::text IS NULL OR j.queue = $1) AND ($2::text IS NULL OR j.kind = $2)
 ORDER BY j.id DESC
 LIMIT $5";
 
-/// Prune finished rows in bounded batches, oldest first (walks dray_jobs_finished_idx).
+/// Prune finished rows in bounded batches, oldest first (walks dray_jobs_finished_at_idx: a
+/// row is finished exactly when it has a `finished_at`, a constraint since schema version 5).
 const PRUNE: &str = "
 DELETE FROM {s}.dray_jobs WHERE id IN (
     SELECT id FROM {s}.dray_jobs
-    WHERE state IN ('completed', 'dead', 'cancelled')
-      AND finished_at < now() - $1 * interval '1 microsecond'
+    WHERE finished_at < now() - $1 * interval '1 microsecond'
     ORDER BY finished_at
     LIMIT $2)";
 
@@ -294,8 +316,7 @@ SET callback_attempts = j.callback_attempts + 1,
     callback_next_at = now() + $2 * interval '1 microsecond'
 WHERE j.ctid = ANY(ARRAY(
     SELECT ctid FROM {s}.dray_jobs
-    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
-      AND state IN ('completed', 'dead', 'cancelled')
+    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL AND finished_at IS NOT NULL
       AND (callback_next_at IS NULL OR callback_next_at <= now())
     ORDER BY callback_next_at NULLS FIRST
     LIMIT $1
@@ -362,6 +383,7 @@ pub struct Sql {
     pub ack: Batched,
     pub nack: Batched,
     pub extend: Batched,
+    pub sweep_window: Arc<str>,
     pub rescue: Arc<str>,
     pub get: Arc<str>,
     pub stats: Arc<str>,
@@ -399,6 +421,7 @@ impl Sql {
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),
             extend: Batched::new(f(EXTEND)),
+            sweep_window: f(SWEEP_WINDOW),
             rescue: f(RESCUE),
             get: f(GET),
             stats: f(STATS),

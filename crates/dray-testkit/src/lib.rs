@@ -90,6 +90,7 @@ macro_rules! conformance_tests {
             nack_requeue_and_dead,
             exhausted_attempts_go_dead,
             extend_keeps_the_lease,
+            expired_leases_behind_a_large_backlog_are_rescued,
             caller_transaction_rollback_and_commit,
             consume_streams_until_idle,
             concurrent_consumers_receive_each_message_once,

@@ -657,6 +657,53 @@ pub async fn exhausted_attempts_go_dead<F: Fixture>(_fx: Arc<F>, store: F::Store
     );
 }
 
+/// A store may bound how many unfinished rows one sweep of expired leases examines
+/// (PostgreSQL walks them in windows of `SWEEP_WINDOW`): a lease that ends behind a backlog
+/// larger than a window still comes back within a few sweeps, each taking up where the last
+/// stopped, and the sweeps leave the backlog as it was.
+pub async fn expired_leases_behind_a_large_backlog_are_rescued<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    const BACKLOG: usize = 25_000;
+    let q = Queue::new(store);
+    // Queue "z" sorts after queue "a" in the claim order that the sweep walks.
+    let e = q.enqueue("z", &json!(0), &opts()).await.unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: NO_WAIT,
+        lease: Some(Duration::from_millis(50)),
+    };
+    assert_eq!(q.receive_with("z", &short).await.unwrap().len(), 1);
+    let backlog: Vec<serde_json::Value> = (0..BACKLOG).map(|i| json!(i)).collect();
+    for chunk in backlog.chunks(5_000) {
+        q.enqueue_many("a", chunk, &opts()).await.unwrap();
+    }
+    let deadline = Instant::now() + LONG;
+    let mut sweeps = 0;
+    loop {
+        let r = q.rescue_expired().await.unwrap();
+        sweeps += 1;
+        if r.requeued == 1 {
+            break;
+        }
+        assert_eq!(r, Default::default(), "only one lease can end");
+        assert!(
+            Instant::now() < deadline,
+            "the lease was not rescued in {sweeps} sweeps"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let m = q.get(e.id).await.unwrap().unwrap();
+    assert_eq!(m.state, MessageState::Available);
+    assert_eq!(m.attempt, 1);
+    assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+    let stats = q.stats("a").await.unwrap();
+    assert_eq!((stats.available, stats.leased), (BACKLOG as i64, 0));
+    assert_eq!(q.rescue_expired().await.unwrap(), Default::default());
+    assert_eq!(q.receive("z", 5, NO_WAIT).await.unwrap().len(), 1);
+}
+
 pub async fn extend_keeps_the_lease<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     let q = Queue::new(store);
     let e = q.enqueue("h", &json!(1), &opts()).await.unwrap();
