@@ -157,9 +157,10 @@ impl RawStore for SqliteStore {
                 "UPDATE dray_jobs SET state = 'running', attempt = attempt + 1,
                      leased_until = CAST(unixepoch('subsec') * 1000 AS INTEGER) + 30000
                  WHERE id IN (SELECT id FROM dray_jobs
-                     WHERE queue = 'default' AND state IN ('scheduled', 'available', 'retryable')
+                     WHERE queue = 'default' AND finished_at IS NULL
+                       AND state IN ('scheduled', 'available', 'retryable')
                        AND run_at <= CAST(unixepoch('subsec') * 1000 AS INTEGER)
-                     ORDER BY priority DESC, run_at, id LIMIT 500)
+                     ORDER BY rank, run_at, id LIMIT 500)
                  RETURNING id",
             )
             .fetch_all(self.pool())

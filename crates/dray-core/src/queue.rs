@@ -495,9 +495,9 @@ impl<S: Store> Queue<S> {
         self.store.message_rescue_expired(None).await.map(|_| ())
     }
 
-    /// Sweeps expired leases now (normally done by receivers as they poll). On a store that
-    /// bounds one sweep (PostgreSQL: a window of unfinished messages per call, see
-    /// [`Store::message_rescue_expired`]), a lease behind a larger backlog comes back at a later
+    /// Sweeps expired leases now (normally done by receivers as they poll). A store bounds one
+    /// sweep (a window of 10,000 unfinished messages per call, see
+    /// [`Store::message_rescue_expired`]): a lease behind a larger backlog comes back at a later
     /// call.
     pub async fn rescue_expired(&self) -> Result<RescueReport> {
         self.store.message_rescue_expired(None).await

@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "callbacks",
         sql: include_str!("../migrations/0003_callbacks.sql"),
     },
+    Migration {
+        version: 4,
+        name: "unfinished_index",
+        sql: include_str!("../migrations/0004_unfinished_index.sql"),
+    },
 ];
 
 /// Fallback poll interval of waiting receivers: wake-ups from other processes, and from
@@ -73,6 +78,7 @@ struct Statements {
     ack: String,
     nack: String,
     extend: String,
+    sweep_window: String,
     rescue: String,
     get: String,
     stats: String,
@@ -101,6 +107,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     ack: sql::expand(sql::ACK),
     nack: sql::expand(sql::NACK),
     extend: sql::expand(sql::EXTEND),
+    sweep_window: sql::expand(sql::SWEEP_WINDOW),
     rescue: sql::expand(sql::RESCUE),
     get: sql::expand(sql::GET),
     stats: sql::expand(sql::STATS),
@@ -210,6 +217,7 @@ impl SqliteStoreBuilder {
                 reader,
                 hub: WakeHub::new(),
                 poll_interval: self.poll_interval,
+                sweep_from: std::sync::Mutex::new(None),
             }),
         };
         match self.schema_mode {
@@ -239,7 +247,22 @@ struct Inner {
     reader: SqlitePool,
     hub: WakeHub,
     poll_interval: Duration,
+    /// Where this handle's next expired-lease sweep starts (`None`: at the head of the index).
+    sweep_from: std::sync::Mutex<Option<SweepKey>>,
 }
+
+/// Most unfinished rows one expired-lease sweep examines ([`Store::message_rescue_expired`]).
+///
+/// Since schema version 4 no index lists running rows by lease end (it would cost every claim
+/// and heartbeat index writes on the one writer), so the sweep walks the unfinished rows. Each
+/// call examines up to this many, continuing where the previous call of the same store handle
+/// stopped and wrapping around at the end: one call covers every unfinished row of a file
+/// holding fewer than this many, and a full pass over `n` unfinished rows takes
+/// `n / SWEEP_WINDOW` calls.
+pub const SWEEP_WINDOW: i64 = 10_000;
+
+/// A position in `dray_jobs_unfinished_idx`: (queue, rank = −priority, run_at ms, id).
+type SweepKey = (String, i64, i64, Uuid);
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -745,20 +768,75 @@ impl Store for SqliteStore {
 
     async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
         let op = "message_rescue_expired";
-        let rows = q(&SQL.rescue)
-            .bind(queue.map(|q| q.as_str().to_owned()))
-            .fetch_all(&self.inner.writer)
-            .await
-            .map_err(Error::db(op))?;
+        let start = self
+            .inner
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut from = start.clone();
+        let mut budget = SWEEP_WINDOW;
+        let mut expired: Vec<String> = Vec::new();
+        let next = loop {
+            let (q_, rank, run_at, id) = from
+                .clone()
+                .unwrap_or_else(|| (String::new(), i64::MIN, i64::MIN, Uuid::nil()));
+            let row = q(&SQL.sweep_window)
+                .bind(q_)
+                .bind(rank)
+                .bind(run_at)
+                .bind(id)
+                .bind(budget)
+                .bind(queue.map(|q| q.as_str().to_owned()))
+                .fetch_one(&self.inner.reader)
+                .await
+                .map_err(Error::db(op))?;
+            let seen: i64 = row.try_get(0).map_err(Error::db(op))?;
+            let ids: String = row.try_get(1).map_err(Error::db(op))?;
+            if ids != "[]" {
+                expired.push(ids);
+            }
+            if seen >= budget {
+                // The window was full: the next sweep goes on after its last row.
+                let last: Option<String> = row.try_get(2).map_err(Error::db(op))?;
+                break match last {
+                    Some(q_) => Some((
+                        q_,
+                        row.try_get(3).map_err(Error::db(op))?,
+                        row.try_get(4).map_err(Error::db(op))?,
+                        row.try_get(5).map_err(Error::db(op))?,
+                    )),
+                    None => None,
+                };
+            }
+            budget -= seen;
+            // The end of the index: wrap around once to the rows before where this call began.
+            if from.is_none() || start.is_none() || budget == 0 {
+                break None;
+            }
+            from = None;
+        };
+        *self
+            .inner
+            .sweep_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = next;
         let mut report = RescueReport::default();
-        for row in rows {
-            let q: String = row.try_get(0).map_err(Error::db(op))?;
-            let state: String = row.try_get(1).map_err(Error::db(op))?;
-            if state == MessageState::Dead.as_str() {
-                report.dead += 1;
-            } else {
-                report.requeued += 1;
-                self.inner.hub.wake(&q);
+        for ids in expired {
+            let rows = q(&SQL.rescue)
+                .bind(ids)
+                .fetch_all(&self.inner.writer)
+                .await
+                .map_err(Error::db(op))?;
+            for row in rows {
+                let q: String = row.try_get(0).map_err(Error::db(op))?;
+                let state: String = row.try_get(1).map_err(Error::db(op))?;
+                if state == MessageState::Dead.as_str() {
+                    report.dead += 1;
+                } else {
+                    report.requeued += 1;
+                    self.inner.hub.wake(&q);
+                }
             }
         }
         Ok(report)

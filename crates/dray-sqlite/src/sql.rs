@@ -44,7 +44,7 @@ SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7,
 FROM (SELECT {now} AS now, COALESCE(?9, {now} + ?8) AS due) d
 WHERE true
 ON CONFLICT (queue, key)
-    WHERE key IS NOT NULL AND state IN ('scheduled', 'available', 'retryable', 'running')
+    WHERE key IS NOT NULL AND finished_at IS NULL
     DO NOTHING
 RETURNING id";
 
@@ -65,9 +65,11 @@ FROM json_each(?1) r, (SELECT {now} AS now) d";
 
 pub const FIND_KEY: &str = "
 SELECT id FROM dray_jobs
-WHERE queue = ?1 AND key = ?2 AND state IN ('scheduled', 'available', 'retryable', 'running')";
+WHERE queue = ?1 AND key = ?2 AND finished_at IS NULL";
 
-/// Claim: pick and lease in one UPDATE. The subquery reads the claim index in delivery order.
+/// Claim: pick and lease in one UPDATE. The subquery reads `dray_jobs_unfinished_idx` in
+/// delivery order (`rank` is −priority), passing over running rows by their state: they stay in
+/// that index so that a claim writes no index entry (migration 0004).
 ///
 /// `queue = (SELECT ?1)` rather than `queue = ?1`: once a file has been analyzed (`ANALYZE`,
 /// `PRAGMA optimize`), the bundled SQLite (built with `ENABLE_STAT4`) treats a statement whose
@@ -80,8 +82,8 @@ UPDATE dray_jobs
 SET state = 'running', attempt = attempt + 1, leased_until = {now} + ?3, leased_by = ?4
 WHERE id IN (
     SELECT id FROM dray_jobs
-    WHERE queue = (SELECT ?1) AND state IN {pending} AND run_at <= {now}
-    ORDER BY priority DESC, run_at, id
+    WHERE queue = (SELECT ?1) AND finished_at IS NULL AND state IN {pending} AND run_at <= {now}
+    ORDER BY rank, run_at, id
     LIMIT ?2)
 RETURNING {claim_cols}";
 
@@ -94,11 +96,11 @@ RETURNING {claim_cols}";
 ///
 /// `(SELECT ?1)` for the queue: see CLAIM.
 ///
-/// `+dray_jobs.state` (a unary plus) keeps the planner off `dray_jobs_lease_idx`, whose
-/// predicate `state = 'running'` the plain comparison would let it use: after `ANALYZE` taken
-/// while nothing ran, SQLite believes that index nearly empty and scans every running row,
-/// evaluating the JSON list once per row (measured: W2-tuned fell from ~40,000 to ~2,000
-/// jobs/s). Without it the only plan is the one wanted: each listed id looked up by key.
+/// `+dray_jobs.state` (a unary plus) kept the planner off the running-rows index of schema
+/// versions 1–3, which after an `ANALYZE` taken while nothing ran looked nearly empty, so SQLite
+/// scanned every running row and evaluated the JSON list once per row (measured: W2-tuned fell
+/// from ~40,000 to ~2,000 jobs/s). No index names `state` since version 4; the plus stays so
+/// that none ever can. The only plan is the one wanted: each listed id looked up by key.
 const REFS: &str = "
 FROM ({lease_items}) r
 WHERE dray_jobs.id = r.id AND dray_jobs.queue = (SELECT ?1) AND +dray_jobs.state = 'running'
@@ -134,6 +136,26 @@ SET state = CASE WHEN ?3 = 'release' THEN 'available'
 
 pub const EXTEND: &str = "UPDATE dray_jobs SET leased_until = {now} + ?3 {refs}";
 
+/// One window of the expired-lease sweep (see the PostgreSQL store's SWEEP_WINDOW): up to ?5
+/// unfinished rows in claim-index order after (?1, ?2, ?3, ?4) = (queue, rank, run_at, id).
+/// Answers how many rows the window held, the hex ids among them whose lease has ended (of
+/// queue ?6, or of any queue when ?6 is NULL) as a JSON array, and the window's last key.
+pub const SWEEP_WINDOW: &str = "
+WITH w AS MATERIALIZED (
+    SELECT queue, rank, run_at, id, state, leased_until FROM dray_jobs
+    WHERE (queue, rank, run_at, id) > (?1, ?2, ?3, ?4) AND finished_at IS NULL
+    ORDER BY queue, rank, run_at, id
+    LIMIT ?5)
+SELECT (SELECT count(*) FROM w),
+       (SELECT json_group_array(hex(id)) FROM w
+         WHERE state = 'running' AND leased_until <= {now} AND (?6 IS NULL OR queue = ?6)),
+       l.queue, l.rank, l.run_at, l.id
+FROM (SELECT 1) AS one
+LEFT JOIN (SELECT queue, rank, run_at, id FROM w
+           ORDER BY queue DESC, rank DESC, run_at DESC, id DESC LIMIT 1) AS l";
+
+/// Rescue the expired leases a sweep window found (?1: a JSON array of hex ids), checked again
+/// in this statement.
 pub const RESCUE: &str = "
 UPDATE dray_jobs
 SET state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END,
@@ -142,11 +164,8 @@ SET state = CASE WHEN attempt >= max_attempts THEN 'dead' ELSE 'available' END,
     errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', {iso_now},
         'kind', 'lease_expired',
         'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
-WHERE id IN (
-    SELECT id FROM dray_jobs
-    WHERE state = 'running' AND leased_until <= {now} AND (?1 IS NULL OR queue = ?1)
-    ORDER BY leased_until
-    LIMIT 1000)
+WHERE id IN (SELECT unhex(value) FROM json_each(?1))
+  AND state = 'running' AND leased_until <= {now}
 RETURNING queue, state";
 
 pub const GET: &str = "SELECT {cols} FROM dray_jobs WHERE id = ?1";
@@ -163,7 +182,7 @@ FROM dray_jobs, (SELECT {now} AS now) n WHERE queue = ?1";
 
 pub const NEXT_DUE: &str = "
 SELECT min(run_at) - {now} FROM dray_jobs
-WHERE queue = ?1 AND state IN {pending} AND run_at > {now}";
+WHERE queue = ?1 AND finished_at IS NULL AND state IN {pending} AND run_at > {now}";
 
 pub const NOW_MS: &str = "SELECT {now}";
 
@@ -228,7 +247,7 @@ LIMIT ?5";
 pub const PRUNE: &str = "
 DELETE FROM dray_jobs WHERE id IN (
     SELECT id FROM dray_jobs
-    WHERE state IN ('completed', 'dead', 'cancelled') AND finished_at < {now} - ?1
+    WHERE finished_at < {now} - ?1
     ORDER BY finished_at
     LIMIT ?2)";
 
@@ -244,8 +263,7 @@ UPDATE dray_jobs
 SET callback_attempts = callback_attempts + 1, callback_next_at = {now} + ?2
 WHERE id IN (
     SELECT id FROM dray_jobs
-    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
-      AND state IN ('completed', 'dead', 'cancelled')
+    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL AND finished_at IS NOT NULL
       AND (callback_next_at IS NULL OR callback_next_at <= {now})
     ORDER BY callback_next_at
     LIMIT ?1)
