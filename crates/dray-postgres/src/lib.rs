@@ -1330,4 +1330,137 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
+
+    /// Runs `EXPLAIN (ANALYZE, BUFFERS)` of a lease write on a worker connection (its planner
+    /// settings) in a transaction that is rolled back, and checks that its work is linear in
+    /// the batch: no node runs more than once per statement (a nested loop over the id list
+    /// re-reads the whole list for every row it finds: no extra pages, but n² comparisons),
+    /// and the pages touched stay within `pages_per_row` per row.
+    async fn assert_linear(
+        store: &PgStore,
+        what: &str,
+        n: usize,
+        q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) {
+        let mut tx = store.inner.worker_pool.begin().await.unwrap();
+        let lines: Vec<String> = q
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect();
+        tx.rollback().await.unwrap();
+        let plan = lines.join("\n");
+        let number_after = |line: &str, key: &str| -> Option<u64> {
+            line.split(key)
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        for line in &lines {
+            if let Some(loops) = number_after(line, "loops=") {
+                assert!(
+                    loops <= 1,
+                    "{what} of {n}: a node ran {loops} times:\n{plan}"
+                );
+            }
+        }
+        let pages = lines
+            .iter()
+            .filter(|l| l.contains("Buffers: shared"))
+            .map(|l| {
+                ["hit=", "read="]
+                    .iter()
+                    .filter_map(|k| number_after(l, k))
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or_else(|| panic!("no buffer counts in the plan:\n{plan}"));
+        assert!(
+            pages < 20 * n as u64,
+            "{what} of {n} touched {pages} pages:\n{plan}"
+        );
+    }
+
+    /// Completions and acks of any batch size do work linear in the batch on a table analyzed
+    /// while nothing ran (so the statistics say no row is running). There the planner expects
+    /// one matching row and, unless worker connections disable nested loops, joins the rows to
+    /// the batch's id list with a loop that re-reads the whole list for each row: a completion
+    /// of 2,000 took seconds while a 100,000-job backlog drained. Checked by the plan's loop
+    /// counts and pages, not by timing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_writes_of_large_batches_stay_linear_after_analyze() {
+        const BATCH: usize = 2_000;
+        let url = std::env::var("DRAY_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let schema = format!("dray_t_{}", Uuid::now_v7().simple());
+        let store = PgStore::builder(url)
+            .schema(schema.as_str())
+            .max_connections(4)
+            .schema_mode(SchemaMode::Migrate)
+            .connect()
+            .await
+            .expect("PostgreSQL is required for this test");
+        let q = dray_core::Queue::new(store.clone());
+        let payloads: Vec<serde_json::Value> = (0..20_000).map(|i| serde_json::json!(i)).collect();
+        for chunk in payloads.chunks(5_000) {
+            q.enqueue_many("big", chunk, &dray_core::EnqueueOptions::new())
+                .await
+                .unwrap();
+        }
+        sqlx::query(AssertSqlSafe(format!("ANALYZE \"{schema}\".dray_jobs")))
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let options = dray_core::ReceiveOptions {
+            limit: BATCH as u32,
+            wait: Duration::ZERO,
+            lease: None,
+        };
+        let got = q.receive_with("big", &options).await.unwrap();
+        assert_eq!(got.len(), BATCH);
+        // Every batch size: the planner's choice between plans depends on it.
+        for n in [33, 100, 250, 500, 1_000, 2_000] {
+            let ids: Vec<Uuid> = got[..n].iter().map(|m| m.id).collect();
+            let attempts: Vec<Option<i32>> = got[..n].iter().map(|m| Some(m.attempt)).collect();
+            let results: Vec<Option<&str>> = vec![None; n];
+
+            let (text, _) = store.inner.sql.complete.for_len(n);
+            let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {text}");
+            let complete = sqlx::query(AssertSqlSafe(explain))
+                .bind(&ids)
+                .bind(&attempts)
+                .bind(&results);
+            assert_linear(&store, "a completion", n, complete).await;
+
+            let (text, _) = store.inner.sql.ack.for_len(n);
+            let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {text}");
+            let ack = sqlx::query(AssertSqlSafe(explain))
+                .bind("big")
+                .bind(&ids)
+                .bind(&attempts);
+            assert_linear(&store, "an ack", n, ack).await;
+        }
+
+        // The rows are untouched (both writes were rolled back) and complete for real.
+        let done: Vec<Completion> = got
+            .iter()
+            .map(|m| Completion {
+                lease: LeaseRef {
+                    id: m.id,
+                    attempt: Some(m.attempt),
+                },
+                result: None,
+            })
+            .collect();
+        assert_eq!(
+            store.job_complete_many(&done).await.unwrap().applied.len(),
+            BATCH
+        );
+        store.drop_schema().await.unwrap();
+        store.close().await;
+    }
 }
