@@ -302,3 +302,157 @@ pub fn settle_parts(outcome: &crate::CallbackSettle) -> (bool, std::time::Durati
         crate::CallbackSettle::Retry { after, error } => (false, *after, Some(error.as_str())),
     }
 }
+
+/// Most unfinished rows one expired-lease sweep examines ([`crate::Store::message_rescue_expired`]).
+///
+/// No index of either store lists running rows by lease end: on PostgreSQL one would cost every
+/// claim and heartbeat its HOT update, on SQLite two index writes on the one writer. A sweep
+/// therefore walks the unfinished rows, in claim-index order, up to this many per call,
+/// continuing where the previous call of the same store handle stopped and wrapping around at
+/// the end ([`SweepCursor`]). One call covers every unfinished row of a store holding fewer than
+/// this many; a full pass over `n` unfinished rows takes `n / SWEEP_WINDOW` calls. A window costs
+/// about as much as claiming a few hundred jobs.
+pub const SWEEP_WINDOW: i64 = 10_000;
+
+/// Where a store handle's next expired-lease sweep starts: a key of the store's claim index, or
+/// nothing for its head. Shared by the handle's clones.
+#[derive(Debug)]
+pub struct SweepCursor<K>(std::sync::Mutex<Option<K>>);
+
+impl<K> Default for SweepCursor<K> {
+    fn default() -> Self {
+        SweepCursor(std::sync::Mutex::new(None))
+    }
+}
+
+impl<K: Clone> SweepCursor<K> {
+    /// Starts a sweep where the previous one stopped. Until [`SweepCursor::finish`] records
+    /// where it ended, a concurrent or later sweep starts from the head (so a sweep that fails
+    /// half-way only costs the next one a walk from the head).
+    pub fn begin(&self) -> Sweep<K> {
+        let start = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Sweep {
+            from: start.clone(),
+            wrapped: start.is_none(),
+            budget: SWEEP_WINDOW,
+            next: None,
+        }
+    }
+
+    /// Records where the next sweep starts.
+    pub fn finish(&self, sweep: Sweep<K>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = sweep.next;
+    }
+}
+
+/// One sweep in progress: the windows it reads, [`SWEEP_WINDOW`] rows in all, from where the
+/// previous sweep stopped, wrapping around once at the end of the index.
+///
+/// ```text
+/// let mut sweep = cursor.begin();
+/// loop {
+///     let (after, limit) = sweep.window();   // after: None = from the head
+///     /* read up to `limit` unfinished rows after `after`: how many, and the last key */
+///     if !sweep.advance(seen, last) { break }
+/// }
+/// cursor.finish(sweep);
+/// ```
+#[derive(Debug)]
+pub struct Sweep<K> {
+    from: Option<K>,
+    wrapped: bool,
+    budget: i64,
+    next: Option<K>,
+}
+
+impl<K: Clone> Sweep<K> {
+    /// The next window to read: up to `limit` rows after `after` (`None`: from the head).
+    pub fn window(&self) -> (Option<K>, i64) {
+        (self.from.clone(), self.budget)
+    }
+
+    /// Records what the window read (`seen` rows, the last one's key); true when another
+    /// window follows.
+    pub fn advance(&mut self, seen: i64, last: Option<K>) -> bool {
+        if seen >= self.budget {
+            // The window was full: the next sweep goes on after its last row.
+            self.next = last;
+            return false;
+        }
+        self.budget -= seen;
+        self.next = None;
+        // The end of the index: wrap around once to the rows before where this sweep began.
+        if self.wrapped || self.budget == 0 {
+            return false;
+        }
+        self.wrapped = true;
+        self.from = None;
+        true
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    /// Runs one sweep over an index of `rows` keys (0..rows), returning the windows it read.
+    fn sweep(cursor: &SweepCursor<i64>, rows: i64) -> Vec<(Option<i64>, i64)> {
+        let mut windows = Vec::new();
+        let mut s = cursor.begin();
+        loop {
+            let (after, limit) = s.window();
+            windows.push((after, limit));
+            let first = after.map_or(0, |a| a + 1);
+            let seen = (rows - first).clamp(0, limit);
+            let last = (seen > 0).then_some(first + seen - 1);
+            if !s.advance(seen, last) {
+                break;
+            }
+        }
+        cursor.finish(s);
+        windows
+    }
+
+    #[test]
+    fn a_small_index_is_covered_by_every_sweep() {
+        let c = SweepCursor::default();
+        for _ in 0..3 {
+            assert_eq!(sweep(&c, 10), vec![(None, SWEEP_WINDOW)]);
+        }
+    }
+
+    #[test]
+    fn a_large_index_is_covered_in_turns_and_wraps_around() {
+        let c = SweepCursor::default();
+        let rows = 2 * SWEEP_WINDOW + 500;
+        assert_eq!(sweep(&c, rows), vec![(None, SWEEP_WINDOW)]);
+        assert_eq!(
+            sweep(&c, rows),
+            vec![(Some(SWEEP_WINDOW - 1), SWEEP_WINDOW)]
+        );
+        // The third sweep reads the last 500 rows, then wraps to the head for the rest of its
+        // budget, and the fourth goes on from there.
+        assert_eq!(
+            sweep(&c, rows),
+            vec![
+                (Some(2 * SWEEP_WINDOW - 1), SWEEP_WINDOW),
+                (None, SWEEP_WINDOW - 500)
+            ]
+        );
+        assert_eq!(
+            sweep(&c, rows),
+            vec![(Some(SWEEP_WINDOW - 501), SWEEP_WINDOW)]
+        );
+    }
+
+    #[test]
+    fn an_index_that_shrank_below_the_cursor_restarts_at_the_head() {
+        let c = SweepCursor::default();
+        sweep(&c, 3 * SWEEP_WINDOW);
+        assert_eq!(
+            sweep(&c, 100),
+            vec![(Some(SWEEP_WINDOW - 1), SWEEP_WINDOW), (None, SWEEP_WINDOW)]
+        );
+        assert_eq!(sweep(&c, 100), vec![(None, SWEEP_WINDOW)]);
+    }
+}

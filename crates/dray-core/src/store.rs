@@ -111,10 +111,10 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Takes back leases that have ended: the message becomes available again, or dead when it
     /// has used all its attempts. `queue = None` sweeps every queue.
     ///
-    /// A store may bound the work of one call: both stores examine at most `SWEEP_WINDOW`
-    /// (10,000) unfinished messages per call (`dray_postgres::SWEEP_WINDOW`,
-    /// `dray_sqlite::SWEEP_WINDOW`), continuing where the previous call on the same handle
-    /// stopped, so a sweep of a larger backlog takes several calls.
+    /// A store may bound the work of one call: both stores examine at most
+    /// [`crate::batch::SWEEP_WINDOW`] (10,000) unfinished messages per call, continuing where
+    /// the previous call on the same handle stopped, so a sweep of a larger backlog takes
+    /// several calls.
     /// Callers sweep regularly (workers' maintenance, receivers' rescue interval) rather than
     /// relying on one call to see everything.
     fn message_rescue_expired(

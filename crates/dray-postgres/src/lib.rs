@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
+    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
     decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, micros,
     redrive_key_taken, redrive_refused, settle_parts,
 };
@@ -206,7 +206,7 @@ impl PgStoreBuilder {
                 listener: tokio::sync::OnceCell::new(),
                 poll_interval: self.poll_interval,
                 cursors: std::sync::Mutex::new(HashMap::new()),
-                sweep_from: std::sync::Mutex::new(None),
+                sweep: SweepCursor::default(),
             }),
         };
         match self.schema_mode {
@@ -272,20 +272,11 @@ struct Inner {
     poll_interval: Duration,
     /// Per queue: where this process's next claim may start (see [`ClaimCursor`]).
     cursors: std::sync::Mutex<HashMap<String, ClaimCursor>>,
-    /// Where this handle's next expired-lease sweep starts (`None`: at the head of the index).
-    sweep_from: std::sync::Mutex<Option<SweepKey>>,
+    /// Where this handle's next expired-lease sweep starts.
+    sweep: SweepCursor<SweepKey>,
 }
 
-/// Most unfinished rows one expired-lease sweep examines ([`Store::message_rescue_expired`]).
-///
-/// Since schema version 5 the sweep walks the unfinished rows (no index lists the running rows
-/// by lease end: it would cost every claim and heartbeat a HOT update). Each call examines up to
-/// this many, continuing where the previous call of the same store handle stopped and wrapping
-/// around at the end, so one call covers every unfinished row of a database holding fewer than
-/// this many, and a full pass over `n` unfinished rows takes `n / SWEEP_WINDOW` calls (a worker's
-/// leader sweeps once per maintenance interval: a second by default). A window costs about as
-/// much as claiming a few hundred jobs.
-pub const SWEEP_WINDOW: i64 = 10_000;
+pub use dray_core::batch::SWEEP_WINDOW;
 
 /// A position in `dray_jobs_unfinished_idx`: (queue, −priority, run_at, id).
 type SweepKey = (String, i32, DateTime<Utc>, Uuid);
@@ -1000,25 +991,18 @@ impl Store for PgStore {
 
     async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
         let op = "message_rescue_expired";
-        let start = self
-            .inner
-            .sweep_from
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let mut from = start.clone();
-        let mut budget = SWEEP_WINDOW;
         let mut expired: Vec<Uuid> = Vec::new();
-        let next = loop {
-            let (q, np, run_at, id) = from
-                .clone()
-                .unwrap_or_else(|| (String::new(), HEAD.0, HEAD.1, HEAD.2));
+        let mut sweep = self.inner.sweep.begin();
+        loop {
+            let (from, limit) = sweep.window();
+            let (q, np, run_at, id) =
+                from.unwrap_or_else(|| (String::new(), HEAD.0, HEAD.1, HEAD.2));
             let row = sqlx::query(AssertSqlSafe(self.inner.sql.sweep_window.clone()))
                 .bind(q)
                 .bind(np)
                 .bind(run_at)
                 .bind(id)
-                .bind(budget)
+                .bind(limit)
                 .bind(queue.map(|q| q.as_str()))
                 .fetch_one(&self.inner.worker_pool)
                 .await
@@ -1026,31 +1010,20 @@ impl Store for PgStore {
             let seen: i64 = row.try_get(0).map_err(Error::db(op))?;
             let ids: Vec<Uuid> = row.try_get(1).map_err(Error::db(op))?;
             expired.extend(ids);
-            if seen >= budget {
-                // The window was full: the next sweep goes on after its last row.
-                let last: Option<String> = row.try_get(2).map_err(Error::db(op))?;
-                break match last {
-                    Some(q) => Some((
-                        q,
-                        row.try_get(3).map_err(Error::db(op))?,
-                        row.try_get(4).map_err(Error::db(op))?,
-                        row.try_get(5).map_err(Error::db(op))?,
-                    )),
-                    None => None,
-                };
+            let last = match row.try_get::<Option<String>, _>(2).map_err(Error::db(op))? {
+                Some(q) => Some((
+                    q,
+                    row.try_get(3).map_err(Error::db(op))?,
+                    row.try_get(4).map_err(Error::db(op))?,
+                    row.try_get(5).map_err(Error::db(op))?,
+                )),
+                None => None,
+            };
+            if !sweep.advance(seen, last) {
+                break;
             }
-            budget -= seen;
-            // The end of the index: wrap around once to the rows before where this call began.
-            if from.is_none() || start.is_none() || budget == 0 {
-                break None;
-            }
-            from = None;
-        };
-        *self
-            .inner
-            .sweep_from
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = next;
+        }
+        self.inner.sweep.finish(sweep);
         if expired.is_empty() {
             return Ok(RescueReport::default());
         }

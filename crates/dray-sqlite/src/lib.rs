@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
+    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
     decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken,
     redrive_refused, settle_parts,
 };
@@ -217,7 +217,7 @@ impl SqliteStoreBuilder {
                 reader,
                 hub: WakeHub::new(),
                 poll_interval: self.poll_interval,
-                sweep_from: std::sync::Mutex::new(None),
+                sweep: SweepCursor::default(),
             }),
         };
         match self.schema_mode {
@@ -247,19 +247,11 @@ struct Inner {
     reader: SqlitePool,
     hub: WakeHub,
     poll_interval: Duration,
-    /// Where this handle's next expired-lease sweep starts (`None`: at the head of the index).
-    sweep_from: std::sync::Mutex<Option<SweepKey>>,
+    /// Where this handle's next expired-lease sweep starts.
+    sweep: SweepCursor<SweepKey>,
 }
 
-/// Most unfinished rows one expired-lease sweep examines ([`Store::message_rescue_expired`]).
-///
-/// Since schema version 4 no index lists running rows by lease end (it would cost every claim
-/// and heartbeat index writes on the one writer), so the sweep walks the unfinished rows. Each
-/// call examines up to this many, continuing where the previous call of the same store handle
-/// stopped and wrapping around at the end: one call covers every unfinished row of a file
-/// holding fewer than this many, and a full pass over `n` unfinished rows takes
-/// `n / SWEEP_WINDOW` calls.
-pub const SWEEP_WINDOW: i64 = 10_000;
+pub use dray_core::batch::SWEEP_WINDOW;
 
 /// A position in `dray_jobs_unfinished_idx`: (queue, rank = −priority, run_at ms, id).
 type SweepKey = (String, i64, i64, Uuid);
@@ -768,25 +760,18 @@ impl Store for SqliteStore {
 
     async fn message_rescue_expired(&self, queue: Option<&QueueName>) -> Result<RescueReport> {
         let op = "message_rescue_expired";
-        let start = self
-            .inner
-            .sweep_from
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let mut from = start.clone();
-        let mut budget = SWEEP_WINDOW;
         let mut expired: Vec<String> = Vec::new();
-        let next = loop {
-            let (q_, rank, run_at, id) = from
-                .clone()
-                .unwrap_or_else(|| (String::new(), i64::MIN, i64::MIN, Uuid::nil()));
+        let mut sweep = self.inner.sweep.begin();
+        loop {
+            let (from, limit) = sweep.window();
+            let (q_, rank, run_at, id) =
+                from.unwrap_or_else(|| (String::new(), i64::MIN, i64::MIN, Uuid::nil()));
             let row = q(&SQL.sweep_window)
                 .bind(q_)
                 .bind(rank)
                 .bind(run_at)
                 .bind(id)
-                .bind(budget)
+                .bind(limit)
                 .bind(queue.map(|q| q.as_str().to_owned()))
                 .fetch_one(&self.inner.reader)
                 .await
@@ -796,31 +781,20 @@ impl Store for SqliteStore {
             if ids != "[]" {
                 expired.push(ids);
             }
-            if seen >= budget {
-                // The window was full: the next sweep goes on after its last row.
-                let last: Option<String> = row.try_get(2).map_err(Error::db(op))?;
-                break match last {
-                    Some(q_) => Some((
-                        q_,
-                        row.try_get(3).map_err(Error::db(op))?,
-                        row.try_get(4).map_err(Error::db(op))?,
-                        row.try_get(5).map_err(Error::db(op))?,
-                    )),
-                    None => None,
-                };
+            let last = match row.try_get::<Option<String>, _>(2).map_err(Error::db(op))? {
+                Some(q_) => Some((
+                    q_,
+                    row.try_get(3).map_err(Error::db(op))?,
+                    row.try_get(4).map_err(Error::db(op))?,
+                    row.try_get(5).map_err(Error::db(op))?,
+                )),
+                None => None,
+            };
+            if !sweep.advance(seen, last) {
+                break;
             }
-            budget -= seen;
-            // The end of the index: wrap around once to the rows before where this call began.
-            if from.is_none() || start.is_none() || budget == 0 {
-                break None;
-            }
-            from = None;
-        };
-        *self
-            .inner
-            .sweep_from
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = next;
+        }
+        self.inner.sweep.finish(sweep);
         let mut report = RescueReport::default();
         for ids in expired {
             let rows = q(&SQL.rescue)

@@ -658,7 +658,7 @@ pub async fn exhausted_attempts_go_dead<F: Fixture>(_fx: Arc<F>, store: F::Store
 }
 
 /// A store may bound how many unfinished rows one sweep of expired leases examines
-/// (PostgreSQL walks them in windows of `SWEEP_WINDOW`): a lease that ends behind a backlog
+/// (both stores walk them in windows of `dray_core::batch::SWEEP_WINDOW`): a lease that ends behind a backlog
 /// larger than a window still comes back within a few sweeps, each taking up where the last
 /// stopped, and the sweeps leave the backlog as it was.
 pub async fn expired_leases_behind_a_large_backlog_are_rescued<F: Fixture>(
