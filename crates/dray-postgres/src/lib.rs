@@ -1366,7 +1366,6 @@ mod tests {
     /// counts and pages, not by timing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lease_writes_of_large_batches_stay_linear_after_analyze() {
-        const BATCH: usize = 2_000;
         let url = std::env::var("DRAY_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let schema = format!("dray_t_{}", Uuid::now_v7().simple());
@@ -1377,6 +1376,18 @@ mod tests {
             .connect()
             .await
             .expect("PostgreSQL is required for this test");
+        // The checks run apart so that the schema is dropped whether they pass or not.
+        let checks = std::panic::AssertUnwindSafe(lease_write_plans(&store, &schema));
+        let outcome = futures_util::FutureExt::catch_unwind(checks).await;
+        store.drop_schema().await.unwrap();
+        store.close().await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    async fn lease_write_plans(store: &PgStore, schema: &str) {
+        const BATCH: usize = 2_000;
         let q = dray_core::Queue::new(store.clone());
         let payloads: Vec<serde_json::Value> = (0..20_000).map(|i| serde_json::json!(i)).collect();
         for chunk in payloads.chunks(5_000) {
@@ -1407,7 +1418,7 @@ mod tests {
                 .bind(&ids)
                 .bind(&attempts)
                 .bind(&results);
-            assert_linear(&store, "a completion", n, complete).await;
+            assert_linear(store, "a completion", n, complete).await;
 
             let (text, _) = store.inner.sql.ack.for_len(n);
             let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {text}");
@@ -1415,7 +1426,7 @@ mod tests {
                 .bind("big")
                 .bind(&ids)
                 .bind(&attempts);
-            assert_linear(&store, "an ack", n, ack).await;
+            assert_linear(store, "an ack", n, ack).await;
         }
 
         // The rows are untouched (both writes were rolled back) and complete for real.
@@ -1433,7 +1444,5 @@ mod tests {
             store.job_complete_many(&done).await.unwrap().applied.len(),
             BATCH
         );
-        store.drop_schema().await.unwrap();
-        store.close().await;
     }
 }
