@@ -503,12 +503,13 @@ impl PgStore {
             max_attempts.push(m.max_attempts);
             callbacks.push(m.callback_url.as_deref());
         }
-        let sql = if keys.iter().any(Option::is_some) {
+        let keyed = keys.iter().any(Option::is_some);
+        let sql = if keyed {
             &self.inner.sql.insert
         } else {
             &self.inner.sql.insert_unkeyed
         };
-        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+        let query = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(&ids)
             .bind(&queues)
             .bind(&kinds)
@@ -520,7 +521,34 @@ impl PgStore {
             .bind(&not_befores)
             .bind(&enqueued)
             .bind(&max_attempts)
-            .bind(&callbacks)
+            .bind(&callbacks);
+        if !keyed {
+            // No keys: every row is new, and the count says they all went in.
+            let done = query
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db("message_insert_many"))?;
+            self.rewind_for(messages);
+            if done.rows_affected() != n as u64 {
+                return Err(Error::CorruptRow {
+                    id: String::new(),
+                    reason: format!(
+                        "an insert of {n} messages reported {} rows",
+                        done.rows_affected()
+                    ),
+                });
+            }
+            let sent: Vec<Enqueued> = batch
+                .send
+                .iter()
+                .map(|&i| Enqueued {
+                    id: messages[i].id,
+                    duplicate: false,
+                })
+                .collect();
+            return batch.spread(&sent);
+        }
+        let rows = query
             .fetch_all(&mut *conn)
             .await
             .map_err(Error::db("message_insert_many"))?;

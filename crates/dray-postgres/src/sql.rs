@@ -70,7 +70,13 @@ FROM (
               enqueued_at, max_attempts, callback_url)
 ) r
 {on_conflict}
-RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
+{returning}";
+
+/// What [`INSERT`] reads back for a batch with dedup keys: each row, and whether it was already
+/// there. A batch without keys reads back nothing: every row is new (its id was made
+/// client-side, and a duplicate id fails the statement), so the row count says it all, and
+/// PostgreSQL sends no result row per job, and the client decodes none.
+const INSERT_RETURNING: &str = "RETURNING j.id, j.queue, j.key, (j.xmax::text <> '0') AS duplicate";
 
 /// The dedup clause of [`INSERT`], for batches in which some message has a key. A batch
 /// without keys leaves it out: with `ON CONFLICT`, PostgreSQL inserts every row speculatively
@@ -425,8 +431,12 @@ impl Sql {
                 .into()
         };
         Sql {
-            insert: f(&INSERT.replace("{on_conflict}", ON_CONFLICT)),
-            insert_unkeyed: f(&INSERT.replace("{on_conflict}", "")),
+            insert: f(&INSERT
+                .replace("{on_conflict}", ON_CONFLICT)
+                .replace("{returning}", INSERT_RETURNING)),
+            insert_unkeyed: f(&INSERT
+                .replace("{on_conflict}", "")
+                .replace("{returning}", "")),
             claim: f(CLAIM),
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),
