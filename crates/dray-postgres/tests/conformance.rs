@@ -102,6 +102,91 @@ async fn missing_schema_is_refused_until_migrated() {
     store.drop_schema().await.unwrap();
 }
 
+/// A database at schema version 4, holding rows in every state as version 4 wrote them, moves
+/// to version 5 (predicates on `finished_at`, no lease index) with nothing lost: every row keeps
+/// its state, the claim takes only what is due, a dedup key still matches the running row that
+/// holds it, and the running row's lease still works.
+#[tokio::test]
+async fn upgrade_from_schema_4_keeps_every_row() {
+    let schema = fresh_schema();
+    let skip = open(&schema, SchemaMode::Skip).await.unwrap();
+    let mut setup = format!(
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+         CREATE TABLE dray_schema_version (version bigint PRIMARY KEY, name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    );
+    for m in dray_postgres::MIGRATIONS.iter().filter(|m| m.version <= 4) {
+        setup.push_str(m.sql);
+        setup.push_str(&format!(
+            "\n;INSERT INTO dray_schema_version (version, name) VALUES ({}, '{}');",
+            m.version, m.name
+        ));
+    }
+    // Rows as version 4 left them: due, not yet due, running (with a key), and the three
+    // finished states.
+    setup.push_str(
+        "INSERT INTO dray_jobs (id, queue, key, payload, state, attempt, max_attempts,
+             enqueued_at, run_at, leased_until, leased_by, finished_at) VALUES
+         (gen_random_uuid(), 'up', NULL, '1', 'available', 0, 5, now(), now() - interval '1 s', NULL, NULL, NULL),
+         (gen_random_uuid(), 'up', NULL, '2', 'scheduled', 0, 5, now(), now() + interval '1 h', NULL, NULL, NULL),
+         ('0190a000-0000-7000-8000-000000000001', 'up', 'k', '3', 'running', 1, 5, now(), now() - interval '2 s', now() + interval '1 h', 'old-worker', NULL),
+         (gen_random_uuid(), 'up', 'k', '4', 'completed', 1, 5, now(), now() - interval '3 s', NULL, NULL, now()),
+         (gen_random_uuid(), 'up', NULL, '5', 'dead', 5, 5, now(), now() - interval '4 s', NULL, NULL, now()),
+         (gen_random_uuid(), 'up', NULL, '6', 'cancelled', 0, 5, now(), now() - interval '5 s', NULL, NULL, now());",
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+        .execute(skip.pool())
+        .await
+        .unwrap();
+    let report = skip.migrate().await.unwrap();
+    assert_eq!(
+        (report.from, report.to),
+        (4, dray_postgres::MIGRATIONS.len() as i64)
+    );
+
+    let store = open(&schema, SchemaMode::Check).await.unwrap();
+    let q = Queue::new(store.clone());
+    let s = q.stats("up").await.unwrap();
+    assert_eq!(
+        (
+            s.available,
+            s.scheduled,
+            s.leased,
+            s.completed,
+            s.dead,
+            s.cancelled
+        ),
+        (1, 1, 1, 1, 1, 1)
+    );
+    let got = q.receive("up", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(got.len(), 1, "only the due row is claimable");
+    assert_eq!(got[0].payload, json!(1));
+    // The running row still holds its key; the completed one no longer does.
+    let dup = q
+        .enqueue("up", &json!(7), &dray_core::EnqueueOptions::new().key("k"))
+        .await
+        .unwrap();
+    assert!(dup.duplicate);
+    let running = uuid::Uuid::parse_str("0190a000-0000-7000-8000-000000000001").unwrap();
+    assert_eq!(dup.id, running);
+    // Its lease is still fenced by attempt, and acking it frees the key.
+    let lease = dray_core::LeaseRef {
+        id: running,
+        attempt: Some(1),
+    };
+    let w = store
+        .message_ack_many(&dray_core::QueueName::new("up").unwrap(), &[lease])
+        .await
+        .unwrap();
+    assert_eq!(w.applied, vec![running]);
+    let fresh = q
+        .enqueue("up", &json!(8), &dray_core::EnqueueOptions::new().key("k"))
+        .await
+        .unwrap();
+    assert!(!fresh.duplicate);
+    store.drop_schema().await.unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_migrations_apply_once() {
     let schema = fresh_schema();
