@@ -511,10 +511,9 @@ type Claim = BoxFuture<'static, Result<Vec<Message>>>;
 /// [`WorkerConfig::prefetch`] (so a busy queue of short jobs claims in large batches, while a
 /// queue of slow jobs claims only for its free slots and leaves the rest to other workers),
 /// never more than [`WorkerConfig::fetch_batch`] in one statement (and never more than ten such
-/// batches held ahead). The next claim is already in flight while the buffer drains. Until
-/// 2026-11-23 the jobs held ahead were capped at one batch, so a busy queue refilling at half
-/// its buffer claimed ~280 jobs at a time (measured) instead of 500. Claimed jobs count as
-/// running for the heartbeat, which
+/// batches held ahead: capped at one batch, a busy queue refilling at half its buffer claimed
+/// ~280 jobs at a time instead of 500). The next claim is already in flight while the buffer
+/// drains. Claimed jobs count as running for the heartbeat, which
 /// keeps their leases; one that waits in the buffer longer than ten times the prefetch horizon
 /// (at least a second) is given back, as is the whole buffer at shutdown, without counting an
 /// attempt ([`crate::NackAction::Release`]).
