@@ -114,8 +114,7 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// A store may bound the work of one call: both stores examine at most
     /// [`crate::batch::SWEEP_WINDOW`] (10,000) unfinished messages per call, continuing where
     /// the previous call on the same handle stopped, so a sweep of a larger backlog takes
-    /// several calls.
-    /// Callers sweep regularly (workers' maintenance, receivers' rescue interval) rather than
+    /// several calls. Callers sweep regularly (workers' maintenance, receivers' rescue interval) rather than
     /// relying on one call to see everything.
     fn message_rescue_expired(
         &self,

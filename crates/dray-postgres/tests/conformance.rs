@@ -124,16 +124,17 @@ async fn upgrade_from_schema_4_keeps_every_row() {
     }
     // Rows as version 4 left them: due, not yet due, running (with a key), and the three
     // finished states.
-    setup.push_str(
+    setup.push_str(&format!(
         "INSERT INTO dray_jobs (id, queue, key, payload, state, attempt, max_attempts,
              enqueued_at, run_at, leased_until, leased_by, finished_at) VALUES
          (gen_random_uuid(), 'up', NULL, '1', 'available', 0, 5, now(), now() - interval '1 s', NULL, NULL, NULL),
          (gen_random_uuid(), 'up', NULL, '2', 'scheduled', 0, 5, now(), now() + interval '1 h', NULL, NULL, NULL),
-         ('0190a000-0000-7000-8000-000000000001', 'up', 'k', '3', 'running', 1, 5, now(), now() - interval '2 s', now() + interval '1 h', 'old-worker', NULL),
+         ('{running}', 'up', 'k', '3', 'running', 1, 5, now(), now() - interval '2 s', now() + interval '1 h', 'old-worker', NULL),
          (gen_random_uuid(), 'up', 'k', '4', 'completed', 1, 5, now(), now() - interval '3 s', NULL, NULL, now()),
          (gen_random_uuid(), 'up', NULL, '5', 'dead', 5, 5, now(), now() - interval '4 s', NULL, NULL, now()),
          (gen_random_uuid(), 'up', NULL, '6', 'cancelled', 0, 5, now(), now() - interval '5 s', NULL, NULL, now());",
-    );
+        running = dray_testkit::queue::UPGRADED_RUNNING_ID
+    ));
     sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
         .execute(skip.pool())
         .await
@@ -145,45 +146,7 @@ async fn upgrade_from_schema_4_keeps_every_row() {
     );
 
     let store = open(&schema, SchemaMode::Check).await.unwrap();
-    let q = Queue::new(store.clone());
-    let s = q.stats("up").await.unwrap();
-    assert_eq!(
-        (
-            s.available,
-            s.scheduled,
-            s.leased,
-            s.completed,
-            s.dead,
-            s.cancelled
-        ),
-        (1, 1, 1, 1, 1, 1)
-    );
-    let got = q.receive("up", 10, Duration::ZERO).await.unwrap();
-    assert_eq!(got.len(), 1, "only the due row is claimable");
-    assert_eq!(got[0].payload, json!(1));
-    // The running row still holds its key; the completed one no longer does.
-    let dup = q
-        .enqueue("up", &json!(7), &dray_core::EnqueueOptions::new().key("k"))
-        .await
-        .unwrap();
-    assert!(dup.duplicate);
-    let running = uuid::Uuid::parse_str("0190a000-0000-7000-8000-000000000001").unwrap();
-    assert_eq!(dup.id, running);
-    // Its lease is still fenced by attempt, and acking it frees the key.
-    let lease = dray_core::LeaseRef {
-        id: running,
-        attempt: Some(1),
-    };
-    let w = store
-        .message_ack_many(&dray_core::QueueName::new("up").unwrap(), &[lease])
-        .await
-        .unwrap();
-    assert_eq!(w.applied, vec![running]);
-    let fresh = q
-        .enqueue("up", &json!(8), &dray_core::EnqueueOptions::new().key("k"))
-        .await
-        .unwrap();
-    assert!(!fresh.duplicate);
+    dray_testkit::queue::an_upgraded_store_keeps_every_row(store.clone()).await;
     store.drop_schema().await.unwrap();
 }
 

@@ -168,16 +168,17 @@ async fn upgrade_from_schema_3_keeps_every_row() {
     }
     // Rows as version 3 left them (times in ms): due, not yet due, running (with a key), and
     // the three finished states.
-    setup.push_str(
+    setup.push_str(&format!(
         "INSERT INTO dray_jobs (id, queue, key, payload, state, attempt, max_attempts,
              enqueued_at, run_at, leased_until, leased_by, finished_at)
          SELECT randomblob(16), 'up', NULL, '1', 'available', 0, 5, n, n - 1000, NULL, NULL, NULL FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
          UNION ALL SELECT randomblob(16), 'up', NULL, '2', 'scheduled', 0, 5, n, n + 3600000, NULL, NULL, NULL FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
-         UNION ALL SELECT x'0190a000000070008000000000000001', 'up', 'k', '3', 'running', 1, 5, n, n - 2000, n + 3600000, 'old-worker', NULL FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
+         UNION ALL SELECT x'{running}', 'up', 'k', '3', 'running', 1, 5, n, n - 2000, n + 3600000, 'old-worker', NULL FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
          UNION ALL SELECT randomblob(16), 'up', 'k', '4', 'completed', 1, 5, n, n - 3000, NULL, NULL, n FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
          UNION ALL SELECT randomblob(16), 'up', NULL, '5', 'dead', 5, 5, n, n - 4000, NULL, NULL, n FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n)
          UNION ALL SELECT randomblob(16), 'up', NULL, '6', 'cancelled', 0, 5, n, n - 5000, NULL, NULL, n FROM (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS n);",
-    );
+        running = dray_testkit::queue::UPGRADED_RUNNING_ID.simple()
+    ));
     sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
         .execute(skip.pool())
         .await
@@ -194,45 +195,6 @@ async fn upgrade_from_schema_3_keeps_every_row() {
         .open()
         .await
         .unwrap();
-    let q = Queue::new(store.clone());
-    let s = q.stats("up").await.unwrap();
-    assert_eq!(
-        (
-            s.available,
-            s.scheduled,
-            s.leased,
-            s.completed,
-            s.dead,
-            s.cancelled
-        ),
-        (1, 1, 1, 1, 1, 1)
-    );
-    let got = q
-        .receive("up", 10, std::time::Duration::ZERO)
-        .await
-        .unwrap();
-    assert_eq!(got.len(), 1, "only the due row is claimable");
-    assert_eq!(got[0].payload, json!(1));
-    let running = uuid::Uuid::parse_str("0190a000-0000-7000-8000-000000000001").unwrap();
-    let dup = q
-        .enqueue("up", &json!(7), &dray_core::EnqueueOptions::new().key("k"))
-        .await
-        .unwrap();
-    assert!(dup.duplicate);
-    assert_eq!(dup.id, running);
-    let lease = dray_core::LeaseRef {
-        id: running,
-        attempt: Some(1),
-    };
-    let w = store
-        .message_ack_many(&dray_core::QueueName::new("up").unwrap(), &[lease])
-        .await
-        .unwrap();
-    assert_eq!(w.applied, vec![running]);
-    let fresh = q
-        .enqueue("up", &json!(8), &dray_core::EnqueueOptions::new().key("k"))
-        .await
-        .unwrap();
-    assert!(!fresh.duplicate);
+    dray_testkit::queue::an_upgraded_store_keeps_every_row(store.clone()).await;
     store.close().await;
 }

@@ -1027,3 +1027,47 @@ pub async fn rows_that_sort_before_a_drained_backlog_are_not_left_behind<F: Fixt
     assert_eq!(stats.available as usize, left);
     assert_eq!(stats.leased as usize, BACKLOG - left + 3);
 }
+
+/// The id of the running row that a store's upgrade test writes at the old schema version.
+pub const UPGRADED_RUNNING_ID: Uuid = Uuid::from_u128(0x0190a000_0000_7000_8000_000000000001);
+
+/// After a store's upgrade test migrated a database holding, in queue `up`, one row in each
+/// state as the old schema version wrote them (payload `1` due, `2` not yet due, `3` running
+/// with attempt 1, key `k` and id [`UPGRADED_RUNNING_ID`], `4` completed with key `k`, `5`
+/// dead, `6` cancelled): nothing is lost. Every row keeps its state, the claim takes only what
+/// is due, the dedup key still matches the running row that holds it, and that row's lease
+/// still works (fenced by attempt), after which the key is free again.
+pub async fn an_upgraded_store_keeps_every_row<S: Store>(store: S) {
+    let q = Queue::new(store.clone());
+    let s = q.stats("up").await.unwrap();
+    assert_eq!(
+        (
+            s.available,
+            s.scheduled,
+            s.leased,
+            s.completed,
+            s.dead,
+            s.cancelled
+        ),
+        (1, 1, 1, 1, 1, 1)
+    );
+    let got = q.receive("up", 10, NO_WAIT).await.unwrap();
+    assert_eq!(got.len(), 1, "only the due row is claimable");
+    assert_eq!(got[0].payload, json!(1));
+    // The running row still holds its key; the completed one no longer does.
+    let dup = q.enqueue("up", &json!(7), &opts().key("k")).await.unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.id, UPGRADED_RUNNING_ID);
+    // Its lease is still fenced by attempt, and acking it frees the key.
+    let lease = dray_core::LeaseRef {
+        id: UPGRADED_RUNNING_ID,
+        attempt: Some(1),
+    };
+    let w = store
+        .message_ack_many(&dray_core::QueueName::new("up").unwrap(), &[lease])
+        .await
+        .unwrap();
+    assert_eq!(w.applied, vec![UPGRADED_RUNNING_ID]);
+    let fresh = q.enqueue("up", &json!(8), &opts().key("k")).await.unwrap();
+    assert!(!fresh.duplicate);
+}
