@@ -57,7 +57,10 @@ pub struct QueueConfig {
     /// Deliveries allowed unless [`EnqueueOptions::max_attempts`] says otherwise
     /// ([`DEFAULT_MAX_ATTEMPTS`]).
     pub max_attempts: i32,
-    /// How often this handle's receivers sweep expired leases ([`DEFAULT_RESCUE_INTERVAL`]).
+    /// How often this handle's receivers sweep expired leases ([`DEFAULT_RESCUE_INTERVAL`]):
+    /// the first receive sweeps, then at most one receive per interval. `Duration::MAX`: never
+    /// (a [`Worker`](crate::Worker) sets it for its own receives, since its maintenance leader
+    /// sweeps).
     pub rescue_interval: Duration,
     /// Recorded as the lease holder of received messages, for operators.
     pub receiver_id: Option<String>,
@@ -485,6 +488,9 @@ impl<S: Store> Queue<S> {
 
     /// Sweeps expired leases at most once per [`QueueConfig::rescue_interval`].
     async fn rescue_if_due(&self) -> Result<()> {
+        if self.config.rescue_interval == Duration::MAX {
+            return Ok(());
+        }
         {
             let mut last = self.last_rescue.lock().unwrap_or_else(|p| p.into_inner());
             match *last {

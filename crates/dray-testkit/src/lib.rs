@@ -87,6 +87,7 @@ macro_rules! conformance_tests {
             delay_is_measured_on_the_database_clock,
             not_before_is_honoured,
             expired_lease_is_redelivered_and_fenced,
+            receivers_sweep_by_their_rescue_interval,
             nack_requeue_and_dead,
             exhausted_attempts_go_dead,
             extend_keeps_the_lease,

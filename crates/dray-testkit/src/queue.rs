@@ -409,6 +409,49 @@ pub async fn not_before_is_honoured<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     assert_eq!(q.receive("nb", 1, NO_WAIT).await.unwrap().len(), 1);
 }
 
+/// Receivers sweep expired leases by their handle's `rescue_interval`: the first receive of a
+/// handle sweeps, and `Duration::MAX` means never (a worker's own receives, whose maintenance
+/// leader sweeps instead).
+pub async fn receivers_sweep_by_their_rescue_interval<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let never = Queue::with_config(
+        store.clone(),
+        QueueConfig {
+            rescue_interval: Duration::MAX,
+            ..QueueConfig::default()
+        },
+    );
+    let e = never.enqueue("ri", &json!(1), &opts()).await.unwrap();
+    let short = ReceiveOptions {
+        limit: 1,
+        wait: NO_WAIT,
+        lease: Some(Duration::from_millis(50)),
+    };
+    let first = Queue::new(store.clone())
+        .receive_with("ri", &short)
+        .await
+        .unwrap();
+    let until = first[0].leased_until.expect("a received message is leased");
+    let deadline = Instant::now() + LONG;
+    while store.now().await.unwrap() <= until {
+        assert!(
+            Instant::now() < deadline,
+            "the database clock never passed the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Expired, but this handle never sweeps, not even on its first receive: nothing to
+    // receive, the lease still stands.
+    assert!(never.receive("ri", 1, NO_WAIT).await.unwrap().is_empty());
+    assert_eq!(
+        never.get(e.id).await.unwrap().unwrap().state,
+        MessageState::Running
+    );
+    // A handle with the default interval sweeps on its first receive and gets it back.
+    let swept = Queue::new(store).receive("ri", 1, NO_WAIT).await.unwrap();
+    assert_eq!(swept.len(), 1);
+    assert_eq!((swept[0].id, swept[0].attempt), (e.id, 2));
+}
+
 pub async fn expired_lease_is_redelivered_and_fenced<F: Fixture>(_fx: Arc<F>, store: F::Store) {
     let q = Queue::new(store);
     let e = q.enqueue("l", &json!(1), &opts()).await.unwrap();
