@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod callback;
+pub mod claim;
 pub mod client;
 pub mod duration;
 mod duration_grammar;

@@ -17,7 +17,6 @@
 
 mod sql;
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +27,7 @@ use dray_core::batch::{
     decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, micros,
     redrive_key_taken, redrive_refused, settle_parts,
 };
+use dray_core::claim::{ClaimCursors, ClaimKey, HEAD};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
@@ -205,7 +205,7 @@ impl PgStoreBuilder {
                 hub: Arc::new(WakeHub::new()),
                 listener: tokio::sync::OnceCell::new(),
                 poll_interval: self.poll_interval,
-                cursors: std::sync::Mutex::new(HashMap::new()),
+                cursors: ClaimCursors::default(),
                 sweep: SweepCursor::default(),
             }),
         };
@@ -271,7 +271,7 @@ struct Inner {
     listener: tokio::sync::OnceCell<ListenerTask>,
     poll_interval: Duration,
     /// Per queue: where this process's next claim may start (see [`ClaimCursor`]).
-    cursors: std::sync::Mutex<HashMap<String, ClaimCursor>>,
+    cursors: ClaimCursors,
     /// Where this handle's next expired-lease sweep starts.
     sweep: SweepCursor<SweepKey>,
 }
@@ -281,52 +281,9 @@ pub use dray_core::batch::SWEEP_WINDOW;
 /// A position in `dray_jobs_unfinished_idx`: (queue, −priority, run_at, id).
 type SweepKey = (String, i32, DateTime<Utc>, Uuid);
 
-/// A claim's position in a queue's delivery order: (−priority, run_at, id), the key of
-/// `dray_jobs_unfinished_idx`.
-type ClaimKey = (i32, DateTime<Utc>, Uuid);
-
-/// The last row this process claimed from a queue, so the next claim starts there instead of
-/// walking, from the head of the queue, the index entries that earlier claims left dead (they
-/// stay until VACUUM, and under a backlog that walk is most of a claim's cost).
-///
-/// Rows can appear before the cursor: a higher priority enqueued later, a lease rescued with
-/// its old due time, an enqueue whose transaction began before the claim and committed after
-/// it. So the cursor is only a shortcut: a claim scans from the head whenever the cursor is
-/// older than [`HEAD_SCAN_EVERY`], when a claim from the cursor finds nothing, after a claim
-/// that came back short (the queue is drained: the head is cheap to find), and when this
-/// process enqueues or rescues a row that sorts before it. A row that sorts before another
-/// process's cursor therefore waits at most [`HEAD_SCAN_EVERY`] longer than strict delivery
-/// order would have it wait.
-#[derive(Clone, Copy, Debug)]
-struct ClaimCursor {
-    key: ClaimKey,
-    head_scan_at: std::time::Instant,
-}
-
-/// How often a claim of a busy queue starts from the head of the queue regardless of its
-/// cursor.
-const HEAD_SCAN_EVERY: Duration = Duration::from_millis(100);
-
-/// The cursor value that starts a claim at the head of the queue (below every −priority).
-const HEAD: ClaimKey = (i32::MIN, DateTime::<Utc>::UNIX_EPOCH, Uuid::nil());
-
-fn claim_key(m: &Message) -> ClaimKey {
-    (-i32::from(m.priority.0), m.run_at, m.id)
-}
-
 impl PgStore {
-    /// The cursor a claim of `queue` may start from, or `None` when it should scan from the head.
-    fn cursor(&self, queue: &str) -> Option<ClaimKey> {
-        let cursors = self.cursors();
-        let c = cursors.get(queue)?;
-        (c.head_scan_at.elapsed() < HEAD_SCAN_EVERY).then_some(c.key)
-    }
-
-    fn cursors(&self) -> std::sync::MutexGuard<'_, HashMap<String, ClaimCursor>> {
-        self.inner.cursors.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Claims up to `p.limit` rows that sort after `after`, in delivery order.
+    /// Claims up to `p.limit` rows that sort after `after` ((−priority, run_at, id), the key of
+    /// `dray_jobs_unfinished_idx` after the queue), in delivery order.
     async fn claim_after(&self, p: &ClaimParams, after: ClaimKey) -> Result<Vec<Message>> {
         let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
             .bind(p.queue.as_str())
@@ -340,62 +297,6 @@ impl PgStore {
             .await
             .map_err(Error::db("message_claim"))?;
         claimed_in_order(&rows, |r| decode_claimed(r, p))
-    }
-
-    /// After a claim: a full batch moves the cursor to its last row; a short one means the
-    /// queue is drained, so the next claim starts from the head (which is then cheap).
-    fn advance_cursor(&self, queue: &str, from_head: bool, limit: u32, claimed: &[Message]) {
-        let mut cursors = self.cursors();
-        let last = match claimed.last() {
-            Some(m) if claimed.len() >= limit as usize => claim_key(m),
-            _ => {
-                cursors.remove(queue);
-                return;
-            }
-        };
-        if from_head {
-            // A head scan restarts the window; rows between it and an older cursor come next.
-            let head_scan_at = std::time::Instant::now();
-            cursors.insert(
-                queue.to_owned(),
-                ClaimCursor {
-                    key: last,
-                    head_scan_at,
-                },
-            );
-        } else if let Some(c) = cursors.get_mut(queue) {
-            // Concurrent claims in this process: the cursor only moves forward.
-            c.key = c.key.max(last);
-        }
-    }
-
-    /// Makes the next claim of `queue` start from the head, because a row that may sort before
-    /// the cursor has become claimable.
-    fn rewind(&self, queue: &str) {
-        self.cursors().remove(queue);
-    }
-
-    /// Rewinds the cursors that the messages being inserted may sort before: a higher priority
-    /// than the cursor's row, or an explicit due time before it. (`Now` and delays are due
-    /// after every row claimed so far.)
-    fn rewind_for(&self, messages: &[NewMessage]) {
-        let mut cursors = self.cursors();
-        if cursors.is_empty() {
-            return;
-        }
-        for m in messages {
-            let Some(c) = cursors.get(m.queue.as_str()) else {
-                continue;
-            };
-            let neg = -i32::from(m.priority.0);
-            let before = match m.run_at {
-                RunAt::At(t) => (neg, t) < (c.key.0, c.key.1),
-                RunAt::Now | RunAt::After(_) => neg < c.key.0,
-            };
-            if before {
-                cursors.remove(m.queue.as_str());
-            }
-        }
     }
 }
 
@@ -504,31 +405,53 @@ impl PgStore {
             callbacks.push(m.callback_url.as_deref());
         }
         let keyed = keys.iter().any(Option::is_some);
-        let sql = if keyed {
-            &self.inner.sql.insert
+        let sql = &self.inner.sql;
+        let query = if n == 1 {
+            let sql = if keyed {
+                &sql.insert_one
+            } else {
+                &sql.insert_one_unkeyed
+            };
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids[0])
+                .bind(queues[0])
+                .bind(kinds[0])
+                .bind(keys[0])
+                .bind(payloads[0])
+                .bind(headers[0])
+                .bind(prios[0])
+                .bind(delays[0])
+                .bind(not_befores[0])
+                .bind(enqueued[0])
+                .bind(max_attempts[0])
+                .bind(callbacks[0])
         } else {
-            &self.inner.sql.insert_unkeyed
+            let sql = if keyed {
+                &sql.insert
+            } else {
+                &sql.insert_unkeyed
+            };
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(ids)
+                .bind(queues)
+                .bind(kinds)
+                .bind(keys)
+                .bind(payloads)
+                .bind(headers)
+                .bind(prios)
+                .bind(delays)
+                .bind(not_befores)
+                .bind(enqueued)
+                .bind(max_attempts)
+                .bind(callbacks)
         };
-        let query = sqlx::query(AssertSqlSafe(sql.clone()))
-            .bind(&ids)
-            .bind(&queues)
-            .bind(&kinds)
-            .bind(&keys)
-            .bind(&payloads)
-            .bind(&headers)
-            .bind(&prios)
-            .bind(&delays)
-            .bind(&not_befores)
-            .bind(&enqueued)
-            .bind(&max_attempts)
-            .bind(&callbacks);
         if !keyed {
             // No keys: every row is new, and the count says they all went in.
             let done = query
                 .execute(&mut *conn)
                 .await
                 .map_err(Error::db("message_insert_many"))?;
-            self.rewind_for(messages);
+            self.inner.cursors.rewind_for(messages);
             if done.rows_affected() != n as u64 {
                 return Err(Error::CorruptRow {
                     id: String::new(),
@@ -554,7 +477,7 @@ impl PgStore {
             .map_err(Error::db("message_insert_many"))?;
         // Rows that sort before a claim cursor are claimable once committed (at once, or with
         // the caller's transaction): this process's next claim of their queue starts at the head.
-        self.rewind_for(messages);
+        self.inner.cursors.rewind_for(messages);
         // RETURNING order is not input order: a fresh row is found by its id, a duplicate by
         // its (queue, key), which the batch holds at most once.
         let mut by_id = std::collections::HashMap::with_capacity(rows.len());
@@ -961,15 +884,12 @@ impl Store for PgStore {
     }
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
-        let cursor = self.cursor(p.queue.as_str());
-        let mut out = self.claim_after(p, cursor.unwrap_or(HEAD)).await?;
-        let mut from_head = cursor.is_none();
-        if out.is_empty() && !from_head {
-            out = self.claim_after(p, HEAD).await?;
-            from_head = true;
-        }
-        self.advance_cursor(p.queue.as_str(), from_head, p.limit, &out);
-        Ok(out)
+        self.inner
+            .cursors
+            .claim(p.queue.as_str(), p.limit, |after| {
+                self.claim_after(p, after)
+            })
+            .await
     }
 
     async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {
@@ -995,7 +915,7 @@ impl Store for PgStore {
             .await?;
         if action == NackAction::Release && !written.applied.is_empty() {
             // Released rows keep their due time, so they may sort before the claim cursor.
-            self.rewind(queue.as_str());
+            self.inner.cursors.rewind(queue.as_str());
         }
         Ok(written)
     }
@@ -1074,7 +994,7 @@ impl Store for PgStore {
             } else {
                 report.requeued += 1;
                 // Requeued with its old due time: it sorts before this process's cursor.
-                self.rewind(&q);
+                self.inner.cursors.rewind(&q);
                 if !woken.contains(&q) {
                     woken.push(q);
                 }

@@ -63,14 +63,22 @@ SELECT r.id, r.queue, r.kind, r.key, r.payload::jsonb, r.headers::jsonb, r.prior
        0, r.max_attempts, COALESCE(r.enqueued_at, now()), r.due, r.callback_url
 FROM (
     SELECT u.*, COALESCE(u.not_before, now() + u.delay_us * interval '1 microsecond') AS due
-    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[],
-                $12::text[])
+    FROM {rows}
          AS u(id, queue, kind, key, payload, headers, priority, delay_us, not_before,
               enqueued_at, max_attempts, callback_url)
 ) r
 {on_conflict}
 {returning}";
+
+/// The rows of [`INSERT`] for a batch: one array per column.
+const INSERT_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+        $6::text[], $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[],
+        $12::text[])";
+
+/// The row of [`INSERT`] for one message (`Queue::enqueue`): the same columns as scalars, which
+/// spares the server decoding twelve one-element arrays and unnesting them.
+const INSERT_ONE_ROW: &str = "(VALUES ($1::uuid, $2::text, $3::text, $4::text, $5::text,
+        $6::text, $7::int2, $8::int8, $9::timestamptz, $10::timestamptz, $11::int4, $12::text))";
 
 /// What [`INSERT`] reads back for a batch with dedup keys: each row, and whether it was already
 /// there. A batch without keys reads back nothing: every row is new (its id was made
@@ -395,6 +403,8 @@ impl Batched {
 pub struct Sql {
     pub insert: Arc<str>,
     pub insert_unkeyed: Arc<str>,
+    pub insert_one: Arc<str>,
+    pub insert_one_unkeyed: Arc<str>,
     pub claim: Arc<str>,
     pub ack: Batched,
     pub nack: Batched,
@@ -430,13 +440,17 @@ impl Sql {
                 .replace("{s}", quoted_schema)
                 .into()
         };
+        let insert = |rows: &str, keyed: bool| {
+            f(&INSERT
+                .replace("{rows}", rows)
+                .replace("{on_conflict}", if keyed { ON_CONFLICT } else { "" })
+                .replace("{returning}", if keyed { INSERT_RETURNING } else { "" }))
+        };
         Sql {
-            insert: f(&INSERT
-                .replace("{on_conflict}", ON_CONFLICT)
-                .replace("{returning}", INSERT_RETURNING)),
-            insert_unkeyed: f(&INSERT
-                .replace("{on_conflict}", "")
-                .replace("{returning}", "")),
+            insert: insert(INSERT_ROWS, true),
+            insert_unkeyed: insert(INSERT_ROWS, false),
+            insert_one: insert(INSERT_ONE_ROW, true),
+            insert_one_unkeyed: insert(INSERT_ONE_ROW, false),
             claim: f(CLAIM),
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),

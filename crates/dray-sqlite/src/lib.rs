@@ -26,6 +26,7 @@ use dray_core::batch::{
     decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken,
     redrive_refused, settle_parts,
 };
+use dray_core::claim::ClaimCursors;
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
@@ -218,6 +219,7 @@ impl SqliteStoreBuilder {
                 hub: WakeHub::new(),
                 poll_interval: self.poll_interval,
                 sweep: SweepCursor::default(),
+                cursors: ClaimCursors::default(),
             }),
         };
         match self.schema_mode {
@@ -249,6 +251,8 @@ struct Inner {
     poll_interval: Duration,
     /// Where this handle's next expired-lease sweep starts.
     sweep: SweepCursor<SweepKey>,
+    /// Where the next claim of each queue starts (`dray_core::claim`).
+    cursors: ClaimCursors,
 }
 
 pub use dray_core::batch::SWEEP_WINDOW;
@@ -374,6 +378,9 @@ impl SqliteStore {
             });
         }
         let sent: Vec<Enqueued> = sent.into_iter().flatten().collect();
+        // Rows that sort before a claim cursor: this handle's next claim of their queue starts
+        // at the head.
+        self.inner.cursors.rewind_for(messages);
         batch.spread(&sent)
     }
 
@@ -410,7 +417,12 @@ impl SqliteStore {
             let cancel: bool = row.try_get(2).map_err(Error::db(op))?;
             match state.as_str() {
                 "dead" => out.dead.push(id),
-                "available" if !queue.is_empty() => self.inner.hub.wake(queue),
+                "available" if !queue.is_empty() => {
+                    // Released or requeued, possibly with its old due time: it may sort before
+                    // the claim cursor.
+                    self.inner.cursors.rewind(queue);
+                    self.inner.hub.wake(queue);
+                }
                 _ => {}
             }
             if cancel {
@@ -704,15 +716,23 @@ impl Store for SqliteStore {
     }
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
-        let rows = q(&SQL.claim)
-            .bind(p.queue.as_str().to_owned())
-            .bind(i64::from(p.limit))
-            .bind(millis(p.lease).max(1))
-            .bind(p.leased_by.clone())
-            .fetch_all(&self.inner.writer)
+        self.inner
+            .cursors
+            .claim(p.queue.as_str(), p.limit, |after| async move {
+                let rows = q(&SQL.claim)
+                    .bind(p.queue.as_str().to_owned())
+                    .bind(i64::from(p.limit))
+                    .bind(millis(p.lease).max(1))
+                    .bind(p.leased_by.clone())
+                    .bind(after.0)
+                    .bind(after.1.timestamp_millis())
+                    .bind(after.2)
+                    .fetch_all(&self.inner.writer)
+                    .await
+                    .map_err(Error::db("message_claim"))?;
+                claimed_in_order(&rows, |r| decode_claimed(r, p))
+            })
             .await
-            .map_err(Error::db("message_claim"))?;
-        claimed_in_order(&rows, |r| decode_claimed(r, p))
     }
 
     async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {
@@ -809,6 +829,8 @@ impl Store for SqliteStore {
                     report.dead += 1;
                 } else {
                     report.requeued += 1;
+                    // Requeued with its old due time: it sorts before this handle's cursor.
+                    self.inner.cursors.rewind(&q);
                     self.inner.hub.wake(&q);
                 }
             }
