@@ -348,12 +348,16 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
             while runs.load(Ordering::Relaxed) < n {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            // Handlers are done; wait until the database says every job is completed.
-            let q = Queue::new(store.clone());
-            while (q.stats(QUEUE).await?.completed as usize) < n {
+            // Handlers are done; wait until the database has no unfinished job left.
+            while store.any_unfinished(QUEUE).await? {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let secs = start.elapsed().as_secs_f64();
+            // Untimed: every one of them completed (not dead, not lost).
+            let completed = Queue::new(store.clone()).stats(QUEUE).await?.completed;
+            if completed as usize != n {
+                return Err(format!("{}: {completed} of {n} jobs completed", w.name()).into());
+            }
             if let (Some(a), Some(b)) = (wal_start, store.wal_position().await?) {
                 let bytes = store.wal_diff(&b, &a).await?;
                 extra.insert(

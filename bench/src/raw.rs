@@ -22,6 +22,10 @@ pub trait RawStore: Store {
     fn analyze(&self) -> impl Future<Output = BenchResult<()>> + Send;
     /// Drains `n` queued jobs with raw claim-and-complete statements; jobs/s.
     fn floor(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
+    /// Whether `queue` still has an unfinished job: the cheap end-of-run check of W2, one
+    /// descent of the claim index rather than [`dray::Queue::stats`]' count of every row (which,
+    /// polled while the last completions are in flight, slowed them down).
+    fn any_unfinished(&self, queue: &str) -> impl Future<Output = BenchResult<bool>> + Send;
 }
 
 const PG_CLAIM: &str = "
@@ -39,6 +43,18 @@ UPDATE {s}.dray_jobs SET state = 'completed', finished_at = now(), leased_until 
 WHERE id = ANY($1)";
 
 impl RawStore for PgStore {
+    async fn any_unfinished(&self, queue: &str) -> BenchResult<bool> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM \"{}\".dray_jobs WHERE queue = $1 AND finished_at IS NULL)",
+            self.schema()
+        );
+        let any: bool = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(queue)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(any)
+    }
+
     async fn wal_position(&self) -> BenchResult<Option<String>> {
         let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(self.pool())
@@ -119,6 +135,16 @@ impl RawStore for PgStore {
 }
 
 impl RawStore for SqliteStore {
+    async fn any_unfinished(&self, queue: &str) -> BenchResult<bool> {
+        let any: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM dray_jobs WHERE queue = ?1 AND finished_at IS NULL)",
+        )
+        .bind(queue)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(any)
+    }
+
     async fn wal_position(&self) -> BenchResult<Option<String>> {
         Ok(None)
     }
