@@ -294,3 +294,57 @@ async fn listen_connection_is_re_established() {
     })
     .await
 }
+
+/// A pooled connection that the server ended is not handed out again after the statement that
+/// found it dead: the next call gets a working one. (A connection idle for a second or more is
+/// checked before it is handed out, so only one used within that second can fail a statement.)
+#[tokio::test]
+async fn connections_ended_by_the_server_are_replaced() {
+    with_store(|store| async move {
+        let app = format!("rc_{}", &store.schema()[7..20]);
+        let s = PgStore::builder(url())
+            .schema(store.schema())
+            .max_connections(1)
+            .application_name(app.clone())
+            .connect()
+            .await
+            .unwrap();
+        let q = Queue::new(s.clone());
+        q.enqueue("rc", &json!(0), &Default::default())
+            .await
+            .unwrap();
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1) t",
+        )
+        .bind(&app)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(killed, 1, "the store's one pooled connection");
+        let mut failures = 0;
+        let stored = loop {
+            match q.enqueue("rc", &json!(1), &Default::default()).await {
+                Ok(e) => break e,
+                Err(err) => {
+                    failures += 1;
+                    assert!(
+                        failures < 2,
+                        "the dead connection was handed out again: {err}"
+                    );
+                }
+            }
+        };
+        assert!(!stored.duplicate);
+        assert_eq!(
+            Queue::new(store.clone())
+                .stats("rc")
+                .await
+                .unwrap()
+                .available,
+            2
+        );
+        s.close().await;
+    })
+    .await
+}

@@ -194,7 +194,10 @@ impl SqliteStoreBuilder {
             // this many; at the default (50) a claim of 500 rows stalled SQLite's thread ten
             // times waiting for the caller to drain it.
             .row_buffer_size(ROW_CHANNEL);
+        // No health check when a connection is handed out (sqlx's default pings it, a round
+        // trip to the connection's thread): a connection to a local file does not drop.
         let writer = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(30))
@@ -207,6 +210,7 @@ impl SqliteStoreBuilder {
             writer.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(self.readers)
                 .acquire_timeout(Duration::from_secs(30))
                 .connect_lazy_with(options.create_if_missing(false))
