@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "hot_claims",
         sql: include_str!("../migrations/0005_hot_claims.sql"),
     },
+    Migration {
+        version: 6,
+        name: "client_notify",
+        sql: include_str!("../migrations/0006_client_notify.sql"),
+    },
 ];
 
 /// Default schema for Dray's tables.
@@ -185,16 +190,25 @@ impl PgStoreBuilder {
         let listen_options = options.application_name(&format!("{app}:listen"));
         let listen_pool = pool_options(1).connect_lazy_with(listen_options);
         let quoted = format!("\"{}\"", self.schema);
+        let channel = format!("{}.dray", self.schema);
+        let notifier = Arc::new(Notifier::default());
+        let notifier_task = NotifierTask(tokio::spawn(notify_loop(
+            notifier.clone(),
+            pool.clone(),
+            channel.clone(),
+        )));
         let store = PgStore {
             inner: Arc::new(Inner {
                 sql: Sql::new(&quoted),
-                channel: format!("{}.dray", self.schema),
+                channel,
                 schema: self.schema,
                 pool,
                 worker_pool,
                 listen_pool,
                 hub: Arc::new(WakeHub::new()),
                 listener: tokio::sync::OnceCell::new(),
+                notifier,
+                notifier_task,
                 poll_interval: self.poll_interval,
                 cursors: ClaimCursors::default(),
                 sweep: SweepCursor::default(),
@@ -260,8 +274,11 @@ struct Inner {
     sql: Sql,
     hub: Arc<WakeHub>,
     listener: tokio::sync::OnceCell<ListenerTask>,
+    /// Sends the NOTIFYs of committed enqueues (see [`Notifier`]).
+    notifier: Arc<Notifier>,
+    notifier_task: NotifierTask,
     poll_interval: Duration,
-    /// Per queue: where this process's next claim may start (see [`ClaimCursor`]).
+    /// Per queue: where this process's next claim may start (see `dray_core::claim`).
     cursors: ClaimCursors,
     /// Where this handle's next expired-lease sweep starts.
     sweep: SweepCursor<SweepKey>,
@@ -313,6 +330,75 @@ impl PgStore {
             .map_err(Error::db("message_claim"))?;
         claimed_in_order(&rows, |r| decode_claimed(r, p))
     }
+}
+
+/// The wake-ups of committed enqueues, waiting to be sent. An enqueue does not NOTIFY inside
+/// its own transaction: a transaction that has called NOTIFY holds a server-wide lock from the
+/// start of its commit until its commit record is flushed, so concurrent enqueues would commit
+/// one flush at a time (8 connections: half the commits per second). It commits, hands its
+/// queues over here and returns; [`notify_loop`] sends them from a transaction that writes
+/// nothing, all the queues gathered since its last send in one statement.
+#[derive(Debug, Default)]
+struct Notifier {
+    pending: std::sync::Mutex<Vec<String>>,
+    ready: tokio::sync::Notify,
+}
+
+impl Notifier {
+    fn announce<'a>(&self, queues: impl IntoIterator<Item = &'a str>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let before = pending.len();
+        for q in queues {
+            if !pending.iter().any(|p| p == q) {
+                pending.push(q.to_owned());
+            }
+        }
+        if pending.len() > before {
+            self.ready.notify_one();
+        }
+    }
+}
+
+/// Sends what [`Notifier`] gathered, one statement at a time; ends with the store.
+async fn notify_loop(notifier: Arc<Notifier>, pool: PgPool, channel: String) {
+    loop {
+        notifier.ready.notified().await;
+        let queues =
+            std::mem::take(&mut *notifier.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if queues.is_empty() {
+            continue;
+        }
+        if let Err(err) = sqlx::query(sql::NOTIFY)
+            .bind(&channel)
+            .bind(&queues)
+            .execute(&pool)
+            .await
+        {
+            // Receivers elsewhere find the jobs at their next poll instead.
+            tracing::warn!(%err, "dray: cannot send wake-ups for new jobs; receivers will poll");
+        }
+    }
+}
+
+/// The [`notify_loop`] task; aborted when the store is dropped.
+struct NotifierTask(tokio::task::JoinHandle<()>);
+
+impl Drop for NotifierTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The queues that a batch of new messages may have made claimable now (due now, or at a time
+/// that may have passed), each once.
+fn due_queues(messages: &[NewMessage]) -> Vec<&str> {
+    let mut queues: Vec<&str> = Vec::new();
+    for m in messages {
+        if !matches!(m.run_at, RunAt::After(_)) && !queues.contains(&m.queue.as_str()) {
+            queues.push(m.queue.as_str());
+        }
+    }
+    queues
 }
 
 /// The background task feeding NOTIFYs into the hub; aborted when the store is dropped.
@@ -371,6 +457,7 @@ impl PgStore {
         if let Some(task) = self.inner.listener.get() {
             task.0.abort();
         }
+        self.inner.notifier_task.0.abort();
         self.inner.pool.close().await;
         self.inner.worker_pool.close().await;
         self.inner.listen_pool.close().await;
@@ -877,14 +964,14 @@ impl Store for PgStore {
             .await
             .map_err(Error::db("message_insert_many"))?;
         let out = self.insert(&mut conn, messages).await?;
-        // Local receivers need not wait for the NOTIFY round trip through the server.
-        let mut woken: Vec<&str> = Vec::new();
-        for m in messages {
-            if matches!(m.run_at, RunAt::Now) && !woken.contains(&m.queue.as_str()) {
-                woken.push(m.queue.as_str());
-                self.inner.hub.wake(m.queue.as_str());
-            }
+        drop(conn);
+        // Committed. Local receivers need not wait for the NOTIFY round trip through the
+        // server; other processes' get it from the notifier.
+        let due = due_queues(messages);
+        for q in &due {
+            self.inner.hub.wake(q);
         }
+        self.inner.notifier.announce(due);
         Ok(out)
     }
 
@@ -893,9 +980,20 @@ impl Store for PgStore {
         conn: &mut PgConnection,
         messages: &[NewMessage],
     ) -> Result<Vec<Enqueued>> {
-        // No local wake-up here: the rows are invisible until the caller commits, and the
-        // trigger's NOTIFY is delivered exactly then.
-        self.insert(conn, messages).await
+        // No local wake-up here: the rows are invisible until the caller commits. The NOTIFY
+        // goes out in the caller's transaction, so it is delivered exactly then (and never on
+        // a rollback).
+        let out = self.insert(conn, messages).await?;
+        let due = due_queues(messages);
+        if !due.is_empty() {
+            sqlx::query(sql::NOTIFY)
+                .bind(&self.inner.channel)
+                .bind(&due)
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db("message_insert_many_in"))?;
+        }
+        Ok(out)
     }
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {

@@ -53,7 +53,8 @@ const PENDING: &str = "('scheduled', 'available', 'retryable')";
 ///   and `xmax <> 0` tells an existing row (updated by us) from a fresh insert, in the same
 ///   round trip. The client removes repeated keys from a batch first, because one statement may
 ///   not update the same row twice.
-/// * The statement trigger `dray_jobs_notify` sends one NOTIFY per queue, delivered at commit.
+/// * No NOTIFY here: the store sends it after the commit, or in the caller's transaction for
+///   `enqueue_in` (see migration 0006).
 const INSERT: &str = "
 INSERT INTO {s}.dray_jobs AS j
     (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
@@ -356,8 +357,8 @@ SET callback_done_at = CASE WHEN $3 THEN now() END,
     callback_error = CASE WHEN $3 THEN NULL ELSE $5 END
 WHERE id = $1 AND callback_attempts = $2 AND callback_done_at IS NULL";
 
-/// Wakes receivers in other processes (used after requeues and rescues; inserts notify from
-/// their trigger).
+/// Wakes receivers in other processes: after enqueues (from the store's notifier once they
+/// committed, or inside the caller's transaction), requeues and rescues.
 pub const NOTIFY: &str = "SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q";
 
 /// A write that names its rows by a list of ids, in two texts: one run as a cached prepared

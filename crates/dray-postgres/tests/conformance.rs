@@ -348,3 +348,58 @@ async fn connections_ended_by_the_server_are_replaced() {
     })
     .await
 }
+
+/// An enqueue inside the caller's transaction wakes receivers in other processes when that
+/// transaction commits (its NOTIFY is sent in the transaction), and one that rolls back is
+/// never delivered: the receiver below polls only once a minute, so only a NOTIFY wakes it in
+/// time.
+#[tokio::test]
+async fn an_enqueue_in_a_transaction_wakes_other_processes_at_commit() {
+    with_store(|store| async move {
+        let rstore = PgStore::builder(url())
+            .schema(store.schema())
+            .max_connections(2)
+            .poll_interval(Duration::from_secs(60))
+            .connect()
+            .await
+            .unwrap();
+        rstore.listen().await.unwrap();
+        let rq = Queue::new(rstore.clone());
+        let eq = Queue::new(store.clone());
+        // Rolled back: nothing to deliver, and the NOTIFY never goes out.
+        let mut tx = store.pool().begin().await.unwrap();
+        eq.enqueue_in(&mut tx, "txwake", &json!(0), &Default::default())
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        let receiver = tokio::spawn(async move {
+            let got = rq
+                .receive("txwake", 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            (std::time::Instant::now(), got)
+        });
+        let hub = rstore.clone();
+        dray_testkit::wait_until("receiver blocked", Duration::from_secs(10), || {
+            hub.wake().waiting("txwake") == 1
+        })
+        .await;
+        let mut tx = store.pool().begin().await.unwrap();
+        let e = eq
+            .enqueue_in(&mut tx, "txwake", &json!(1), &Default::default())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let committed = std::time::Instant::now();
+        let (woke, got) = receiver.await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, e.id);
+        let latency = woke.saturating_duration_since(committed);
+        assert!(
+            latency < Duration::from_millis(500),
+            "woke {latency:?} after the commit"
+        );
+        rstore.close().await;
+    })
+    .await
+}
