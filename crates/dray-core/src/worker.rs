@@ -464,11 +464,6 @@ struct Buffered {
 /// (an exponentially weighted mean of 50 ms windows). Once the slots are full, jobs start as
 /// fast as they finish, so this sizes how far ahead the fetcher claims; a burst of starts into
 /// empty slots does not count, and jobs that run long make it fall to zero.
-///
-/// It rises at once and falls gradually: a window (or, after [`FinishRate::EARLY`], the part of
-/// one that has passed) finishing jobs faster than the mean replaces the mean. A worker that
-/// meets a backlog then claims full batches after ~10 ms instead of after several windows (it
-/// claimed only its free slots, 100 at a time, through the first ~50 ms of a 20,000-job drain).
 struct FinishRate {
     window_start: Instant,
     count: u64,
@@ -477,8 +472,6 @@ struct FinishRate {
 
 impl FinishRate {
     const WINDOW: Duration = Duration::from_millis(50);
-    /// How much of a window must have passed before it can raise the mean.
-    const EARLY: Duration = Duration::from_millis(10);
 
     fn new() -> Self {
         FinishRate {
@@ -497,19 +490,13 @@ impl FinishRate {
         if elapsed >= Self::WINDOW {
             let now_rate = self.count as f64 / elapsed.as_secs_f64();
             // A long quiet spell counts as one window: the mean falls at once, not in steps.
-            self.per_sec = if elapsed >= Self::WINDOW * 8 || now_rate >= self.per_sec {
+            self.per_sec = if elapsed >= Self::WINDOW * 8 {
                 now_rate
             } else {
                 0.5 * self.per_sec + 0.5 * now_rate
             };
             self.window_start = Instant::now();
             self.count = 0;
-        } else if elapsed >= Self::EARLY {
-            // Faster already, part-way through the window: count it now.
-            let so_far = self.count as f64 / elapsed.as_secs_f64();
-            if so_far > self.per_sec {
-                return so_far;
-            }
         }
         self.per_sec
     }
@@ -1110,39 +1097,5 @@ async fn callbacks<S: Store>(shared: Arc<Shared<S>>, secret: Secret, stop: Cance
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rate(started_ago: Duration, count: u64, per_sec: f64) -> FinishRate {
-        FinishRate {
-            window_start: Instant::now() - started_ago,
-            count,
-            per_sec,
-        }
-    }
-
-    #[test]
-    fn the_finish_rate_rises_at_once_and_falls_gradually() {
-        // 200 finished in the first 20 ms of a window: counted before the window ends.
-        let mut r = rate(Duration::from_millis(20), 200, 0.0);
-        let early = r.per_sec();
-        assert!((5_000.0..=10_000.0).contains(&early), "{early}");
-        // Too early in a window to judge: the mean stands.
-        let mut r = rate(Duration::from_millis(2), 200, 0.0);
-        assert_eq!(r.per_sec(), 0.0);
-        // A whole window faster than the mean replaces it.
-        let mut r = rate(Duration::from_millis(50), 1_000, 1_000.0);
-        let up = r.per_sec();
-        assert!(up > 15_000.0, "{up}");
-        // A slower window halves the distance.
-        let mut r = rate(Duration::from_millis(50), 0, 10_000.0);
-        assert_eq!(r.per_sec(), 5_000.0);
-        // A long quiet spell drops it at once.
-        let mut r = rate(Duration::from_millis(400), 0, 10_000.0);
-        assert_eq!(r.per_sec(), 0.0);
     }
 }
