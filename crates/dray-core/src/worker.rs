@@ -529,6 +529,10 @@ async fn fetch_loop<S: Store>(
     let mut buffer: VecDeque<Buffered> = VecDeque::new();
     let mut rate = FinishRate::new();
     let mut claim: Option<Claim> = None;
+    // Whether the claim in flight may wait for jobs (it claims for a free slot), and until when
+    // a claim for jobs ahead only is not worth making (the last one found the queue empty).
+    let mut claim_waits = false;
+    let mut ahead_idle_until: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut cooldown_until: Option<Instant> = None;
     let mut backoff = Duration::from_millis(100);
@@ -562,6 +566,8 @@ async fn fetch_loop<S: Store>(
         }
         // Claim more?
         let mut wake_at = buffer.front().map(|b| b.claimed + max_hold);
+        // A slot coming free ends a pause in claiming ahead: that claim is for the slot.
+        let mut slot_ends_pause = false;
         if claim.is_none() && !stop.is_cancelled() {
             let free = slots.available_permits();
             let ahead =
@@ -573,14 +579,25 @@ async fn fetch_loop<S: Store>(
             // for more to free up, so that claims still come in batches.
             let low = buffer.len() <= ahead / 2;
             let small = ahead == 0 && running > 0 && room < (batch.min(concurrency) / 4).max(1);
-            if room > 0 && low && retry_at.is_none_or(|t| now >= t) {
+            // A claim for jobs ahead only (no slot free) never waits on an empty queue: waiting,
+            // it would take back, the moment they are given back, the jobs that this fetcher
+            // releases for other workers (stale buffered ones, below).
+            let waits = free > 0;
+            let ahead_idle = !waits && ahead_idle_until.is_some_and(|t| now < t);
+            if room > 0 && low && ahead_idle {
+                if let Some(t) = ahead_idle_until {
+                    wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                }
+                slot_ends_pause = true;
+            } else if room > 0 && low && retry_at.is_none_or(|t| now >= t) {
                 if small && cooldown_until.is_none_or(|t| now < t) {
                     let until = *cooldown_until.get_or_insert(now + FETCH_COOLDOWN);
                     wake_at = Some(wake_at.map_or(until, |w| w.min(until)));
                 } else {
                     cooldown_until = None;
                     retry_at = None;
-                    claim = Some(start_claim(&shared, &queue, room, &stop));
+                    claim_waits = waits;
+                    claim = Some(start_claim(&shared, &queue, room, waits, &stop));
                 }
             } else if let Some(t) = retry_at {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
@@ -589,7 +606,8 @@ async fn fetch_loop<S: Store>(
         // Wait for a slot only when one is needed: for a buffered job, or for a claim that
         // found no free slot. (Not from a fresh count of free slots: one may have come free
         // since the decision above, and then this wait returns at once and the loop claims.)
-        let want_slot = !buffer.is_empty() || (claim.is_none() && wake_at.is_none());
+        let want_slot =
+            !buffer.is_empty() || (claim.is_none() && (wake_at.is_none() || slot_ends_pause));
         let sleep = async {
             match wake_at {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -607,6 +625,8 @@ async fn fetch_loop<S: Store>(
                 match got {
                     Ok(got) => {
                         backoff = Duration::from_millis(100);
+                        ahead_idle_until = (got.is_empty() && !claim_waits)
+                            .then(|| Instant::now() + prefetch.max(FETCH_COOLDOWN));
                         hold(&shared, &queue, &got);
                         let claimed = Instant::now();
                         buffer.extend(got.into_iter().map(|message| Buffered { message, claimed }));
@@ -644,19 +664,24 @@ async fn fetch_loop<S: Store>(
 }
 
 /// Starts a claim of up to `limit` jobs as a future of its own, so that buffered jobs keep
-/// starting while it runs.
-/// Like every claim, it long-polls while the queue is empty; that holds up nothing else.
+/// starting while it runs. One made for a free slot (`waits`) long-polls while the queue is
+/// empty, which holds up nothing else; one made for jobs ahead only returns at once.
 fn start_claim<S: Store>(
     shared: &Arc<Shared<S>>,
     queue: &QueueName,
     limit: usize,
+    waits: bool,
     stop: &CancelToken,
 ) -> Claim {
     let (shared, queue, stop) = (shared.clone(), queue.clone(), stop.clone());
     async move {
         let options = ReceiveOptions {
             limit: limit as u32,
-            wait: Duration::from_secs(30),
+            wait: if waits {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            },
             lease: Some(shared.config.lease),
         };
         shared
