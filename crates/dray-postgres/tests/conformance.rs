@@ -50,6 +50,25 @@ impl Fixture for Pg {
 
 dray_testkit::conformance_tests!(Pg);
 
+/// Starts a receive of one message of `queue` on `rq` (up to 30 s), and returns once it waits
+/// in `rstore`'s wake hub; the task answers when the receive returned, and what it got.
+async fn blocked_receiver(
+    rq: Queue<PgStore>,
+    rstore: &PgStore,
+    queue: &'static str,
+) -> tokio::task::JoinHandle<(std::time::Instant, Vec<dray_core::Message>)> {
+    let receiver = tokio::spawn(async move {
+        let got = rq.receive(queue, 1, Duration::from_secs(30)).await.unwrap();
+        (std::time::Instant::now(), got)
+    });
+    let hub = rstore.clone();
+    dray_testkit::wait_until("receiver blocked", Duration::from_secs(10), || {
+        hub.wake().waiting(queue) == 1
+    })
+    .await;
+    receiver
+}
+
 /// Runs `f` on a fresh schema and drops it afterwards.
 async fn with_store<Fut: std::future::Future<Output = ()> + Send + 'static>(
     f: impl FnOnce(PgStore) -> Fut,
@@ -267,18 +286,7 @@ async fn listen_connection_is_re_established() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let receiver = tokio::spawn(async move {
-            let got = rq
-                .receive("relisten", 1, Duration::from_secs(30))
-                .await
-                .unwrap();
-            (std::time::Instant::now(), got)
-        });
-        let hub = rstore.clone();
-        dray_testkit::wait_until("receiver blocked", Duration::from_secs(10), || {
-            hub.wake().waiting("relisten") == 1
-        })
-        .await;
+        let receiver = blocked_receiver(rq, &rstore, "relisten").await;
         eq.enqueue("relisten", &json!(1), &Default::default())
             .await
             .unwrap();
@@ -372,18 +380,7 @@ async fn an_enqueue_in_a_transaction_wakes_other_processes_at_commit() {
             .await
             .unwrap();
         tx.rollback().await.unwrap();
-        let receiver = tokio::spawn(async move {
-            let got = rq
-                .receive("txwake", 1, Duration::from_secs(30))
-                .await
-                .unwrap();
-            (std::time::Instant::now(), got)
-        });
-        let hub = rstore.clone();
-        dray_testkit::wait_until("receiver blocked", Duration::from_secs(10), || {
-            hub.wake().waiting("txwake") == 1
-        })
-        .await;
+        let receiver = blocked_receiver(rq, &rstore, "txwake").await;
         let mut tx = store.pool().begin().await.unwrap();
         let e = eq
             .enqueue_in(&mut tx, "txwake", &json!(1), &Default::default())
