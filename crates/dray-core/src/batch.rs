@@ -244,6 +244,36 @@ impl RowHead {
     }
 }
 
+/// The message that [`crate::Store::message_insert_leased`] stored: every column as inserted
+/// from `m`, the lease as `p` asked for it, and the three times the database set.
+pub fn leased_insert(
+    m: &crate::NewMessage,
+    p: &crate::ClaimParams,
+    enqueued_at: chrono::DateTime<chrono::Utc>,
+    run_at: chrono::DateTime<chrono::Utc>,
+    leased_until: chrono::DateTime<chrono::Utc>,
+) -> Result<crate::Message> {
+    let head = RowHead {
+        id: m.id,
+        kind: m.kind.clone(),
+        key: m.key.clone(),
+        payload: serde_json::from_str(&m.payload)?,
+        headers: serde_json::from_str(&m.headers)?,
+        priority: m.priority,
+        attempt: 1,
+        max_attempts: m.max_attempts,
+        enqueued_at,
+        run_at,
+        leased_until: Some(leased_until),
+        errors: Vec::new(),
+        progress: None,
+        progress_message: None,
+        cancel_requested: false,
+        callback_url: m.callback_url.clone(),
+    };
+    Ok(head.with(RowTail::claimed(p)))
+}
+
 /// Decodes the rows a claim returned (each store's own `decode`) and puts them in
 /// [`delivery_order`].
 pub fn claimed_in_order<R>(

@@ -30,6 +30,7 @@ use crate::types::{
     ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, NackAction, NewMessage, Priority,
     QueueName, QueueStats, RescueReport, RunAt,
 };
+use crate::wake::TakenOffer;
 
 /// Default largest payload, serialized: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -345,10 +346,7 @@ impl<S: Store> Queue<S> {
         options: &EnqueueOptions,
     ) -> Result<Enqueued> {
         let msg = self.message(queue, payload, options)?;
-        let mut out = self
-            .store
-            .message_insert_many(std::slice::from_ref(&msg))
-            .await?;
+        let mut out = self.enqueue_messages(std::slice::from_ref(&msg)).await?;
         Ok(out.remove(0))
     }
 
@@ -366,11 +364,56 @@ impl<S: Store> Queue<S> {
 
     /// Enqueues prepared messages (see [`Queue::message`]), possibly of different queues and
     /// options, in one transaction.
+    ///
+    /// **Direct hand-off.** A single message that is due now and has no dedup key goes straight
+    /// to a receiver of this process (a [`crate::Worker`]'s, or a [`Queue::receive`] call on the
+    /// same store) that is blocked waiting on its empty queue, when there is one: the message is
+    /// inserted already leased to that receiver, in the same one statement and commit as any
+    /// enqueue, and handed over in memory, so it starts without a claim and without a wake-up
+    /// round trip through the database. It is as durable as any enqueued message: the lease is
+    /// in the row, so if this process dies the lease expires and another receiver takes the
+    /// message, and if the receiver stopped waiting in between, the enqueue gives the message
+    /// back (available to everyone, its attempt uncounted). Order is kept: a receiver only
+    /// offers while the last look at its queue found nothing due.
     pub async fn enqueue_messages(&self, messages: &[NewMessage]) -> Result<Vec<Enqueued>> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        if let [m] = messages
+            && m.key.is_none()
+            && matches!(m.run_at, RunAt::Now)
+            && let Some(offer) = self.store.wake().take_offer(m.queue.as_str())
+        {
+            return self.hand_off(m, offer).await.map(|e| vec![e]);
+        }
         self.store.message_insert_many(messages).await
+    }
+
+    /// Inserts `m` leased as `offer` asks and hands it over (see [`Queue::enqueue_messages`]).
+    async fn hand_off(&self, m: &NewMessage, offer: TakenOffer) -> Result<Enqueued> {
+        // On an error the offer drops unfulfilled, and its receiver looks at the queue again.
+        let message = self.store.message_insert_leased(m, &offer.params).await?;
+        let id = message.id;
+        let queue = offer.params.queue.clone();
+        if let Some(message) = offer.deliver(message) {
+            // The receiver stopped waiting between taking the offer and now: give the message
+            // back for anyone to claim (a failure here leaves it to the expired-lease sweep).
+            let lease = LeaseRef {
+                id,
+                attempt: Some(message.attempt),
+            };
+            if let Err(err) = self
+                .store
+                .message_nack_many(&queue, &[lease], NackAction::Release)
+                .await
+            {
+                tracing::warn!(%err, %id, "dray: cannot give back a message whose receiver left; it returns when its lease expires");
+            }
+        }
+        Ok(Enqueued {
+            id,
+            duplicate: false,
+        })
     }
 
     /// [`Queue::enqueue`] inside your transaction: the message exists if and only if it
@@ -478,10 +521,24 @@ impl<S: Store> Queue<S> {
                 wait = wait.min(due);
             }
             let _waiting = signal.waiting_guard();
+            // Offer to take the next message of this process's enqueues directly, while waiting.
+            let mut offer = signal.offer(params.clone());
+            let mut stopped = false;
             tokio::select! {
+                got = offer.delivered() => match got {
+                    Some(m) => return Ok(vec![m]),
+                    None => continue, // the enqueue that took the offer stored nothing: look again
+                },
                 _ = notified => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.as_mut() => return Ok(Vec::new()),
+                _ = stop.as_mut() => stopped = true,
+            }
+            // An enqueue may have taken the offer just now: its message is ours.
+            if let Some(m) = offer.settle().await {
+                return Ok(vec![m]);
+            }
+            if stopped {
+                return Ok(Vec::new());
             }
         }
     }

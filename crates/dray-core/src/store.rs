@@ -76,6 +76,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         messages: &[NewMessage],
     ) -> impl Future<Output = Result<Vec<Enqueued>>> + Send;
 
+    /// Inserts one message already leased, as [`Store::message_claim`] with `params` would
+    /// have leased it (running, attempt 1, the lease starting now on the database clock), and
+    /// returns it as that claim would. It wakes no receiver: nobody else may take it. This is
+    /// the direct hand-off from an enqueue to a receiver of the same process that is waiting on
+    /// an empty queue (see [`crate::Queue::enqueue_messages`]); `message` has no dedup key and
+    /// is due now.
+    fn message_insert_leased(
+        &self,
+        message: &NewMessage,
+        params: &ClaimParams,
+    ) -> impl Future<Output = Result<Message>> + Send;
+
     /// Leases up to `limit` due messages of a queue, in delivery order (priority descending,
     /// then due time, then id), raising each one's attempt by one. No message is leased by
     /// two concurrent callers.

@@ -4,12 +4,19 @@
 //! PostgreSQL: from LISTEN/NOTIFY, so other processes' enqueues arrive too). A wake-up is a hint,
 //! never a promise: the receiver always re-checks the database, and polls at
 //! [`crate::Store::poll_interval`] in case a hint was lost.
+//!
+//! The hub also carries *offers*: a receiver blocked on an empty queue offers to take the next
+//! message of that queue directly. An enqueue in the same process that finds an offer inserts
+//! its message already leased to that receiver and hands it over in memory, so the receiver
+//! starts it without a claim of its own (see [`crate::Queue::enqueue_messages`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
+
+use crate::types::{ClaimParams, Message};
 
 /// Wake-up channels, one per queue name.
 #[derive(Debug, Default)]
@@ -22,6 +29,17 @@ pub struct WakeHub {
 pub struct QueueSignal {
     notify: Notify,
     waiting: AtomicUsize,
+    offers: Mutex<VecDeque<Standing>>,
+    next_offer: AtomicU64,
+}
+
+/// An offer waiting in [`QueueSignal`]: the lease its receiver would claim with, and where the
+/// message goes.
+#[derive(Debug)]
+struct Standing {
+    id: u64,
+    params: ClaimParams,
+    deliver: oneshot::Sender<Message>,
 }
 
 impl QueueSignal {
@@ -35,6 +53,116 @@ impl QueueSignal {
     pub fn waiting_guard(self: &Arc<Self>) -> WaitingGuard {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         WaitingGuard(self.clone())
+    }
+
+    /// Offers to take the next new message of this queue directly, leased as `params` says.
+    /// The offer stands until it is taken or the returned [`Offer`] settles or drops.
+    pub fn offer(self: &Arc<Self>, params: ClaimParams) -> Offer {
+        let id = self.next_offer.fetch_add(1, Ordering::Relaxed);
+        let (deliver, delivered) = oneshot::channel();
+        self.offers().push_back(Standing {
+            id,
+            params,
+            deliver,
+        });
+        Offer {
+            signal: self.clone(),
+            id,
+            delivered: Some(delivered),
+        }
+    }
+
+    /// Takes the oldest standing offer whose receiver is still there.
+    fn take_offer(&self) -> Option<TakenOffer> {
+        let mut offers = self.offers();
+        while let Some(s) = offers.pop_front() {
+            if !s.deliver.is_closed() {
+                return Some(TakenOffer {
+                    params: s.params,
+                    deliver: s.deliver,
+                });
+            }
+        }
+        None
+    }
+
+    /// Removes a standing offer; false when it was taken meanwhile.
+    fn withdraw(&self, id: u64) -> bool {
+        let mut offers = self.offers();
+        match offers.iter().position(|s| s.id == id) {
+            Some(i) => {
+                offers.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn offers(&self) -> std::sync::MutexGuard<'_, VecDeque<Standing>> {
+        self.offers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A receiver's standing offer (see [`QueueSignal::offer`]).
+#[derive(Debug)]
+pub struct Offer {
+    signal: Arc<QueueSignal>,
+    id: u64,
+    delivered: Option<oneshot::Receiver<Message>>,
+}
+
+impl Offer {
+    /// Waits until an enqueue takes the offer: `Some` with the message, leased as offered, or
+    /// `None` when the enqueue that took it did not store a message (then the receiver should
+    /// look at the queue again). Cancel-safe; pending forever once it has returned.
+    pub async fn delivered(&mut self) -> Option<Message> {
+        match self.delivered.as_mut() {
+            Some(rx) => {
+                let got = rx.await.ok();
+                self.delivered = None;
+                got
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// True once an enqueue has taken the offer (whether or not it has delivered yet).
+    pub fn taken(&self) -> bool {
+        self.delivered.is_none() || !self.signal.offers().iter().any(|s| s.id == self.id)
+    }
+
+    /// Ends the offer. When an enqueue took it meanwhile, waits for that enqueue and returns
+    /// its message: once taken, a message is this receiver's to run or give back.
+    pub async fn settle(mut self) -> Option<Message> {
+        let rx = self.delivered.take()?;
+        if self.signal.withdraw(self.id) {
+            return None;
+        }
+        rx.await.ok()
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        if self.delivered.is_some() {
+            self.signal.withdraw(self.id);
+        }
+    }
+}
+
+/// An offer an enqueue has taken: it owes the receiver the message it stores (or nothing,
+/// by dropping this, when it stores none).
+#[derive(Debug)]
+pub struct TakenOffer {
+    /// The lease the receiver asked for.
+    pub params: ClaimParams,
+    deliver: oneshot::Sender<Message>,
+}
+
+impl TakenOffer {
+    /// Hands the stored message over; returns it when the receiver has gone meanwhile.
+    pub fn deliver(self, message: Message) -> Option<Message> {
+        self.deliver.send(message).err()
     }
 }
 
@@ -73,6 +201,15 @@ impl WakeHub {
         }
     }
 
+    /// Takes the oldest standing offer of `queue` whose receiver is still waiting for it.
+    pub fn take_offer(&self, queue: &str) -> Option<TakenOffer> {
+        let signal = {
+            let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(queue)?.clone()
+        };
+        signal.take_offer()
+    }
+
     /// Wakes every waiting receiver of every queue (after a lost LISTEN connection, when
     /// wake-ups may have been missed).
     pub fn wake_all(&self) {
@@ -88,5 +225,95 @@ impl WakeHub {
         let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         map.get(queue)
             .map_or(0, |s| s.waiting.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::QueueName;
+    use std::time::Duration;
+
+    fn params(holder: &str) -> ClaimParams {
+        ClaimParams {
+            queue: QueueName::new("q").unwrap(),
+            limit: 1,
+            lease: Duration::from_secs(30),
+            leased_by: Some(holder.to_owned()),
+        }
+    }
+
+    fn message(id: u128) -> Message {
+        let now = chrono::Utc::now();
+        crate::batch::RowHead {
+            id: uuid::Uuid::from_u128(id),
+            kind: None,
+            key: None,
+            payload: serde_json::Value::Null,
+            headers: Default::default(),
+            priority: crate::Priority(0),
+            attempt: 1,
+            max_attempts: 1,
+            enqueued_at: now,
+            run_at: now,
+            leased_until: Some(now),
+            errors: Vec::new(),
+            progress: None,
+            progress_message: None,
+            cancel_requested: false,
+            callback_url: None,
+        }
+        .with(crate::batch::RowTail::claimed(&params("r")))
+    }
+
+    #[tokio::test]
+    async fn offers_are_taken_oldest_first_and_skip_receivers_that_left() {
+        let hub = WakeHub::new();
+        assert!(hub.take_offer("q").is_none(), "no queue, no offer");
+        let signal = hub.signal("q");
+        let gone = signal.offer(params("gone"));
+        let mut first = signal.offer(params("first"));
+        let mut second = signal.offer(params("second"));
+        drop(gone);
+        let taken = hub.take_offer("q").unwrap();
+        assert_eq!(taken.params.leased_by.as_deref(), Some("first"));
+        assert!(first.taken() && !second.taken());
+        assert!(taken.deliver(message(1)).is_none());
+        assert_eq!(
+            first.delivered().await.unwrap().id,
+            uuid::Uuid::from_u128(1)
+        );
+        // A taken offer that is dropped unfulfilled tells its receiver to look again.
+        let taken = hub.take_offer("q").unwrap();
+        drop(taken);
+        assert!(second.delivered().await.is_none());
+        assert!(hub.take_offer("q").is_none(), "every offer is used");
+    }
+
+    #[tokio::test]
+    async fn a_settled_offer_is_withdrawn_unless_taken_and_then_waits_for_the_message() {
+        let hub = WakeHub::new();
+        let signal = hub.signal("q");
+        let offer = signal.offer(params("r"));
+        assert!(offer.settle().await.is_none());
+        assert!(
+            hub.take_offer("q").is_none(),
+            "a settled offer is withdrawn"
+        );
+        // Taken before it settles: settling waits for the enqueue and returns its message.
+        let offer = signal.offer(params("r"));
+        let taken = hub.take_offer("q").unwrap();
+        let settle = tokio::spawn(offer.settle());
+        tokio::task::yield_now().await;
+        assert!(taken.deliver(message(2)).is_none());
+        assert_eq!(settle.await.unwrap().unwrap().id, uuid::Uuid::from_u128(2));
+        // The receiver left after its offer was taken: the message comes back to the enqueue.
+        let offer = signal.offer(params("r"));
+        let taken = hub.take_offer("q").unwrap();
+        drop(offer);
+        assert_eq!(
+            taken.deliver(message(3)).unwrap().id,
+            uuid::Uuid::from_u128(3)
+        );
     }
 }

@@ -95,6 +95,17 @@ const ON_CONFLICT: &str = "ON CONFLICT (queue, key)
     WHERE key IS NOT NULL AND finished_at IS NULL
     DO UPDATE SET key = EXCLUDED.key";
 
+/// Leased insert (`Store::message_insert_leased`): one message, due now and without a key,
+/// stored as a claim by `$9` (lease in µs) and `$10` (holder) would leave it: running, attempt
+/// 1. Reads back only what the database decides (the times); the rest is what was sent.
+const INSERT_LEASED: &str = "
+INSERT INTO {s}.dray_jobs AS j
+    (id, queue, kind, payload, headers, priority, state, attempt, max_attempts,
+     enqueued_at, run_at, leased_until, leased_by, callback_url)
+VALUES ($1, $2, $3, $4::text::jsonb, $5::text::jsonb, $6, 'running', 1, $7,
+        COALESCE($8, now()), now(), now() + $9 * interval '1 microsecond', $10, $11)
+RETURNING j.enqueued_at, j.run_at, j.leased_until";
+
 /// Claim: pick and lease in ONE statement, so the row lock taken by `FOR UPDATE SKIP LOCKED`
 /// is held until the state change commits (a separate SELECT then UPDATE would let two
 /// receivers take the same row).
@@ -406,6 +417,7 @@ pub struct Sql {
     pub insert_unkeyed: Arc<str>,
     pub insert_one: Arc<str>,
     pub insert_one_unkeyed: Arc<str>,
+    pub insert_leased: Arc<str>,
     pub claim: Arc<str>,
     pub ack: Batched,
     pub nack: Batched,
@@ -452,6 +464,7 @@ impl Sql {
             insert_unkeyed: insert(INSERT_ROWS, false),
             insert_one: insert(INSERT_ONE_ROW, true),
             insert_one_unkeyed: insert(INSERT_ONE_ROW, false),
+            insert_leased: f(INSERT_LEASED),
             claim: f(CLAIM),
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),

@@ -74,6 +74,7 @@ pub const DEFAULT_READERS: u32 = 4;
 struct Statements {
     insert: String,
     insert_many: String,
+    insert_leased: String,
     find_key: String,
     claim: String,
     ack: String,
@@ -103,6 +104,7 @@ struct Statements {
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     insert: sql::expand(sql::INSERT),
     insert_many: sql::expand(sql::INSERT_MANY),
+    insert_leased: sql::expand(sql::INSERT_LEASED),
     find_key: sql::expand(sql::FIND_KEY),
     claim: sql::expand(sql::CLAIM),
     ack: sql::expand(sql::ACK),
@@ -708,6 +710,32 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(Error::db(op))?;
         self.wake_new(messages);
         Ok(out)
+    }
+
+    async fn message_insert_leased(&self, m: &NewMessage, params: &ClaimParams) -> Result<Message> {
+        let (enqueued_at, run_at, leased_until): (i64, i64, i64) = q(&SQL.insert_leased)
+            .bind(m.id)
+            .bind(m.queue.as_str().to_owned())
+            .bind(m.kind.clone())
+            .bind(m.payload.clone())
+            .bind(m.headers.clone())
+            .bind(m.priority.0)
+            .bind(m.max_attempts)
+            .bind(m.enqueued_at.map(|t| t.timestamp_millis()))
+            .bind(millis(params.lease).max(1))
+            .bind(params.leased_by.clone())
+            .bind(m.callback_url.clone())
+            .try_map(|r: SqliteRow| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .fetch_one(&self.inner.writer)
+            .await
+            .map_err(Error::db("message_insert_leased"))?;
+        dray_core::batch::leased_insert(
+            m,
+            params,
+            ms_to_time(&m.id, "enqueued_at", enqueued_at)?,
+            ms_to_time(&m.id, "run_at", run_at)?,
+            ms_to_time(&m.id, "leased_until", leased_until)?,
+        )
     }
 
     async fn message_insert_many_in(

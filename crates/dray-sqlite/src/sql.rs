@@ -63,6 +63,18 @@ SELECT unhex(r.value ->> 0), r.value ->> 1, r.value ->> 2, NULL, r.value ->> 3, 
        COALESCE(r.value ->> 7, d.now + (r.value ->> 6)), r.value ->> 10
 FROM json_each(?1) r, (SELECT {now} AS now) d";
 
+/// Leased insert (`Store::message_insert_leased`): one message, due now and without a key,
+/// stored as a claim with lease `?9` ms by holder `?10` would leave it (running, attempt 1).
+/// Reads back only the times the database decides.
+pub const INSERT_LEASED: &str = "
+INSERT INTO dray_jobs
+    (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
+     enqueued_at, run_at, leased_until, leased_by, callback_url)
+SELECT ?1, ?2, ?3, NULL, ?4, ?5, ?6, 'running', 1, ?7, COALESCE(?8, d.now), d.now, d.now + ?9,
+       ?10, ?11
+FROM (SELECT {now} AS now) d
+RETURNING enqueued_at, run_at, leased_until";
+
 pub const FIND_KEY: &str = "
 SELECT id FROM dray_jobs
 WHERE queue = ?1 AND key = ?2 AND finished_at IS NULL";

@@ -1114,3 +1114,194 @@ pub async fn an_upgraded_store_keeps_every_row<S: Store>(store: S) {
     let fresh = q.enqueue("up", &json!(8), &opts().key("k")).await.unwrap();
     assert!(!fresh.duplicate);
 }
+
+/// Starts `receive` on `q` and waits until it is blocked on `queue` (so it has offered to take
+/// the next message directly).
+async fn blocked_receive<S: Store>(
+    q: &Queue<S>,
+    queue: &str,
+) -> tokio::task::JoinHandle<Vec<dray_core::Message>> {
+    let receiver = {
+        let (q, queue) = (q.clone(), queue.to_owned());
+        tokio::spawn(async move { q.receive(&queue, 5, LONG).await.unwrap() })
+    };
+    let (store, queue) = (q.store().clone(), queue.to_owned());
+    wait_until("the receiver is blocked", LONG, || {
+        store.wake().waiting(&queue) == 1
+    })
+    .await;
+    receiver
+}
+
+/// A receiver waiting on an empty queue is handed a message enqueued in the same process: it
+/// gets it leased to itself, exactly as stored, and nobody else can take it.
+pub async fn a_waiting_receiver_is_handed_a_new_message_directly<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let q = Queue::with_config(
+        store.clone(),
+        QueueConfig {
+            receiver_id: Some("receiver-1".into()),
+            ..QueueConfig::default()
+        },
+    );
+    let receiver = blocked_receive(&q, "direct").await;
+    let sent = q
+        .enqueue(
+            "direct",
+            &json!({"n": 1}),
+            &opts()
+                .header("trace", "t-1")
+                .priority(Priority(3))
+                .max_attempts(4),
+        )
+        .await
+        .unwrap();
+    assert!(!sent.duplicate);
+    let got = receiver.await.unwrap();
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.id, sent.id);
+    assert_eq!(
+        (m.state, m.attempt, m.max_attempts, m.leased_by.as_deref()),
+        (MessageState::Running, 1, 4, Some("receiver-1"))
+    );
+    assert_eq!(m.payload, json!({"n": 1}));
+    assert_eq!(m.headers.get("trace").map(String::as_str), Some("t-1"));
+    assert!(
+        m.leased_until.unwrap() > m.enqueued_at,
+        "leased from now on"
+    );
+    let stored = q.get(sent.id).await.unwrap().unwrap();
+    assert_eq!(&stored, m, "the handed-over message is the stored row");
+    assert!(
+        q.receive("direct", 10, NO_WAIT).await.unwrap().is_empty(),
+        "nobody else can take it"
+    );
+    // It acks like any received message, fenced by its attempt.
+    assert_eq!(q.ack("direct", &got).await.unwrap(), 1);
+    let s = q.stats("direct").await.unwrap();
+    assert_eq!((s.completed, s.available, s.leased), (1, 0, 0));
+}
+
+/// Messages that must go through the queue are never handed over: keyed ones (the key must be
+/// stored, for dedup), delayed ones, and batches.
+pub async fn keyed_delayed_and_batched_messages_are_not_handed_over<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let q = Queue::new(store.clone());
+    // Keyed: the waiting receiver gets it, and the key still dedups while it runs.
+    let receiver = blocked_receive(&q, "k").await;
+    let first = q
+        .enqueue("k", &json!(1), &opts().key("once"))
+        .await
+        .unwrap();
+    let got = receiver.await.unwrap();
+    assert_eq!(got[0].id, first.id);
+    assert_eq!(got[0].key.as_deref(), Some("once"));
+    let again = q
+        .enqueue("k", &json!(2), &opts().key("once"))
+        .await
+        .unwrap();
+    assert_eq!((again.id, again.duplicate), (first.id, true));
+    // Delayed: stored scheduled, not leased to the waiting receiver.
+    let receiver = blocked_receive(&q, "d").await;
+    let later = q
+        .enqueue("d", &json!(1), &opts().delay(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.get(later.id).await.unwrap().unwrap().state,
+        MessageState::Scheduled
+    );
+    receiver.abort();
+    let _ = receiver.await;
+    // A batch: stored available, then claimed by the receiver like any other.
+    let receiver = blocked_receive(&q, "b").await;
+    let batch = q
+        .enqueue_many("b", [json!(1), json!(2)], &opts())
+        .await
+        .unwrap();
+    let mut got: Vec<Uuid> = receiver.await.unwrap().iter().map(|m| m.id).collect();
+    while got.len() < 2 {
+        got.extend(q.receive("b", 5, LONG).await.unwrap().iter().map(|m| m.id));
+    }
+    assert_eq!(
+        got.into_iter().collect::<HashSet<_>>(),
+        batch.iter().map(|e| e.id).collect::<HashSet<_>>()
+    );
+}
+
+/// A receiver that stopped waiting (returned, or was dropped) takes nothing; one that left
+/// after an enqueue took its offer gets the message given back, its attempt uncounted.
+pub async fn messages_for_a_receiver_that_left_stay_in_the_queue<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let q = Queue::new(store.clone());
+    // Returned (its wait ended by `stop`) and dropped (its task aborted) before the enqueue.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopped = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let options = ReceiveOptions {
+                limit: 1,
+                wait: LONG,
+                lease: None,
+            };
+            q.receive_until("left", &options, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap()
+        })
+    };
+    wait_until("the receiver is blocked", LONG, || {
+        store.wake().waiting("left") == 1
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    assert!(stopped.await.unwrap().is_empty());
+    let aborted = blocked_receive(&q, "left").await;
+    aborted.abort();
+    let _ = aborted.await;
+    let a = q.enqueue("left", &json!("a"), &opts()).await.unwrap();
+    let m = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!((m.state, m.attempt), (MessageState::Available, 0));
+    // Left after its offer was taken: the enqueue is held up (its id is taken by an open
+    // transaction on PostgreSQL; SQLite's one writer is busy), the receiver leaves meanwhile.
+    let params = dray_core::ClaimParams {
+        queue: dray_core::QueueName::new("left").unwrap(),
+        limit: 1,
+        lease: Duration::from_secs(30),
+        leased_by: Some("gone".into()),
+    };
+    let offer = store.wake().signal("left").offer(params);
+    let msg = q.message("left", &json!("b"), &opts()).unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .message_insert_many_in(&mut *tx, std::slice::from_ref(&msg))
+        .await
+        .unwrap();
+    let enqueue = {
+        let (q, msg) = (q.clone(), msg.clone());
+        tokio::spawn(async move { q.enqueue_messages(&[msg]).await })
+    };
+    wait_until("the enqueue took the offer", LONG, || offer.taken()).await;
+    drop(offer);
+    tx.rollback().await.unwrap();
+    let out = enqueue.await.unwrap().unwrap();
+    assert_eq!((out[0].id, out[0].duplicate), (msg.id, false));
+    let m = q.get(msg.id).await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.attempt),
+        (MessageState::Available, 0),
+        "given back, its attempt uncounted"
+    );
+    let got = q.receive("left", 5, NO_WAIT).await.unwrap();
+    let ids: HashSet<Uuid> = got.iter().map(|m| m.id).collect();
+    assert_eq!(ids, HashSet::from([a.id, msg.id]));
+    assert!(got.iter().all(|m| m.attempt == 1));
+}
