@@ -36,7 +36,8 @@ def main(path):
         print("# " + json.dumps(m))
     print()
     print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
-    workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"].index(w) if w in ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W4"] else 99)
+    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W3-remote", "W4"]
+    workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: order.index(w) if w in order else 99)
     for w in workloads:
         for (wk, system, store), note in unavailable.items():
             if wk == w:

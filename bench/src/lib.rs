@@ -33,6 +33,9 @@ pub enum Workload {
     W2Tuned,
     /// A running worker; 1,000 jobs enqueued at 200/s; pick-up latency percentiles.
     W3,
+    /// W3 with the jobs enqueued through a second store handle, as another process would:
+    /// no direct hand-off; a NOTIFY (PostgreSQL) or a poll (SQLite) wakes the worker.
+    W3Remote,
     /// 2,000 runs of a 3-step workflow (needs the workflow layer).
     W4,
     /// The raw-SQL floor: claim 500 with SKIP LOCKED then complete them, 2 connections.
@@ -43,7 +46,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
@@ -51,6 +54,7 @@ impl Workload {
         Workload::W2,
         Workload::W2Tuned,
         Workload::W3,
+        Workload::W3Remote,
         Workload::W4,
     ];
 
@@ -62,6 +66,7 @@ impl Workload {
             Workload::W2 => "W2",
             Workload::W2Tuned => "W2-tuned",
             Workload::W3 => "W3",
+            Workload::W3Remote => "W3-remote",
             Workload::W4 => "W4",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
@@ -242,7 +247,7 @@ pub async fn run(
         for _ in 0..cfg.reps.max(1) {
             let rep = if pg {
                 let store = fresh_pg(&cfg.url).await?;
-                let r = one(&store, w, cfg.n).await;
+                let r = one(&store, &cfg.url, w, cfg.n).await;
                 if std::env::var_os("DRAY_BENCH_KEEP").is_none() {
                     store.drop_schema().await?;
                 }
@@ -250,7 +255,7 @@ pub async fn run(
                 r
             } else {
                 let (store, dir) = fresh_sqlite().await?;
-                let r = one(&store, w, cfg.n).await;
+                let r = one(&store, &cfg.url, w, cfg.n).await;
                 store.close().await;
                 let _ = std::fs::remove_dir_all(dir);
                 r
@@ -275,7 +280,7 @@ pub async fn run(
             );
         }
         let (unit, n) = match w {
-            Workload::W3 => ("ms", 1000),
+            Workload::W3 | Workload::W3Remote => ("ms", 1000),
             Workload::W4 => ("runs/s", 2000),
             _ => ("jobs/s", cfg.n),
         };
@@ -308,7 +313,7 @@ pub async fn run(
     Ok(out)
 }
 
-async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Option<Rep>> {
+async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchResult<Option<Rep>> {
     let mut extra = serde_json::Map::new();
     let wal0 = store.wal_position().await?;
     let value = match w {
@@ -371,60 +376,19 @@ async fn one<S: RawStore>(store: &S, w: Workload, n: usize) -> BenchResult<Optio
             }
             n as f64 / secs
         }
-        Workload::W3 => {
-            let samples = Arc::new(Mutex::new(Vec::with_capacity(1000)));
-            let handle = Worker::new(store.clone())
-                .register(Latency {
-                    samples: samples.clone(),
-                })
-                .start()?;
-            let client = Client::new(store.clone());
-            // Let the worker reach its idle long-poll before measuring.
-            client
-                .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
-                .await?;
-            while samples.lock().map(|s| s.len()).unwrap_or(0) < 1 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            samples.lock().map(|mut s| s.clear()).ok();
-            let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200/s
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // How long the enqueue itself takes (its INSERT and commit): part of every sample.
-            let mut enqueue_us = Vec::with_capacity(1000);
-            for _ in 0..1000 {
-                tick.tick().await;
-                let t = Instant::now();
-                client
-                    .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
-                    .await?;
-                enqueue_us.push(t.elapsed().as_micros() as u64);
-            }
-            enqueue_us.sort_unstable();
-            extra.insert(
-                "enqueue_p50_ms".into(),
-                (enqueue_us[enqueue_us.len() / 2] as f64 / 1000.0).into(),
-            );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while samples.lock().map(|s| s.len()).unwrap_or(0) < 1000 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            handle.shutdown().await?;
-            let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
-            s.sort_unstable();
-            let pct = |p: f64| {
-                s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)))
-                    .copied()
-                    .unwrap_or(0) as f64
-                    / 1000.0
-            };
-            extra.insert("p99_ms".into(), pct(0.99).into());
-            extra.insert("samples".into(), s.len().into());
-            pct(0.50)
+        Workload::W3 => pickup_latency(store, store, &mut extra).await?,
+        Workload::W3Remote => {
+            let producer = store.reopen(url).await?;
+            let p50 = pickup_latency(store, &producer, &mut extra).await;
+            producer.close_handle().await;
+            p50?
         }
         Workload::W4 => return Ok(None),
     };
-    if !matches!(w, Workload::W2 | Workload::W2Tuned | Workload::W3)
-        && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
+    if !matches!(
+        w,
+        Workload::W2 | Workload::W2Tuned | Workload::W3 | Workload::W3Remote
+    ) && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
     {
         let bytes = store.wal_diff(&b, &a).await?;
         extra.insert(
@@ -541,4 +505,62 @@ pub fn ratios(results: &[Measurement]) -> Vec<(String, f64)> {
         }
     }
     out
+}
+
+/// W3 and W3-remote: a worker on `worker_store`; 1,000 jobs enqueued through `producer` at a
+/// steady 200/s; returns the p50 of (handler start − enqueue time) in ms, with the p99 and the
+/// enqueue call's own p50 in `extra`.
+async fn pickup_latency<S: RawStore>(
+    worker_store: &S,
+    producer: &S,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(1000)));
+    let handle = Worker::new(worker_store.clone())
+        .register(Latency {
+            samples: samples.clone(),
+        })
+        .start()?;
+    let client = Client::new(producer.clone());
+    // Let the worker reach its idle long-poll before measuring.
+    client
+        .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
+        .await?;
+    while samples.lock().map(|s| s.len()).unwrap_or(0) < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    samples.lock().map(|mut s| s.clear()).ok();
+    let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200/s
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // How long the enqueue itself takes (its INSERT and commit): part of every sample.
+    let mut enqueue_us = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        tick.tick().await;
+        let t = Instant::now();
+        client
+            .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
+            .await?;
+        enqueue_us.push(t.elapsed().as_micros() as u64);
+    }
+    enqueue_us.sort_unstable();
+    extra.insert(
+        "enqueue_p50_ms".into(),
+        (enqueue_us[enqueue_us.len() / 2] as f64 / 1000.0).into(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while samples.lock().map(|s| s.len()).unwrap_or(0) < 1000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    handle.shutdown().await?;
+    let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    s.sort_unstable();
+    let pct = |p: f64| {
+        s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    extra.insert("p99_ms".into(), pct(0.99).into());
+    extra.insert("samples".into(), s.len().into());
+    Ok(pct(0.50))
 }

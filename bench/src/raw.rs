@@ -26,6 +26,11 @@ pub trait RawStore: Store {
     /// descent of the claim index rather than [`dray::Queue::stats`]' count of every row (which,
     /// polled while the last completions are in flight, slowed them down).
     fn any_unfinished(&self, queue: &str) -> impl Future<Output = BenchResult<bool>> + Send;
+    /// A second handle on the same database (its own connections and wake-up hub), as another
+    /// process would open it; `url` is the one this store was opened with.
+    fn reopen(&self, url: &str) -> impl Future<Output = BenchResult<Self>> + Send;
+    /// Closes this handle's connections.
+    fn close_handle(&self) -> impl Future<Output = ()> + Send;
 }
 
 const PG_CLAIM: &str = "
@@ -43,6 +48,19 @@ UPDATE {s}.dray_jobs SET state = 'completed', finished_at = now(), leased_until 
 WHERE id = ANY($1)";
 
 impl RawStore for PgStore {
+    async fn close_handle(&self) {
+        self.close().await
+    }
+
+    async fn reopen(&self, url: &str) -> BenchResult<Self> {
+        Ok(PgStore::builder(url)
+            .schema(self.schema())
+            .max_connections(4)
+            .schema_mode(dray::SchemaMode::Check)
+            .connect()
+            .await?)
+    }
+
     async fn any_unfinished(&self, queue: &str) -> BenchResult<bool> {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM \"{}\".dray_jobs WHERE queue = $1 AND finished_at IS NULL)",
@@ -135,6 +153,17 @@ impl RawStore for PgStore {
 }
 
 impl RawStore for SqliteStore {
+    async fn close_handle(&self) {
+        self.close().await
+    }
+
+    async fn reopen(&self, _url: &str) -> BenchResult<Self> {
+        Ok(SqliteStore::builder(self.url())
+            .schema_mode(dray::SchemaMode::Check)
+            .open()
+            .await?)
+    }
+
     async fn any_unfinished(&self, queue: &str) -> BenchResult<bool> {
         let any: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM dray_jobs WHERE queue = ?1 AND finished_at IS NULL)",
