@@ -65,6 +65,26 @@ impl DedupedBatch {
     }
 }
 
+/// True when no message of the batch has a key and all share everything but id and payload
+/// (what `enqueue_many` makes): a store can send what repeats once, and only ids and
+/// payloads per message.
+pub fn uniform(messages: &[NewMessage]) -> bool {
+    let Some(first) = messages.first() else {
+        return false;
+    };
+    messages.iter().all(|m| {
+        m.key.is_none()
+            && m.queue == first.queue
+            && m.kind == first.kind
+            && m.headers == first.headers
+            && m.priority == first.priority
+            && m.run_at == first.run_at
+            && m.enqueued_at == first.enqueued_at
+            && m.max_attempts == first.max_attempts
+            && m.callback_url == first.callback_url
+    })
+}
+
 /// Reads stored headers (a JSON object of strings).
 pub fn decode_headers(
     id: &uuid::Uuid,

@@ -481,11 +481,65 @@ impl PgStore {
         self.inner.listen_pool.close().await;
     }
 
+    /// [`PgStore::insert`] for a batch that [`dray_core::batch::uniform`] accepts: one statement carrying only
+    /// ids and payloads as arrays (`sql::INSERT_UNIFORM_ROWS`).
+    async fn insert_uniform(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[NewMessage],
+    ) -> Result<Vec<Enqueued>> {
+        let op = "message_insert_many";
+        let m = &messages[0];
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+        let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
+        let (delay, not_before): (i64, Option<DateTime<Utc>>) = match m.run_at {
+            RunAt::Now => (0, None),
+            RunAt::After(d) => (micros(d), None),
+            RunAt::At(t) => (0, Some(t)),
+        };
+        let done = sqlx::query(AssertSqlSafe(self.inner.sql.insert_uniform.clone()))
+            .bind(&ids)
+            .bind(&payloads)
+            .bind(m.queue.as_str())
+            .bind(m.kind.as_deref())
+            .bind(m.headers.as_str())
+            .bind(m.priority.0)
+            .bind(delay)
+            .bind(not_before)
+            .bind(m.enqueued_at)
+            .bind(m.max_attempts)
+            .bind(m.callback_url.as_deref())
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::db(op))?;
+        self.inner.cursors.rewind_for(messages);
+        if done.rows_affected() != messages.len() as u64 {
+            return Err(Error::CorruptRow {
+                id: String::new(),
+                reason: format!(
+                    "an insert of {} messages reported {} rows",
+                    messages.len(),
+                    done.rows_affected()
+                ),
+            });
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| Enqueued {
+                id,
+                duplicate: false,
+            })
+            .collect())
+    }
+
     async fn insert(
         &self,
         conn: &mut PgConnection,
         messages: &[NewMessage],
     ) -> Result<Vec<Enqueued>> {
+        if messages.len() > 1 && dray_core::batch::uniform(messages) {
+            return self.insert_uniform(conn, messages).await;
+        }
         let batch = dedup_keys(messages);
         let n = batch.send.len();
         let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (

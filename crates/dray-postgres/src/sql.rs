@@ -76,6 +76,15 @@ const INSERT_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[]
         $6::text[], $7::int2[], $8::int8[], $9::timestamptz[], $10::timestamptz[], $11::int4[],
         $12::text[])";
 
+/// The rows of [`INSERT`] for a uniform batch: no keys, and every message with the same
+/// queue, kind, headers, priority, due time, enqueue time, attempts and callback, which is what
+/// `enqueue_many` makes. Only ids and payloads travel as arrays (`$1`, `$2`); the rest is sent
+/// once (`$3`–`$11`). Twelve arrays of 1,000 elements each cost the client their encoding and
+/// the server their decoding and unnesting, for ten columns that repeat one value.
+const INSERT_UNIFORM_ROWS: &str = "(SELECT a.id, $3::text, $4::text, NULL::text, a.payload,
+        $5::text, $6::int2, $7::int8, $8::timestamptz, $9::timestamptz, $10::int4, $11::text
+        FROM UNNEST($1::uuid[], $2::text[]) AS a(id, payload))";
+
 /// The row of [`INSERT`] for one message (`Queue::enqueue`): the same columns as scalars, which
 /// spares the server decoding twelve one-element arrays and unnesting them.
 const INSERT_ONE_ROW: &str = "(VALUES ($1::uuid, $2::text, $3::text, $4::text, $5::text,
@@ -418,6 +427,7 @@ pub struct Sql {
     pub insert_one: Arc<str>,
     pub insert_one_unkeyed: Arc<str>,
     pub insert_leased: Arc<str>,
+    pub insert_uniform: Arc<str>,
     pub claim: Arc<str>,
     pub ack: Batched,
     pub nack: Batched,
@@ -465,6 +475,7 @@ impl Sql {
             insert_one: insert(INSERT_ONE_ROW, true),
             insert_one_unkeyed: insert(INSERT_ONE_ROW, false),
             insert_leased: f(INSERT_LEASED),
+            insert_uniform: insert(INSERT_UNIFORM_ROWS, false),
             claim: f(CLAIM),
             ack: Batched::new(f(ACK)),
             nack: Batched::new(f(NACK)),

@@ -75,6 +75,7 @@ struct Statements {
     insert: String,
     insert_many: String,
     insert_leased: String,
+    insert_uniform: String,
     find_key: String,
     claim: String,
     ack: String,
@@ -105,6 +106,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     insert: sql::expand(sql::INSERT),
     insert_many: sql::expand(sql::INSERT_MANY),
     insert_leased: sql::expand(sql::INSERT_LEASED),
+    insert_uniform: sql::expand(sql::INSERT_UNIFORM),
     find_key: sql::expand(sql::FIND_KEY),
     claim: sql::expand(sql::CLAIM),
     ack: sql::expand(sql::ACK),
@@ -306,6 +308,36 @@ impl SqliteStore {
         messages: &[NewMessage],
     ) -> Result<Vec<Enqueued>> {
         let op = "message_insert_many";
+        if messages.len() > 1 && dray_core::batch::uniform(messages) {
+            let m = &messages[0];
+            let (delay_ms, not_before) = due(m);
+            let rows: Vec<serde_json::Value> = messages
+                .iter()
+                .map(|m| serde_json::json!([m.id.simple().to_string(), m.payload]))
+                .collect();
+            q(&SQL.insert_uniform)
+                .bind(serde_json::Value::Array(rows).to_string())
+                .bind(m.queue.as_str().to_owned())
+                .bind(m.kind.clone())
+                .bind(m.headers.clone())
+                .bind(m.priority.0)
+                .bind(delay_ms)
+                .bind(not_before)
+                .bind(m.max_attempts)
+                .bind(m.enqueued_at.map(|t| t.timestamp_millis()))
+                .bind(m.callback_url.clone())
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db(op))?;
+            self.inner.cursors.rewind_for(messages);
+            return Ok(messages
+                .iter()
+                .map(|m| Enqueued {
+                    id: m.id,
+                    duplicate: false,
+                })
+                .collect());
+        }
         let batch = dedup_keys(messages);
         let mut sent: Vec<Option<Enqueued>> = vec![None; batch.send.len()];
         // Key-less rows cannot conflict: all of them in one statement.

@@ -75,6 +75,19 @@ SELECT ?1, ?2, ?3, NULL, ?4, ?5, ?6, 'running', 1, ?7, COALESCE(?8, d.now), d.no
 FROM (SELECT {now} AS now) d
 RETURNING enqueued_at, run_at, leased_until";
 
+/// [`INSERT_MANY`] for a uniform batch (`dray_core::batch::uniform`: no keys, every message
+/// with the same options): ?1 is a JSON array of [hex id, payload text] pairs, and what repeats
+/// is bound once: ?2 queue, ?3 kind, ?4 headers, ?5 priority, ?6 delay ms, ?7 not_before ms,
+/// ?8 max_attempts, ?9 enqueued_at ms, ?10 callback_url. Half the JSON to build and parse.
+pub const INSERT_UNIFORM: &str = "
+INSERT INTO dray_jobs
+    (id, queue, kind, key, payload, headers, priority, state, attempt, max_attempts,
+     enqueued_at, run_at, callback_url)
+SELECT unhex(r.value ->> 0), ?2, ?3, NULL, r.value ->> 1, ?4, ?5,
+       CASE WHEN d.due > d.now THEN 'scheduled' ELSE 'available' END,
+       0, ?8, COALESCE(?9, d.now), d.due, ?10
+FROM json_each(?1) r, (SELECT {now} AS now, COALESCE(?7, {now} + ?6) AS due) d";
+
 pub const FIND_KEY: &str = "
 SELECT id FROM dray_jobs
 WHERE queue = ?1 AND key = ?2 AND finished_at IS NULL";

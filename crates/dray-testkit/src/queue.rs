@@ -88,6 +88,56 @@ pub async fn enqueue_many_is_one_batch_in_id_order<F: Fixture>(_fx: Arc<F>, stor
     );
     assert_eq!(q.ack("bulk", &got).await.unwrap(), 1000);
 
+    // A batch of one options (stores may send what repeats once) and a mixed batch: every
+    // row is stored with its own options.
+    let same = opts()
+        .header("h", "v")
+        .priority(Priority(2))
+        .max_attempts(3)
+        .delay(Duration::from_secs(3600));
+    let out = q
+        .enqueue_many("bulk2", [json!(1), json!(2)], &same)
+        .await
+        .unwrap();
+    for e in &out {
+        let m = q.get(e.id).await.unwrap().unwrap();
+        assert_eq!(
+            (m.queue.as_str(), m.state, m.priority, m.max_attempts),
+            ("bulk2", MessageState::Scheduled, Priority(2), 3)
+        );
+        assert_eq!(m.headers.get("h").map(String::as_str), Some("v"));
+        assert!(m.run_at > m.enqueued_at + chrono::Duration::minutes(59));
+    }
+    let mixed = [
+        q.message("m1", &json!("a"), &opts().priority(Priority(5)))
+            .unwrap(),
+        q.message("m2", &json!("b"), &opts().header("x", "y"))
+            .unwrap(),
+        q.message("m1", &json!("c"), &opts().delay(Duration::from_secs(60)))
+            .unwrap(),
+    ];
+    let out = q.enqueue_messages(&mixed).await.unwrap();
+    let stored: Vec<dray_core::Message> = {
+        let mut v = Vec::new();
+        for e in &out {
+            v.push(q.get(e.id).await.unwrap().unwrap());
+        }
+        v
+    };
+    assert_eq!(
+        stored
+            .iter()
+            .map(|m| (m.queue.as_str(), m.priority, m.state, m.payload.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("m1", Priority(5), MessageState::Available, json!("a")),
+            ("m2", Priority(0), MessageState::Available, json!("b")),
+            ("m1", Priority(0), MessageState::Scheduled, json!("c")),
+        ]
+    );
+    assert_eq!(stored[1].headers.get("x").map(String::as_str), Some("y"));
+    assert!(stored[0].headers.is_empty());
+
     // An empty batch is a no-op, not an error.
     let none: Vec<serde_json::Value> = Vec::new();
     assert!(
