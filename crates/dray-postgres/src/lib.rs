@@ -1252,17 +1252,31 @@ impl Store for PgStore {
         }
         let op = "job_complete_many";
         let ids: Vec<Uuid> = done.iter().map(|c| c.lease.id).collect();
-        let attempts: Vec<Option<i32>> = done.iter().map(|c| c.lease.attempt).collect();
-        let results: Vec<Option<&str>> = done.iter().map(|c| c.result.as_deref()).collect();
-        let (text, cache) = self.inner.sql.complete.for_len(done.len());
-        let row = sqlx::query(AssertSqlSafe(text))
-            .persistent(cache)
-            .bind(ids)
-            .bind(attempts)
-            .bind(results)
-            .fetch_one(&self.inner.worker_pool)
-            .await
-            .map_err(Error::db(op))?;
+        let attempt = done[0].lease.attempt;
+        let uniform = done
+            .iter()
+            .all(|c| c.lease.attempt == attempt && c.result.is_none());
+        let row = if uniform {
+            let (text, cache) = self.inner.sql.complete_uniform.for_len(done.len());
+            sqlx::query(AssertSqlSafe(text))
+                .persistent(cache)
+                .bind(ids)
+                .bind(attempt)
+                .fetch_one(&self.inner.worker_pool)
+                .await
+        } else {
+            let attempts: Vec<Option<i32>> = done.iter().map(|c| c.lease.attempt).collect();
+            let results: Vec<Option<&str>> = done.iter().map(|c| c.result.as_deref()).collect();
+            let (text, cache) = self.inner.sql.complete.for_len(done.len());
+            sqlx::query(AssertSqlSafe(text))
+                .persistent(cache)
+                .bind(ids)
+                .bind(attempts)
+                .bind(results)
+                .fetch_one(&self.inner.worker_pool)
+                .await
+        }
+        .map_err(Error::db(op))?;
         // One row: the count, and the completed ids when some were refused (see
         // `sql::COMPLETE`).
         let count: i64 = row.try_get(0).map_err(Error::db(op))?;

@@ -281,6 +281,21 @@ SELECT count(*),
        CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END
 FROM done";
 
+/// [`COMPLETE`] for the usual batch: every attempt the same (`$2`; NULL: unfenced) and no
+/// output (jobs returning `()`). The rows are found by the primary key alone and fenced by
+/// the one attempt number, with no id list to unnest and join: with the raw-SQL floor's claim
+/// on this machine, this statement ran the drain at ~65k jobs/s where `COMPLETE` ran it at
+/// ~50k (back to back).
+const COMPLETE_UNIFORM: &str = "
+WITH done AS (
+    UPDATE {s}.dray_jobs j
+    SET state = 'completed', finished_at = now(), leased_until = NULL, result = NULL
+    WHERE j.id = ANY($1) AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
+    RETURNING j.id)
+SELECT count(*),
+       CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END
+FROM done";
+
 /// Fail: record the attempt's error and move on: retryable after a delay (dead when out of
 /// attempts), dead, or cancelled. $5 is 'retry', 'dead' or 'cancelled'. Fenced.
 const FAIL: &str = "
@@ -438,6 +453,7 @@ pub struct Sql {
     pub stats: Arc<str>,
     pub next_due: Arc<str>,
     pub complete: Batched,
+    pub complete_uniform: Batched,
     pub fail: Arc<str>,
     pub progress: Arc<str>,
     pub cancel: Arc<str>,
@@ -486,6 +502,7 @@ impl Sql {
             stats: f(STATS),
             next_due: f(NEXT_DUE),
             complete: Batched::new(f(COMPLETE)),
+            complete_uniform: Batched::new(f(COMPLETE_UNIFORM)),
             fail: f(FAIL),
             progress: f(PROGRESS),
             cancel: f(CANCEL),
