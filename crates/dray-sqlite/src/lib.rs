@@ -89,6 +89,7 @@ struct Statements {
     now: String,
     complete: String,
     complete_quiet: String,
+    complete_uniform: String,
     fail: String,
     progress: String,
     state_of: String,
@@ -120,6 +121,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     now: sql::expand(sql::NOW_MS),
     complete: sql::expand(sql::COMPLETE),
     complete_quiet: sql::expand(&sql::COMPLETE.replace("{lease_returning}", "")),
+    complete_uniform: sql::expand(sql::COMPLETE_UNIFORM),
     fail: sql::expand(sql::FAIL),
     progress: sql::expand(sql::PROGRESS),
     state_of: sql::expand(sql::STATE_OF),
@@ -942,17 +944,34 @@ impl Store for SqliteStore {
             return Ok(LeaseWrite::default());
         }
         let op = "job_complete_many";
-        let items: Vec<String> = done
-            .iter()
-            .map(|c| lease_item(&c.lease, c.result.as_deref()))
-            .collect();
-        let items = serde_json::to_string(&items)?;
+        let items = || -> Result<String> {
+            let items: Vec<String> = done
+                .iter()
+                .map(|c| lease_item(&c.lease, c.result.as_deref()))
+                .collect();
+            Ok(serde_json::to_string(&items)?)
+        };
         // Nearly always every lease is still held: then one UPDATE without RETURNING, checked
         // by its count, spares SQLite's thread a row handed over per job. Otherwise it is
-        // rolled back and run again naming what it applied.
+        // rolled back and run again naming what it applied. A batch with one attempt number
+        // and no outputs (the usual one) sends its ids alone.
+        let attempt = done[0].lease.attempt;
+        let uniform = done
+            .iter()
+            .all(|c| c.lease.attempt == attempt && c.result.is_none());
         let mut tx = self.inner.writer.begin().await.map_err(Error::db(op))?;
-        let changed = sqlx::query(SQL.complete_quiet.as_str())
-            .bind(items.as_str())
+        let quiet = if uniform {
+            let ids: Vec<String> = done
+                .iter()
+                .map(|c| c.lease.id.simple().to_string())
+                .collect();
+            sqlx::query(SQL.complete_uniform.as_str())
+                .bind(serde_json::to_string(&ids)?)
+                .bind(attempt)
+        } else {
+            sqlx::query(SQL.complete_quiet.as_str()).bind(items()?)
+        };
+        let changed = quiet
             .execute(&mut *tx)
             .await
             .map_err(Error::db(op))?
@@ -966,7 +985,7 @@ impl Store for SqliteStore {
         }
         tx.rollback().await.map_err(Error::db(op))?;
         let rows = q(&SQL.complete)
-            .bind(items)
+            .bind(items()?)
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db(op))?;

@@ -229,6 +229,16 @@ WHERE dray_jobs.id = r.id AND +dray_jobs.state = 'running' -- `+`: see REFS
   AND (r.attempt IS NULL OR dray_jobs.attempt = r.attempt)
 {lease_returning}";
 
+/// [`COMPLETE`] for the usual batch, without RETURNING: every attempt the same (?2; NULL:
+/// unfenced) and no output. ?1 is a JSON array of hex ids, so each item is one `unhex` instead
+/// of the three string cuts and a `json()` of a lease item.
+pub const COMPLETE_UNIFORM: &str = "
+UPDATE dray_jobs
+SET state = 'completed', finished_at = {now}, leased_until = NULL, result = NULL
+FROM (SELECT unhex(i.value) AS id FROM json_each(?1) i) r
+WHERE dray_jobs.id = r.id AND +dray_jobs.state = 'running' -- `+`: see REFS
+  AND (?2 IS NULL OR dray_jobs.attempt = ?2)";
+
 /// Fail an attempt: ?5 is 'retry', 'dead' or 'cancelled'; ?6 the retry delay in ms. SET
 /// expressions all read the row as it was before the update. Fenced.
 pub const FAIL: &str = "
