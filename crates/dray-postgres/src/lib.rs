@@ -407,6 +407,18 @@ impl Drop for NotifierTask {
     }
 }
 
+/// Checks that an insert without dedup keys stored every one of its `n` rows (each is new: a
+/// repeated id fails the statement instead).
+fn all_inserted(n: usize, rows: u64) -> Result<()> {
+    if rows == n as u64 {
+        return Ok(());
+    }
+    Err(Error::CorruptRow {
+        id: String::new(),
+        reason: format!("an insert of {n} messages reported {rows} rows"),
+    })
+}
+
 /// The queues that a batch of new messages may have made claimable now (due now, or at a time
 /// that may have passed), each once.
 fn due_queues(messages: &[NewMessage]) -> Vec<&str> {
@@ -513,16 +525,7 @@ impl PgStore {
             .await
             .map_err(Error::db(op))?;
         self.inner.cursors.rewind_for(messages);
-        if done.rows_affected() != messages.len() as u64 {
-            return Err(Error::CorruptRow {
-                id: String::new(),
-                reason: format!(
-                    "an insert of {} messages reported {} rows",
-                    messages.len(),
-                    done.rows_affected()
-                ),
-            });
-        }
+        all_inserted(messages.len(), done.rows_affected())?;
         Ok(ids
             .into_iter()
             .map(|id| Enqueued {
@@ -626,15 +629,7 @@ impl PgStore {
                 .await
                 .map_err(Error::db("message_insert_many"))?;
             self.inner.cursors.rewind_for(messages);
-            if done.rows_affected() != n as u64 {
-                return Err(Error::CorruptRow {
-                    id: String::new(),
-                    reason: format!(
-                        "an insert of {n} messages reported {} rows",
-                        done.rows_affected()
-                    ),
-                });
-            }
+            all_inserted(n, done.rows_affected())?;
             let sent: Vec<Enqueued> = batch
                 .send
                 .iter()
