@@ -407,6 +407,16 @@ impl Drop for NotifierTask {
     }
 }
 
+/// A due time as the insert statements take it: a delay in µs after the database's `now()`,
+/// or an instant.
+fn due_parts(run_at: RunAt) -> (i64, Option<DateTime<Utc>>) {
+    match run_at {
+        RunAt::Now => (0, None),
+        RunAt::After(d) => (micros(d), None),
+        RunAt::At(t) => (0, Some(t)),
+    }
+}
+
 /// Checks that an insert without dedup keys stored every one of its `n` rows (each is new: a
 /// repeated id fails the statement instead).
 fn all_inserted(n: usize, rows: u64) -> Result<()> {
@@ -504,11 +514,7 @@ impl PgStore {
         let m = &messages[0];
         let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
         let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
-        let (delay, not_before): (i64, Option<DateTime<Utc>>) = match m.run_at {
-            RunAt::Now => (0, None),
-            RunAt::After(d) => (micros(d), None),
-            RunAt::At(t) => (0, Some(t)),
-        };
+        let (delay, not_before) = due_parts(m.run_at);
         let done = sqlx::query(AssertSqlSafe(self.inner.sql.insert_uniform.clone()))
             .bind(&ids)
             .bind(&payloads)
@@ -543,6 +549,34 @@ impl PgStore {
         if messages.len() > 1 && dray_core::batch::uniform(messages) {
             return self.insert_uniform(conn, messages).await;
         }
+        if let [m] = messages
+            && m.key.is_none()
+        {
+            // One message without a key (`Queue::enqueue`): its columns bound as they are.
+            let (delay, not_before) = due_parts(m.run_at);
+            let done = sqlx::query(AssertSqlSafe(self.inner.sql.insert_one_unkeyed.clone()))
+                .bind(m.id)
+                .bind(m.queue.as_str())
+                .bind(m.kind.as_deref())
+                .bind(None::<&str>)
+                .bind(m.payload.as_str())
+                .bind(m.headers.as_str())
+                .bind(m.priority.0)
+                .bind(delay)
+                .bind(not_before)
+                .bind(m.enqueued_at)
+                .bind(m.max_attempts)
+                .bind(m.callback_url.as_deref())
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db("message_insert_many"))?;
+            self.inner.cursors.rewind_for(messages);
+            all_inserted(1, done.rows_affected())?;
+            return Ok(vec![Enqueued {
+                id: m.id,
+                duplicate: false,
+            }]);
+        }
         let batch = dedup_keys(messages);
         let n = batch.send.len();
         let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (
@@ -570,11 +604,7 @@ impl PgStore {
             payloads.push(m.payload.as_str());
             headers.push(m.headers.as_str());
             prios.push(m.priority.0);
-            let (delay, nb): (i64, Option<DateTime<Utc>>) = match m.run_at {
-                RunAt::Now => (0, None),
-                RunAt::After(d) => (micros(d), None),
-                RunAt::At(t) => (0, Some(t)),
-            };
+            let (delay, nb) = due_parts(m.run_at);
             delays.push(delay);
             not_befores.push(nb);
             enqueued.push(m.enqueued_at);
