@@ -85,6 +85,16 @@ pub fn uniform(messages: &[NewMessage]) -> bool {
     })
 }
 
+/// The one attempt number of a completion batch in which every job is on the same attempt
+/// and has no output (the usual batch): a store can fence it by that number alone, with no
+/// per-job list of attempts and outputs. `None` for any other batch (or an empty one).
+pub fn uniform_completions(done: &[crate::Completion]) -> Option<Option<i32>> {
+    let attempt = done.first()?.lease.attempt;
+    done.iter()
+        .all(|c| c.lease.attempt == attempt && c.result.is_none())
+        .then_some(attempt)
+}
+
 /// Reads stored headers (a JSON object of strings).
 pub fn decode_headers(
     id: &uuid::Uuid,

@@ -549,16 +549,24 @@ impl PgStore {
         if messages.len() > 1 && dray_core::batch::uniform(messages) {
             return self.insert_uniform(conn, messages).await;
         }
-        if let [m] = messages
-            && m.key.is_none()
-        {
-            // One message without a key (`Queue::enqueue`): its columns bound as they are.
+        let batch = dedup_keys(messages);
+        let n = batch.send.len();
+        let keyed = batch.send.iter().any(|&i| messages[i].key.is_some());
+        let sql = &self.inner.sql;
+        let query = if let [i] = batch.send[..] {
+            // One row (`Queue::enqueue`): its columns bound as they are, no arrays to build.
+            let m = &messages[i];
             let (delay, not_before) = due_parts(m.run_at);
-            let done = sqlx::query(AssertSqlSafe(self.inner.sql.insert_one_unkeyed.clone()))
+            let sql = if keyed {
+                &sql.insert_one
+            } else {
+                &sql.insert_one_unkeyed
+            };
+            sqlx::query(AssertSqlSafe(sql.clone()))
                 .bind(m.id)
                 .bind(m.queue.as_str())
                 .bind(m.kind.as_deref())
-                .bind(None::<&str>)
+                .bind(m.key.as_deref())
                 .bind(m.payload.as_str())
                 .bind(m.headers.as_str())
                 .bind(m.priority.0)
@@ -567,72 +575,39 @@ impl PgStore {
                 .bind(m.enqueued_at)
                 .bind(m.max_attempts)
                 .bind(m.callback_url.as_deref())
-                .execute(&mut *conn)
-                .await
-                .map_err(Error::db("message_insert_many"))?;
-            self.inner.cursors.rewind_for(messages);
-            all_inserted(1, done.rows_affected())?;
-            return Ok(vec![Enqueued {
-                id: m.id,
-                duplicate: false,
-            }]);
-        }
-        let batch = dedup_keys(messages);
-        let n = batch.send.len();
-        let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
-        let (mut prios, mut delays, mut not_befores, mut enqueued, mut max_attempts) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for &i in &batch.send {
-            let m = &messages[i];
-            ids.push(m.id);
-            queues.push(m.queue.as_str());
-            kinds.push(m.kind.as_deref());
-            keys.push(m.key.as_deref());
-            payloads.push(m.payload.as_str());
-            headers.push(m.headers.as_str());
-            prios.push(m.priority.0);
-            let (delay, nb) = due_parts(m.run_at);
-            delays.push(delay);
-            not_befores.push(nb);
-            enqueued.push(m.enqueued_at);
-            max_attempts.push(m.max_attempts);
-            callbacks.push(m.callback_url.as_deref());
-        }
-        let keyed = keys.iter().any(Option::is_some);
-        let sql = &self.inner.sql;
-        let query = if n == 1 {
-            let sql = if keyed {
-                &sql.insert_one
-            } else {
-                &sql.insert_one_unkeyed
-            };
-            sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(ids[0])
-                .bind(queues[0])
-                .bind(kinds[0])
-                .bind(keys[0])
-                .bind(payloads[0])
-                .bind(headers[0])
-                .bind(prios[0])
-                .bind(delays[0])
-                .bind(not_befores[0])
-                .bind(enqueued[0])
-                .bind(max_attempts[0])
-                .bind(callbacks[0])
         } else {
+            let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let mut callbacks: Vec<Option<&str>> = Vec::with_capacity(n);
+            let (mut prios, mut delays, mut not_befores, mut enqueued, mut max_attempts) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for &i in &batch.send {
+                let m = &messages[i];
+                ids.push(m.id);
+                queues.push(m.queue.as_str());
+                kinds.push(m.kind.as_deref());
+                keys.push(m.key.as_deref());
+                payloads.push(m.payload.as_str());
+                headers.push(m.headers.as_str());
+                prios.push(m.priority.0);
+                let (delay, nb) = due_parts(m.run_at);
+                delays.push(delay);
+                not_befores.push(nb);
+                enqueued.push(m.enqueued_at);
+                max_attempts.push(m.max_attempts);
+                callbacks.push(m.callback_url.as_deref());
+            }
             let sql = if keyed {
                 &sql.insert
             } else {
@@ -1277,11 +1252,8 @@ impl Store for PgStore {
         }
         let op = "job_complete_many";
         let ids: Vec<Uuid> = done.iter().map(|c| c.lease.id).collect();
-        let attempt = done[0].lease.attempt;
-        let uniform = done
-            .iter()
-            .all(|c| c.lease.attempt == attempt && c.result.is_none());
-        let row = if uniform {
+        let uniform = dray_core::batch::uniform_completions(done);
+        let row = if let Some(attempt) = uniform {
             let (text, cache) = self.inner.sql.complete_uniform.for_len(done.len());
             sqlx::query(AssertSqlSafe(text))
                 .persistent(cache)

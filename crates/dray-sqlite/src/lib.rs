@@ -955,12 +955,9 @@ impl Store for SqliteStore {
         // by its count, spares SQLite's thread a row handed over per job. Otherwise it is
         // rolled back and run again naming what it applied. A batch with one attempt number
         // and no outputs (the usual one) sends its ids alone.
-        let attempt = done[0].lease.attempt;
-        let uniform = done
-            .iter()
-            .all(|c| c.lease.attempt == attempt && c.result.is_none());
+        let uniform = dray_core::batch::uniform_completions(done);
         let mut tx = self.inner.writer.begin().await.map_err(Error::db(op))?;
-        let quiet = if uniform {
+        let quiet = if let Some(attempt) = uniform {
             let ids: Vec<String> = done
                 .iter()
                 .map(|c| c.lease.id.simple().to_string())
