@@ -72,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "client_notify",
         sql: include_str!("../migrations/0006_client_notify.sql"),
     },
+    Migration {
+        version: 7,
+        name: "lean_checks",
+        sql: include_str!("../migrations/0007_lean_checks.sql"),
+    },
 ];
 
 /// Default schema for Dray's tables.

@@ -237,6 +237,30 @@ async fn unreadable_rows_give_a_typed_error() {
         let err = q.get(e.id).await.unwrap_err();
         assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
         assert!(err.to_string().contains(&e.id.to_string()));
+        // Values the schema leaves to Dray's own checks (schema version 7): a progress out of
+        // range and a state Dray does not know are reported on read, naming the row.
+        for (set, what) in [
+            ("headers = '{}', progress = 150", "progress 150"),
+            (
+                "progress = NULL, state = 'paused', finished_at = now()",
+                "paused",
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE \"{}\".dray_jobs SET {set} WHERE id = $1",
+                store.schema()
+            )))
+            .bind(e.id)
+            .execute(store.pool())
+            .await
+            .unwrap();
+            let err = q.get(e.id).await.unwrap_err();
+            assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        // A row whose state is not pending counts as finished: no claim takes it.
+        let got = q.receive("c", 10, Duration::ZERO).await.unwrap();
+        assert!(got.is_empty(), "{got:?}");
     })
     .await
 }
