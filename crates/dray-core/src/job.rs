@@ -292,7 +292,7 @@ pub struct JobContext {
 pub(crate) struct ContextInner {
     pub(crate) id: Uuid,
     pub(crate) kind: String,
-    pub(crate) queue: QueueName,
+    pub(crate) queue: Arc<QueueName>,
     pub(crate) attempt: i32,
     pub(crate) max_attempts: i32,
     pub(crate) cancel: CancelToken,

@@ -224,7 +224,8 @@ impl<S: Store> ContextOps for Ops<S> {
 
 /// A job being run, as the heartbeat and shutdown see it.
 struct Running {
-    queue: QueueName,
+    /// Shared by every job of the queue's fetcher (one allocation per queue, not per job).
+    queue: Arc<QueueName>,
     attempt: i32,
     cancel: CancelToken,
     cancel_requested: bool,
@@ -426,7 +427,7 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
     for (queue, concurrency) in queues {
         fetchers.spawn(fetch_loop(
             shared.clone(),
-            queue,
+            Arc::new(queue),
             concurrency,
             stop.clone(),
             done_tx.clone(),
@@ -519,7 +520,7 @@ type Claim = BoxFuture<'static, Result<Vec<Message>>>;
 /// attempt ([`crate::NackAction::Release`]).
 async fn fetch_loop<S: Store>(
     shared: Arc<Shared<S>>,
-    queue: QueueName,
+    queue: Arc<QueueName>,
     concurrency: usize,
     stop: CancelToken,
     done: mpsc::UnboundedSender<(Completion, i32)>,
@@ -551,7 +552,13 @@ async fn fetch_loop<S: Store>(
                 break;
             };
             if let Some(b) = buffer.pop_front() {
-                tasks.spawn(run_one(shared.clone(), b.message, done.clone(), permit));
+                tasks.spawn(run_one(
+                    shared.clone(),
+                    queue.clone(),
+                    b.message,
+                    done.clone(),
+                    permit,
+                ));
             }
         }
         // Give back what has waited too long (its slots are taken by slow jobs).
@@ -694,7 +701,7 @@ fn start_claim<S: Store>(
 
 /// Registers claimed jobs as running, so the heartbeat keeps their leases (and passes on cancel
 /// requests and lost leases) while they wait in the buffer.
-fn hold<S: Store>(shared: &Shared<S>, queue: &QueueName, got: &[Message]) {
+fn hold<S: Store>(shared: &Shared<S>, queue: &Arc<QueueName>, got: &[Message]) {
     let mut running = shared.running();
     for m in got {
         let cancel = CancelToken::new();
@@ -740,14 +747,14 @@ async fn release_running<S: Store>(shared: &Shared<S>, queue: &QueueName) {
         let mut running = shared.running();
         let mut leases = Vec::new();
         for (id, r) in running.iter_mut() {
-            if &r.queue == queue {
+            if *r.queue == *queue {
                 leases.push(LeaseRef {
                     id: *id,
                     attempt: Some(r.attempt),
                 });
             }
         }
-        running.retain(|_, r| &r.queue != queue);
+        running.retain(|_, r| *r.queue != *queue);
         leases
     };
     if leases.is_empty() {
@@ -772,22 +779,19 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Runs one claimed job of `queue` (the fetcher's queue, which claimed it) in its own task.
+///
+/// This future is moved into a task for every job, so what it holds is kept small: the
+/// failure paths, which need a store write each, are boxed and cost nothing until taken.
 async fn run_one<S: Store>(
     shared: Arc<Shared<S>>,
+    queue: Arc<QueueName>,
     mut m: Message,
     done: mpsc::UnboundedSender<(Completion, i32)>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let lease = m.lease();
-    let queue = match QueueName::new(m.queue.as_str()) {
-        Ok(q) => q,
-        Err(_) => {
-            // Stored rows are validated on the way in; nothing to do here but forget it.
-            shared.running().remove(&m.id);
-            return;
-        }
-    };
-    let kind = m.kind.clone().unwrap_or_default();
+    let kind = m.kind.take().unwrap_or_default();
     let Some(handler) = shared.handlers.get(&kind).cloned() else {
         shared.running().remove(&m.id);
         let known: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
@@ -796,10 +800,17 @@ async fn run_one<S: Store>(
             shared.config.id, m.queue
         );
         let delay = crate::job::RetryPolicy::default().delay(m.attempt, m.id.as_u128() as u64);
-        fail(&shared, &m, FailureKind::Error, &msg, FailTo::Retry(delay)).await;
+        Box::pin(fail(
+            &shared,
+            &m,
+            FailureKind::Error,
+            &msg,
+            FailTo::Retry(delay),
+        ))
+        .await;
         return;
     };
-    let options = handler.options().clone();
+    let options = handler.options();
     // The entry `hold` made at claim time: the heartbeat may have seen a cancel request or a
     // lost lease while the job waited in the buffer.
     let (cancel, cancel_requested) = match shared.running().get(&m.id) {
@@ -813,13 +824,13 @@ async fn run_one<S: Store>(
     }
     if cancel_requested {
         shared.running().remove(&m.id);
-        fail(
+        Box::pin(fail(
             &shared,
             &m,
             FailureKind::Cancelled,
             "cancelled before it started",
             FailTo::Cancelled,
-        )
+        ))
         .await;
         return;
     }
@@ -827,8 +838,8 @@ async fn run_one<S: Store>(
     let ctx = JobContext {
         inner: Arc::new(ContextInner {
             id: m.id,
-            kind: kind.clone(),
-            queue: queue.clone(),
+            kind,
+            queue,
             attempt: m.attempt,
             max_attempts: m.max_attempts,
             cancel: cancel.clone(),
@@ -870,44 +881,44 @@ async fn run_one<S: Store>(
             drop(permit);
         }
         Some(Ok(Err(JobError::Transient(msg)))) => {
-            fail(
+            Box::pin(fail(
                 &shared,
                 &m,
                 FailureKind::Error,
                 &msg,
                 retry(FailureKind::Error),
-            )
+            ))
             .await
         }
         Some(Ok(Err(JobError::Permanent(msg)))) => {
-            fail(
+            Box::pin(fail(
                 &shared,
                 &m,
                 FailureKind::Permanent,
                 &msg,
                 retry(FailureKind::Permanent),
-            )
+            ))
             .await
         }
         Some(Ok(Err(JobError::Cancelled))) => {
-            fail(
+            Box::pin(fail(
                 &shared,
                 &m,
                 FailureKind::Cancelled,
                 "the handler stopped on a cancel request",
                 FailTo::Cancelled,
-            )
+            ))
             .await
         }
         Some(Err(panic)) => {
             let msg = format!("handler panicked: {}", panic_message(&*panic));
-            fail(
+            Box::pin(fail(
                 &shared,
                 &m,
                 FailureKind::Panic,
                 &msg,
                 retry(FailureKind::Panic),
-            )
+            ))
             .await
         }
         None => {
@@ -915,13 +926,13 @@ async fn run_one<S: Store>(
                 "timed out after {}",
                 crate::format_duration(options.timeout.unwrap_or_default())
             );
-            fail(
+            Box::pin(fail(
                 &shared,
                 &m,
                 FailureKind::Timeout,
                 &msg,
                 retry(FailureKind::Timeout),
-            )
+            ))
             .await
         }
     }
@@ -956,20 +967,27 @@ async fn completer<S: Store>(
     mut rx: mpsc::UnboundedReceiver<(Completion, i32)>,
 ) {
     const MAX_BATCH: usize = 2000;
-    let mut batch: Vec<(Completion, i32)> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
+    // The batch's completions, and each one's attempt number (for its event).
+    let mut completions: Vec<Completion> = Vec::new();
+    let mut attempts: Vec<i32> = Vec::new();
+    while let Some((first, attempt)) = rx.recv().await {
+        completions.push(first);
+        attempts.push(attempt);
+        while completions.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(c) => batch.push(c),
+                Ok((c, attempt)) => {
+                    completions.push(c);
+                    attempts.push(attempt);
+                }
                 Err(_) => break,
             }
         }
-        let completions: Vec<Completion> = batch.iter().map(|(c, _)| c.clone()).collect();
         let mut backoff = Duration::from_millis(50);
         let applied = loop {
             match shared.store.job_complete_many(&completions).await {
-                Ok(w) => break Some(w.applied.into_iter().collect::<HashSet<Uuid>>()),
+                // Every id applied (the ids of a batch are distinct): no set to build.
+                Ok(w) if w.applied.len() == completions.len() => break Some(None),
+                Ok(w) => break Some(Some(w.applied.into_iter().collect::<HashSet<Uuid>>())),
                 Err(err) if backoff < Duration::from_secs(10) => {
                     tracing::warn!(%err, n = completions.len(), "dray: cannot record completions; retrying");
                     tokio::time::sleep(backoff).await;
@@ -981,8 +999,12 @@ async fn completer<S: Store>(
                 }
             }
         };
-        for (c, attempt) in batch.drain(..) {
-            let recorded = applied.as_ref().is_some_and(|a| a.contains(&c.lease.id));
+        for (c, attempt) in completions.drain(..).zip(attempts.drain(..)) {
+            let recorded = match &applied {
+                Some(None) => true,
+                Some(Some(a)) => a.contains(&c.lease.id),
+                None => false,
+            };
             if !recorded {
                 tracing::warn!(id = %c.lease.id, "dray: completion refused: the lease was taken back meanwhile");
             }
@@ -1009,7 +1031,7 @@ async fn heartbeat<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
 }
 
 async fn beat<S: Store>(shared: &Shared<S>) {
-    let mut by_queue: HashMap<QueueName, Vec<LeaseRef>> = HashMap::new();
+    let mut by_queue: HashMap<Arc<QueueName>, Vec<LeaseRef>> = HashMap::new();
     for (id, r) in shared.running().iter() {
         by_queue.entry(r.queue.clone()).or_default().push(LeaseRef {
             id: *id,
