@@ -422,6 +422,26 @@ fn due_parts(run_at: RunAt) -> (i64, Option<DateTime<Utc>>) {
     }
 }
 
+/// The insert statements' parameters `$3`–`$11`, which a one-row insert and a uniform batch
+/// (whose rows share them) both take from one message: queue, kind, headers, priority, due
+/// time (two), enqueue time, attempts and callback URL.
+fn bind_shared<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    m: &'q NewMessage,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let (delay, not_before) = due_parts(m.run_at);
+    query
+        .bind(m.queue.as_str())
+        .bind(m.kind.as_deref())
+        .bind(m.headers.as_str())
+        .bind(m.priority.0)
+        .bind(delay)
+        .bind(not_before)
+        .bind(m.enqueued_at)
+        .bind(m.max_attempts)
+        .bind(m.callback_url.as_deref())
+}
+
 /// Checks that an insert without dedup keys stored every one of its `n` rows (each is new: a
 /// repeated id fails the statement instead).
 fn all_inserted(n: usize, rows: u64) -> Result<()> {
@@ -519,19 +539,10 @@ impl PgStore {
         let m = &messages[0];
         let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
         let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
-        let (delay, not_before) = due_parts(m.run_at);
-        let done = sqlx::query(AssertSqlSafe(self.inner.sql.insert_uniform.clone()))
+        let query = sqlx::query(AssertSqlSafe(self.inner.sql.insert_uniform.clone()))
             .bind(&ids)
-            .bind(&payloads)
-            .bind(m.queue.as_str())
-            .bind(m.kind.as_deref())
-            .bind(m.headers.as_str())
-            .bind(m.priority.0)
-            .bind(delay)
-            .bind(not_before)
-            .bind(m.enqueued_at)
-            .bind(m.max_attempts)
-            .bind(m.callback_url.as_deref())
+            .bind(&payloads);
+        let done = bind_shared(query, m)
             .execute(&mut *conn)
             .await
             .map_err(Error::db(op))?;
@@ -561,25 +572,15 @@ impl PgStore {
         let query = if let [i] = batch.send[..] {
             // One row (`Queue::enqueue`): its columns bound as they are, no arrays to build.
             let m = &messages[i];
-            let (delay, not_before) = due_parts(m.run_at);
             let sql = if keyed {
                 &sql.insert_one
             } else {
                 &sql.insert_one_unkeyed
             };
-            sqlx::query(AssertSqlSafe(sql.clone()))
+            let query = sqlx::query(AssertSqlSafe(sql.clone()))
                 .bind(m.id)
-                .bind(m.queue.as_str())
-                .bind(m.kind.as_deref())
-                .bind(m.key.as_deref())
-                .bind(m.payload.as_str())
-                .bind(m.headers.as_str())
-                .bind(m.priority.0)
-                .bind(delay)
-                .bind(not_before)
-                .bind(m.enqueued_at)
-                .bind(m.max_attempts)
-                .bind(m.callback_url.as_deref())
+                .bind(m.payload.as_str());
+            bind_shared(query, m).bind(m.key.as_deref())
         } else {
             let (mut ids, mut queues, mut kinds, mut keys, mut payloads, mut headers) = (
                 Vec::with_capacity(n),

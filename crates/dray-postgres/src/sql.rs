@@ -86,9 +86,11 @@ const INSERT_UNIFORM_ROWS: &str = "(SELECT a.id, $3::text, $4::text, NULL::text,
         FROM UNNEST($1::uuid[], $2::text[]) AS a(id, payload))";
 
 /// The row of [`INSERT`] for one message (`Queue::enqueue`): the same columns as scalars, which
-/// spares the server decoding twelve one-element arrays and unnesting them.
-const INSERT_ONE_ROW: &str = "(VALUES ($1::uuid, $2::text, $3::text, $4::text, $5::text,
-        $6::text, $7::int2, $8::int8, $9::timestamptz, $10::timestamptz, $11::int4, $12::text))";
+/// spares the server decoding twelve one-element arrays and unnesting them. Numbered as in
+/// [`INSERT_UNIFORM_ROWS`] (id `$1`, payload `$2`, the shared columns `$3`–`$11`), with the
+/// key last (`$12`), so that one binding of `$3`–`$11` serves both.
+const INSERT_ONE_ROW: &str = "(VALUES ($1::uuid, $3::text, $4::text, $12::text, $2::text,
+        $5::text, $6::int2, $7::int8, $8::timestamptz, $9::timestamptz, $10::int4, $11::text))";
 
 /// What [`INSERT`] reads back for a batch with dedup keys: each row, and whether it was already
 /// there. A batch without keys reads back nothing: every row is new (its id was made
