@@ -410,7 +410,7 @@ impl WorkerHandle {
 }
 
 async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, stop: CancelToken) {
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<(Completion, i32)>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
     let completer = tokio::spawn(completer(shared.clone(), done_rx));
     let beat_stop = CancelToken::new();
     let heartbeat = tokio::spawn(heartbeat(shared.clone(), beat_stop.clone()));
@@ -523,7 +523,7 @@ async fn fetch_loop<S: Store>(
     queue: Arc<QueueName>,
     concurrency: usize,
     stop: CancelToken,
-    done: mpsc::UnboundedSender<(Completion, i32)>,
+    done: mpsc::UnboundedSender<Completion>,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -787,7 +787,7 @@ async fn run_one<S: Store>(
     shared: Arc<Shared<S>>,
     queue: Arc<QueueName>,
     mut m: Message,
-    done: mpsc::UnboundedSender<(Completion, i32)>,
+    done: mpsc::UnboundedSender<Completion>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let lease = m.lease();
@@ -877,7 +877,7 @@ async fn run_one<S: Store>(
     match outcome {
         Some(Ok(Ok(result))) => {
             // Handed to the completer; the slot is free as soon as it is queued there.
-            let _ = done.send((Completion { lease, result }, m.attempt));
+            let _ = done.send(Completion { lease, result });
             drop(permit);
         }
         Some(Ok(Err(JobError::Transient(msg)))) => {
@@ -962,23 +962,14 @@ async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg:
 
 /// Writes finished attempts in batches: everything that finished while the previous write
 /// was in flight goes in the next one statement.
-async fn completer<S: Store>(
-    shared: Arc<Shared<S>>,
-    mut rx: mpsc::UnboundedReceiver<(Completion, i32)>,
-) {
+async fn completer<S: Store>(shared: Arc<Shared<S>>, mut rx: mpsc::UnboundedReceiver<Completion>) {
     const MAX_BATCH: usize = 2000;
-    // The batch's completions, and each one's attempt number (for its event).
     let mut completions: Vec<Completion> = Vec::new();
-    let mut attempts: Vec<i32> = Vec::new();
-    while let Some((first, attempt)) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
         completions.push(first);
-        attempts.push(attempt);
         while completions.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok((c, attempt)) => {
-                    completions.push(c);
-                    attempts.push(attempt);
-                }
+                Ok(c) => completions.push(c),
                 Err(_) => break,
             }
         }
@@ -999,7 +990,7 @@ async fn completer<S: Store>(
                 }
             }
         };
-        for (c, attempt) in completions.drain(..).zip(attempts.drain(..)) {
+        for c in completions.drain(..) {
             let recorded = match &applied {
                 Some(None) => true,
                 Some(Some(a)) => a.contains(&c.lease.id),
@@ -1010,7 +1001,8 @@ async fn completer<S: Store>(
             }
             shared.emit(WorkerEvent::Finished {
                 id: c.lease.id,
-                attempt,
+                // A worker's completion always names its attempt (`Message::lease`).
+                attempt: c.lease.attempt.unwrap_or_default(),
                 failure: None,
                 recorded,
             });
