@@ -130,6 +130,21 @@ pub fn decode_errors(
     })
 }
 
+/// Reads a stored attempt count and attempt limit: the attempt is never negative and the limit
+/// at least 1 (the schema leaves both to Dray since PostgreSQL version 7 and SQLite version 5).
+pub fn decode_attempts(id: &uuid::Uuid, attempt: i32, max_attempts: i32) -> Result<(i32, i32)> {
+    if attempt < 0 || max_attempts < 1 {
+        return Err(Error::CorruptRow {
+            id: id.to_string(),
+            reason: format!(
+                "attempt {attempt} of max_attempts {max_attempts}: the attempt must be 0 or more \
+                 and max_attempts 1 or more"
+            ),
+        });
+    }
+    Ok((attempt, max_attempts))
+}
+
 /// Reads a stored progress value (0 to 100).
 pub fn decode_progress(id: &uuid::Uuid, value: Option<i64>) -> Result<Option<u8>> {
     value

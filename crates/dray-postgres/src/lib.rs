@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
-    decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, micros,
-    redrive_key_taken, redrive_refused, settle_parts,
+    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_attempts,
+    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, fail_to_parts,
+    list_limit, micros, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey, HEAD};
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -833,6 +833,12 @@ fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Resul
     let callback_url: Option<String> = row
         .try_get(15)
         .map_err(|e| corrupt(&id, "callback_url", e))?;
+    let (attempt, max_attempts) = decode_attempts(
+        &id,
+        row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
+        row.try_get(7)
+            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+    )?;
     Ok(RowHead {
         kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
         key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
@@ -842,10 +848,8 @@ fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Resul
             None => Default::default(),
         },
         priority: Priority(row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?),
-        attempt: row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
-        max_attempts: row
-            .try_get(7)
-            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+        attempt,
+        max_attempts,
         enqueued_at: row.try_get(8).map_err(|e| corrupt(&id, "enqueued_at", e))?,
         run_at: row.try_get(9).map_err(|e| corrupt(&id, "run_at", e))?,
         leased_until: row

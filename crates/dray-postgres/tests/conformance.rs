@@ -227,13 +227,15 @@ async fn unreadable_rows_give_a_typed_error() {
             .unwrap();
         // Written by something else, each read back as a `CorruptRow` naming the row and what
         // is wrong: headers that are not an object of strings; then values that the schema
-        // leaves to Dray's own checks (schema version 7): a progress out of range and a state
-        // Dray does not know.
+        // leaves to Dray's own checks (schema version 7): a progress out of range, a negative
+        // attempt, an attempt limit below 1 and a state Dray does not know.
         for (set, what) in [
             (r#"headers = '{"n": 1}'"#, "headers"),
             ("headers = '{}', progress = 150", "progress 150"),
+            ("progress = NULL, attempt = -1", "attempt -1"),
+            ("attempt = 0, max_attempts = 0", "max_attempts 0"),
             (
-                "progress = NULL, state = 'paused', finished_at = now()",
+                "max_attempts = 5, state = 'paused', finished_at = now()",
                 "paused",
             ),
         ] {

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_errors, decode_headers,
-    decode_progress, decode_state, dedup_keys, fail_to_parts, list_limit, redrive_key_taken,
-    redrive_refused, settle_parts,
+    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_attempts,
+    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, fail_to_parts,
+    list_limit, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::claim::ClaimCursors;
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "unfinished_index",
         sql: include_str!("../migrations/0004_unfinished_index.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "lean_checks",
+        sql: include_str!("../migrations/0005_lean_checks.sql"),
     },
 ];
 
@@ -585,6 +590,12 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
     let callback_url: Option<String> = row
         .try_get(15)
         .map_err(|e| corrupt(&id, "callback_url", e))?;
+    let (attempt, max_attempts) = decode_attempts(
+        &id,
+        row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
+        row.try_get(7)
+            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+    )?;
     Ok(RowHead {
         kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
         key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
@@ -592,10 +603,8 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
             .ok_or_else(|| corrupt(&id, "payload", "NULL"))?,
         headers,
         priority: Priority(row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?),
-        attempt: row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
-        max_attempts: row
-            .try_get(7)
-            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+        attempt,
+        max_attempts,
         enqueued_at: time(8, "enqueued_at")?,
         run_at: time(9, "run_at")?,
         leased_until: opt_time(10, "leased_until")?,

@@ -118,11 +118,12 @@ async fn unreadable_rows_cannot_be_written() {
         .enqueue("c", &json!(1), &Default::default())
         .await
         .unwrap();
-    // The schema's CHECKs refuse JSON that is not JSON, and headers that are not an object.
+    // The schema's CHECKs refuse JSON that is not JSON, headers that are not an object, and a
+    // running row without a lease end.
     for stmt in [
         "UPDATE dray_jobs SET payload = 'not json' WHERE id = ?1",
         "UPDATE dray_jobs SET headers = '[1]' WHERE id = ?1",
-        "UPDATE dray_jobs SET state = 'bogus' WHERE id = ?1",
+        "UPDATE dray_jobs SET state = 'running', leased_until = NULL WHERE id = ?1",
     ] {
         let err = sqlx::query(stmt)
             .bind(e.id)
@@ -131,14 +132,31 @@ async fn unreadable_rows_cannot_be_written() {
             .unwrap_err();
         assert!(err.to_string().contains("CHECK"), "{stmt}: {err}");
     }
-    // Headers of the wrong shape that pass the CHECK still give a typed error, not a panic.
-    sqlx::query("UPDATE dray_jobs SET headers = '{\"n\": 1}' WHERE id = ?1")
+    // What passes the CHECKs but is not Dray's (headers of the wrong shape; since schema
+    // version 5 also a progress, attempt or state the schema leaves to Dray) is read back as a
+    // `CorruptRow` naming the row and what is wrong, never a panic.
+    for (set, what) in [
+        (r#"headers = '{"n": 1}'"#, "headers"),
+        ("headers = '{}', progress = 150", "progress 150"),
+        ("progress = NULL, attempt = -1", "attempt -1"),
+        ("attempt = 0, max_attempts = 0", "max_attempts 0"),
+        ("max_attempts = 5, state = 'paused'", "paused"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dray_jobs SET {set} WHERE id = ?1"
+        )))
         .bind(e.id)
         .execute(store.pool())
         .await
         .unwrap();
-    let err = q.get(e.id).await.unwrap_err();
-    assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
+        let err = q.get(e.id).await.unwrap_err();
+        assert!(matches!(err, Error::CorruptRow { .. }), "{set}: {err}");
+        assert!(err.to_string().contains(&e.id.to_string()), "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+    }
+    // A row whose state is not pending is never claimed, though it is not finished.
+    let got = q.receive("c", 10, std::time::Duration::ZERO).await.unwrap();
+    assert!(got.is_empty(), "{got:?}");
 }
 
 /// A file at schema version 3, holding rows in every state as version 3 wrote them, moves to
