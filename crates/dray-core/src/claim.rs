@@ -18,7 +18,6 @@
 //! [`HEAD_SCAN_EVERY`] longer than strict delivery order would have it wait.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,32 +58,25 @@ impl ClaimCursors {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims from `queue` with `claim_after(key)`, which must lease up to `limit` pending rows
-    /// that sort after `key`, in delivery order: from the cursor when there is a fresh one, and
-    /// from the head when there is none or the cursor found nothing. Then moves the cursor.
-    pub async fn claim<F, Fut>(
-        &self,
-        queue: &str,
-        limit: u32,
-        claim_after: F,
-    ) -> Result<Vec<Message>>
-    where
-        F: Fn(ClaimKey) -> Fut,
-        Fut: Future<Output = Result<Vec<Message>>>,
-    {
+    /// Begins a claim of `queue`: the key its rows must sort after (the cursor when there is
+    /// a fresh one, else [`HEAD`]), and the round that finishes it.
+    ///
+    /// The store leases up to its limit of pending rows after that key, in delivery order;
+    /// when a claim from the cursor finds nothing, [`ClaimRound::retry`] gives the head to
+    /// claim from once more; [`ClaimRound::finish`] then moves the cursor, before the rows are
+    /// decoded: a store with one writer connection holds it from here to `finish`, and the
+    /// next claim queued behind this one (another queue's, another worker's in the same
+    /// process) starts from the new cursor while this one's rows are still being decoded.
+    pub fn begin<'a>(&'a self, queue: &'a str) -> (ClaimRound<'a>, ClaimKey) {
         let cursor = self.start(queue);
-        let mut out = claim_after(cursor.unwrap_or(HEAD)).await?;
-        let mut from_head = cursor.is_none();
-        if out.is_empty() && !from_head {
-            out = claim_after(HEAD).await?;
-            from_head = true;
-        }
-        let full = out.len() >= limit as usize;
-        self.advance(queue, from_head, full, out.last().map(claim_key));
-        Ok(out)
+        let round = ClaimRound {
+            cursors: self,
+            queue,
+            from_head: cursor.is_none(),
+        };
+        (round, cursor.unwrap_or(HEAD))
     }
 
-    /// The cursor a claim of `queue` may start from, or `None` when it should scan from the head.
     fn start(&self, queue: &str) -> Option<ClaimKey> {
         let cursors = self.lock();
         let c = cursors.get(queue)?;
@@ -147,6 +139,45 @@ impl ClaimCursors {
     }
 }
 
+/// One claim of a queue, from [`ClaimCursors::begin`] to [`ClaimRound::finish`].
+#[derive(Debug)]
+pub struct ClaimRound<'a> {
+    cursors: &'a ClaimCursors,
+    queue: &'a str,
+    from_head: bool,
+}
+
+impl ClaimRound<'_> {
+    /// After a claim from the cursor found nothing: the head, to claim from once more (the
+    /// rows behind the cursor may have become pending again). `None` when the claim already
+    /// started at the head.
+    pub fn retry(&mut self) -> Option<ClaimKey> {
+        (!self.from_head).then(|| {
+            self.from_head = true;
+            HEAD
+        })
+    }
+
+    /// Moves the cursor past the greatest key (`key_of`) of the rows claimed (in any order),
+    /// of a claim of at most `limit`; a claim that came back short (the queue is drained)
+    /// drops it, so that the next starts at the head.
+    pub fn finish<R>(
+        self,
+        limit: u32,
+        rows: &[R],
+        key_of: impl Fn(&R) -> Result<ClaimKey>,
+    ) -> Result<()> {
+        let mut last: Option<ClaimKey> = None;
+        for r in rows {
+            let k = key_of(r)?;
+            last = Some(last.map_or(k, |l| l.max(k)));
+        }
+        let full = rows.len() >= limit as usize;
+        self.cursors.advance(self.queue, self.from_head, full, last);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +230,40 @@ mod tests {
         c.advance("q", true, true, Some(key(0, 10, 5)));
         c.advance("q", false, true, None);
         assert_eq!(c.start("q"), None, "nothing claimed: from the head");
+    }
+
+    #[test]
+    fn a_round_retries_from_the_head_once_and_moves_the_cursor_past_the_greatest_row() {
+        let c = ClaimCursors::default();
+        let (mut round, after) = c.begin("q");
+        assert_eq!(after, HEAD);
+        assert_eq!(round.retry(), None, "already at the head");
+        // Rows in any order: the cursor goes past the greatest.
+        let rows = [key(0, 10, 7), key(0, 10, 9), key(0, 10, 8)];
+        round.finish(3, &rows, |k| Ok(*k)).unwrap();
+        assert_eq!(c.start("q"), Some(key(0, 10, 9)));
+
+        let (mut round, after) = c.begin("q");
+        assert_eq!(after, key(0, 10, 9));
+        assert_eq!(
+            round.retry(),
+            Some(HEAD),
+            "nothing after the cursor: once from the head"
+        );
+        assert_eq!(round.retry(), None);
+        // From the head, full: the cursor starts again there (and its head-scan clock too).
+        round.finish(1, &[key(0, 10, 2)], |k| Ok(*k)).unwrap();
+        assert_eq!(c.start("q"), Some(key(0, 10, 2)));
+
+        // A short round drops it; a key that cannot be read fails the round.
+        let (round, _) = c.begin("q");
+        round.finish(5, &[key(0, 10, 3)], |k| Ok(*k)).unwrap();
+        assert_eq!(c.start("q"), None);
+        let (round, _) = c.begin("q");
+        let err = round.finish(1, &[key(0, 10, 3)], |_| {
+            Err(crate::Error::invalid("row", "unreadable"))
+        });
+        assert!(err.is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use dray_core::batch::{
     decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, fail_to_parts,
     list_limit, micros, redrive_key_taken, redrive_refused, settle_parts,
 };
-use dray_core::claim::{ClaimCursors, ClaimKey, HEAD};
+use dray_core::claim::{ClaimCursors, ClaimKey, HEAD, claim_key};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
@@ -1099,12 +1099,15 @@ impl Store for PgStore {
     }
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
-        self.inner
-            .cursors
-            .claim(p.queue.as_str(), p.limit, |after| {
-                self.claim_after(p, after)
-            })
-            .await
+        let (mut round, after) = self.inner.cursors.begin(p.queue.as_str());
+        let mut out = self.claim_after(p, after).await?;
+        if out.is_empty()
+            && let Some(head) = round.retry()
+        {
+            out = self.claim_after(p, head).await?;
+        }
+        round.finish(p.limit, &out, |m| Ok(claim_key(m)))?;
+        Ok(out)
     }
 
     async fn message_ack_many(&self, queue: &QueueName, refs: &[LeaseRef]) -> Result<LeaseWrite> {

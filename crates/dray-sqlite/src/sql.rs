@@ -113,7 +113,8 @@ WHERE queue = ?1 AND key = ?2 AND finished_at IS NULL";
 /// The picked rows are named by `rowid`, which every entry of the claim index carries: the
 /// UPDATE then finds each row in the table directly, where naming them by `id` looked each up
 /// in the primary key's index first (a second B-tree descent, comparing 16-byte blobs, per
-/// claimed row). The rowid of a row cannot change while this one statement runs.
+/// claimed row). The rowid of a row cannot change while this one statement runs. It is
+/// returned after the columns (index 16) for the completion to find the row by (`hints`).
 pub const CLAIM: &str = "
 UPDATE dray_jobs
 SET state = 'running', attempt = attempt + 1, leased_until = {now} + ?3, leased_by = ?4
@@ -123,7 +124,7 @@ WHERE rowid IN (
       AND finished_at IS NULL AND state IN {pending} AND run_at <= {now}
     ORDER BY rank, run_at, id
     LIMIT ?2)
-RETURNING {claim_cols}";
+RETURNING {claim_cols}, rowid";
 
 /// The rows a lease write names: a JSON array of strings, each the id's 32 hex digits followed
 /// by the attempt in decimal and `|` (`"0192…ab3|"` names any attempt); see `lease_item`.
@@ -242,6 +243,20 @@ UPDATE dray_jobs
 SET state = 'completed', finished_at = {now}, leased_until = NULL, result = NULL
 FROM (SELECT unhex(i.value) AS id FROM json_each(?1) i) r
 WHERE dray_jobs.id = r.id AND +dray_jobs.state = 'running' -- `+`: see REFS
+  AND (?2 IS NULL OR dray_jobs.attempt = ?2)";
+
+/// [`COMPLETE_UNIFORM`] when the claim's rowid of every row is known (`hints`): each item of ?1
+/// is the id's 32 hex digits followed by the rowid in decimal. The row is found by its rowid,
+/// straight in the table, and must still carry the id, the running state and the attempt; a
+/// rowid that now names another row (or none) matches nothing, and the caller sees a short
+/// count.
+pub const COMPLETE_UNIFORM_ROWS: &str = "
+UPDATE dray_jobs
+SET state = 'completed', finished_at = {now}, leased_until = NULL, result = NULL
+FROM (SELECT CAST(substr(i.value, 33) AS INTEGER) AS rid, unhex(substr(i.value, 1, 32)) AS id
+      FROM json_each(?1) i) r
+WHERE dray_jobs.rowid = r.rid AND dray_jobs.id = r.id
+  AND +dray_jobs.state = 'running' -- `+`: see REFS
   AND (?2 IS NULL OR dray_jobs.attempt = ?2)";
 
 /// Fail an attempt: ?5 is 'retry', 'dead' or 'cancelled'; ?6 the retry delay in ms. SET

@@ -1,9 +1,14 @@
 //! The conformance suite against SQLite, each test on its own file in a temp dir.
 
-use dray_core::{Error, Queue, SchemaMode, Store};
+use std::time::Duration;
+
+use dray_core::{
+    ClaimParams, Completion, Error, MessageState, Queue, QueueName, SchemaMode, Store,
+};
 use dray_sqlite::SqliteStore;
 use dray_testkit::Fixture;
 use serde_json::json;
+use uuid::Uuid;
 
 struct Lite;
 
@@ -157,6 +162,108 @@ async fn unreadable_rows_cannot_be_written() {
     // A row whose state is not pending is never claimed, though it is not finished.
     let got = q.receive("c", 10, std::time::Duration::ZERO).await.unwrap();
     assert!(got.is_empty(), "{got:?}");
+}
+
+/// A completion finds each claimed row by the rowid its claim returned, but never trusts it: a
+/// row moved to another rowid, and another row moved into the rowid a claimed one had, leave
+/// the batch completing exactly the rows it names (by the id path), and the row that took the
+/// old rowid untouched. A handle that did not claim the rows completes them by id.
+#[tokio::test]
+async fn completion_by_rowid_never_touches_another_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+    let q = Queue::new(store.clone());
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let e = q
+            .enqueue("r", &json!(n), &Default::default())
+            .await
+            .unwrap();
+        ids.push(e.id);
+    }
+    let params = ClaimParams {
+        queue: QueueName::new("r").unwrap(),
+        limit: 3,
+        lease: Duration::from_secs(60),
+        leased_by: None,
+    };
+    let claimed = store.message_claim(&params).await.unwrap();
+    let claimed_ids: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
+    assert_eq!(claimed_ids, ids[..3]);
+    let rowid_of = |id: Uuid| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT rowid FROM dray_jobs WHERE id = ?1")
+                .bind(id)
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        }
+    };
+    let old = rowid_of(ids[0]).await;
+    for (sql, id) in [
+        (
+            "UPDATE dray_jobs SET rowid = rowid + 1000 WHERE id = ?1",
+            ids[0],
+        ),
+        ("UPDATE dray_jobs SET rowid = ?2 WHERE id = ?1", ids[5]),
+    ] {
+        sqlx::query(sql)
+            .bind(id)
+            .bind(old)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+    assert_eq!(rowid_of(ids[5]).await, old);
+    let done: Vec<Completion> = claimed
+        .iter()
+        .map(|m| Completion {
+            lease: m.lease(),
+            result: None,
+        })
+        .collect();
+    let wrote = store.job_complete_many(&done).await.unwrap();
+    assert_eq!(wrote.applied.len(), 3, "{wrote:?}");
+    for id in &claimed_ids {
+        assert!(wrote.applied.contains(id), "{id} not applied: {wrote:?}");
+        let m = q.get(*id).await.unwrap().unwrap();
+        assert_eq!(m.state, MessageState::Completed, "{id}");
+    }
+    let bystander = q.get(ids[5]).await.unwrap().unwrap();
+    assert_eq!(bystander.state, MessageState::Available);
+    assert_eq!(bystander.attempt, 0);
+    assert!(bystander.finished_at.is_none());
+
+    // Claimed through one handle, completed through another (no hints there): by id, and a
+    // second completion of the same leases applies nothing.
+    let claimed = store.message_claim(&params).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let other = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+    let done: Vec<Completion> = claimed
+        .iter()
+        .map(|m| Completion {
+            lease: m.lease(),
+            result: None,
+        })
+        .collect();
+    assert_eq!(
+        other.job_complete_many(&done).await.unwrap().applied.len(),
+        3
+    );
+    assert!(
+        store
+            .job_complete_many(&done)
+            .await
+            .unwrap()
+            .applied
+            .is_empty()
+    );
+    for m in &claimed {
+        let m = q.get(m.id).await.unwrap().unwrap();
+        assert_eq!(m.state, MessageState::Completed);
+    }
 }
 
 /// A file at schema version 3, holding rows in every state as version 3 wrote them, moves to
