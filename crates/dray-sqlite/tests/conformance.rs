@@ -266,6 +266,52 @@ async fn completion_by_rowid_never_touches_another_row() {
     }
 }
 
+/// The store checkpoints the write-ahead log itself, beside the writer: pages written to the
+/// log reach the database file without any commit reaching SQLite's own threshold. With the
+/// store's checkpoints turned off, the same writes stay in the log (SQLite's default waits for
+/// 1,000 pages).
+#[tokio::test]
+async fn the_store_checkpoints_the_log_beside_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().len();
+    let payload = "x".repeat(1000);
+    for (name, every) in [
+        ("off.db", Duration::ZERO),
+        ("on.db", Duration::from_millis(10)),
+    ] {
+        let store = SqliteStore::builder(dir.path().join(name).to_str().unwrap())
+            .checkpoint_interval(every)
+            .open()
+            .await
+            .unwrap();
+        let before = size(name);
+        // ~1.6 MB of rows: ~400 pages, under SQLite's threshold.
+        Queue::new(store.clone())
+            .enqueue_many("wal", (0..1500).map(|_| &payload), &Default::default())
+            .await
+            .unwrap();
+        if every.is_zero() {
+            assert!(
+                size(name) < before + 500_000,
+                "nothing checkpointed yet: {} -> {}",
+                before,
+                size(name)
+            );
+            continue;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while size(name) < before + 1_000_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log was never checkpointed: {} -> {}",
+                before,
+                size(name)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// A file at schema version 3, holding rows in every state as version 3 wrote them, moves to
 /// version 4 (predicates on `finished_at`, a generated `rank`, no lease index) with nothing
 /// lost: every row keeps its state, the claim takes only what is due, a dedup key still
