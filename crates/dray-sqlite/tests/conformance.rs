@@ -164,6 +164,17 @@ async fn unreadable_rows_cannot_be_written() {
     assert!(got.is_empty(), "{got:?}");
 }
 
+/// Completions without output of the leases `claimed` holds.
+fn completions(claimed: &[dray_core::Message]) -> Vec<Completion> {
+    claimed
+        .iter()
+        .map(|m| Completion {
+            lease: m.lease(),
+            result: None,
+        })
+        .collect()
+}
+
 /// A completion finds each claimed row by the rowid its claim returned, but never trusts it: a
 /// row moved to another rowid, and another row moved into the rowid a claimed one had, leave
 /// the batch completing exactly the rows it names (by the id path), and the row that took the
@@ -217,13 +228,7 @@ async fn completion_by_rowid_never_touches_another_row() {
             .unwrap();
     }
     assert_eq!(rowid_of(ids[5]).await, old);
-    let done: Vec<Completion> = claimed
-        .iter()
-        .map(|m| Completion {
-            lease: m.lease(),
-            result: None,
-        })
-        .collect();
+    let done = completions(&claimed);
     let wrote = store.job_complete_many(&done).await.unwrap();
     assert_eq!(wrote.applied.len(), 3, "{wrote:?}");
     for id in &claimed_ids {
@@ -241,13 +246,7 @@ async fn completion_by_rowid_never_touches_another_row() {
     let claimed = store.message_claim(&params).await.unwrap();
     assert_eq!(claimed.len(), 3);
     let other = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
-    let done: Vec<Completion> = claimed
-        .iter()
-        .map(|m| Completion {
-            lease: m.lease(),
-            result: None,
-        })
-        .collect();
+    let done = completions(&claimed);
     assert_eq!(
         other.job_complete_many(&done).await.unwrap().applied.len(),
         3
