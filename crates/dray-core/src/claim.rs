@@ -77,6 +77,7 @@ impl ClaimCursors {
         (round, cursor.unwrap_or(HEAD))
     }
 
+    /// The cursor a claim of `queue` may start from, or `None` when it should scan from the head.
     fn start(&self, queue: &str) -> Option<ClaimKey> {
         let cursors = self.lock();
         let c = cursors.get(queue)?;

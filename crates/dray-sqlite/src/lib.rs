@@ -293,9 +293,6 @@ impl SqliteStoreBuilder {
     }
 }
 
-/// The column of a claim's rows that holds the rowid (after `sql::CLAIM_COLS`).
-const CLAIM_ROWID: usize = 16;
-
 /// Checkpoints the write-ahead log every `every` from a reader connection while the store is
 /// open (see [`SqliteStoreBuilder::checkpoint_interval`]). A `PASSIVE` checkpoint copies what
 /// no reader still needs and waits for nobody; one with nothing to copy costs a look at the
@@ -688,6 +685,9 @@ async fn claim_after(
         .map_err(Error::db("message_claim"))
 }
 
+/// The column of a claim's rows that holds the rowid (after `sql::CLAIM_COLS`).
+const CLAIM_ROWID: usize = 16;
+
 /// Where a claimed row (`{claim_cols}`) sits in its queue's delivery order.
 fn claimed_key(row: &SqliteRow) -> Result<ClaimKey> {
     let id: Uuid = row.try_get(0).map_err(Error::db("message_claim"))?;
@@ -959,7 +959,7 @@ impl Store for SqliteStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(CLAIM_ROWID)?)))
             .collect::<std::result::Result<Vec<(Uuid, i64)>, sqlx::Error>>()
-            .map_err(Error::db("message_claim"))?;
+            .map_err(Error::db(op))?;
         self.inner.rows.remember(rowids);
         Ok(claimed)
     }
@@ -1119,8 +1119,8 @@ impl Store for SqliteStore {
         // Nearly always every lease is still held: then one UPDATE without RETURNING, checked
         // by its count, spares SQLite's thread a row handed over per job. Otherwise it is
         // rolled back and run again naming what it applied. A batch with one attempt number
-        // and no outputs (the usual one) sends its ids alone.
-        // Where the claim left each row, if this handle claimed them all (see `hints`).
+        // and no outputs (the usual one) sends its ids alone, with where the claim left each
+        // row when this handle claimed them all (see `hints`).
         let uniform = dray_core::batch::uniform_completions(done);
         let rowids = self.inner.rows.take_all(done.iter().map(|c| c.lease.id));
         let mut tx = self.inner.writer.begin().await.map_err(Error::db(op))?;
