@@ -36,7 +36,7 @@ def main(path):
         print("# " + json.dumps(m))
     print()
     print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
-    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "W3", "W3-remote", "W4"]
+    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "paced-insert", "W3", "W3-remote", "W4"]
     workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: order.index(w) if w in order else 99)
     for w in workloads:
         for (wk, system, store), note in unavailable.items():
@@ -65,6 +65,7 @@ def main(path):
         ("W1-single / plain INSERT", med("W1-single", "dray"), med("plain-insert", "raw-sql")),
         ("W2 / raw-SQL floor", med("W2", "dray"), med("floor", "raw-sql")),
         ("W2-tuned / raw-SQL floor", med("W2-tuned", "dray"), med("floor", "raw-sql")),
+        ("W3 p50 / paced INSERT p50", med("W3", "dray"), med("paced-insert", "raw-sql")),
     ]:
         if a and b:
             print(f"{label:<26} {a / b:.2f}")

@@ -42,17 +42,22 @@ pub enum Workload {
     Floor,
     /// A plain one-row autocommit INSERT through the same driver.
     PlainInsert,
+    /// The same plain INSERT, 1,000 of them at W3's steady 200/s; p50 and p99 of the call in
+    /// ms: what one durable commit costs a producer that is not writing back to back, the part
+    /// of every W3 sample that is the enqueue's own commit.
+    PacedInsert,
 }
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
         Workload::Floor,
         Workload::W2,
         Workload::W2Tuned,
+        Workload::PacedInsert,
         Workload::W3,
         Workload::W3Remote,
         Workload::W4,
@@ -70,6 +75,7 @@ impl Workload {
             Workload::W4 => "W4",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
+            Workload::PacedInsert => "paced-insert",
         }
     }
 
@@ -280,13 +286,13 @@ pub async fn run(
             );
         }
         let (unit, n) = match w {
-            Workload::W3 | Workload::W3Remote => ("ms", 1000),
+            Workload::W3 | Workload::W3Remote | Workload::PacedInsert => ("ms", PACED),
             Workload::W4 => ("runs/s", 2000),
             _ => ("jobs/s", cfg.n),
         };
         let m = Measurement {
             system: match w {
-                Workload::Floor | Workload::PlainInsert => "raw-sql".into(),
+                Workload::Floor | Workload::PlainInsert | Workload::PacedInsert => "raw-sql".into(),
                 _ => "dray".into(),
             },
             store: if pg {
@@ -317,7 +323,20 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
     let mut extra = serde_json::Map::new();
     let wal0 = store.wal_position().await?;
     let value = match w {
-        Workload::PlainInsert => store.plain_insert(n).await?,
+        Workload::PlainInsert => {
+            store.create_plain().await?;
+            let start = Instant::now();
+            for i in 0..n {
+                store.insert_plain(i).await?;
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        }
+        Workload::PacedInsert => {
+            store.create_plain().await?;
+            let mut calls = paced(|i| store.insert_plain(i)).await?;
+            extra.insert("p99_ms".into(), percentile_ms(&mut calls, 0.99).into());
+            percentile_ms(&mut calls, 0.50)
+        }
         Workload::Floor => {
             prefill_analyzed(store, n).await?;
             store.floor(n).await?
@@ -387,7 +406,11 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
     };
     if !matches!(
         w,
-        Workload::W2 | Workload::W2Tuned | Workload::W3 | Workload::W3Remote
+        Workload::W2
+            | Workload::W2Tuned
+            | Workload::W3
+            | Workload::W3Remote
+            | Workload::PacedInsert
     ) && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
     {
         let bytes = store.wal_diff(&b, &a).await?;
@@ -483,8 +506,9 @@ pub async fn meta(url: &str) -> serde_json::Value {
 }
 
 /// Dray's share of the baselines measured in the same run: W1-single over the plain INSERT,
-/// W2 and W2-tuned over the raw-SQL floor (per store). Pairs whose halves were not both run
-/// are left out.
+/// W2 and W2-tuned over the raw-SQL floor, and W3's p50 over the paced INSERT's (a latency:
+/// there 1.0 would mean that the pick-up adds nothing to the enqueue's commit), per store.
+/// Pairs whose halves were not both run are left out.
 pub fn ratios(results: &[Measurement]) -> Vec<(String, f64)> {
     let find = |store: &str, w: &str| {
         results
@@ -498,6 +522,7 @@ pub fn ratios(results: &[Measurement]) -> Vec<(String, f64)> {
             ("W1-single", "plain-insert"),
             ("W2", "floor"),
             ("W2-tuned", "floor"),
+            ("W3", "paced-insert"),
         ] {
             if let (Some(a), Some(b)) = (find(store, num), find(store, den)) {
                 out.push((format!("{store} {num} / {den}"), a / b));
@@ -530,37 +555,58 @@ async fn pickup_latency<S: RawStore>(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     samples.lock().map(|mut s| s.clear()).ok();
-    let mut tick = tokio::time::interval(Duration::from_millis(5)); // 200/s
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // How long the enqueue itself takes (its INSERT and commit): part of every sample.
-    let mut enqueue_us = Vec::with_capacity(1000);
-    for _ in 0..1000 {
-        tick.tick().await;
-        let t = Instant::now();
+    let mut enqueue_us = paced(|_| async {
         client
             .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
-            .await?;
-        enqueue_us.push(t.elapsed().as_micros() as u64);
-    }
-    enqueue_us.sort_unstable();
+            .await
+            .map(drop)
+            .map_err(Into::into)
+    })
+    .await?;
     extra.insert(
         "enqueue_p50_ms".into(),
-        (enqueue_us[enqueue_us.len() / 2] as f64 / 1000.0).into(),
+        percentile_ms(&mut enqueue_us, 0.50).into(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while samples.lock().map(|s| s.len()).unwrap_or(0) < 1000 && Instant::now() < deadline {
+    while samples.lock().map(|s| s.len()).unwrap_or(0) < PACED && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     handle.shutdown().await?;
     let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    s.sort_unstable();
-    let pct = |p: f64| {
-        s.get(((s.len() as f64 * p) as usize).min(s.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    extra.insert("p99_ms".into(), pct(0.99).into());
+    extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
     extra.insert("samples".into(), s.len().into());
-    Ok(pct(0.50))
+    Ok(percentile_ms(&mut s, 0.50))
+}
+
+/// Calls of W3 and of the paced INSERT: this many, at [`PACE`].
+const PACED: usize = 1000;
+
+/// W3's steady rate: one call every 5 ms (200/s).
+const PACE: Duration = Duration::from_millis(5);
+
+/// Makes [`PACED`] calls `call(0)`, `call(1)`, … one per [`PACE`] (a late call delays the
+/// schedule rather than bunching the next ones); returns how long each took, in µs.
+async fn paced<F, Fut>(mut call: F) -> BenchResult<Vec<u64>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = BenchResult<()>>,
+{
+    let mut tick = tokio::time::interval(PACE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut took = Vec::with_capacity(PACED);
+    for i in 0..PACED {
+        tick.tick().await;
+        let t = Instant::now();
+        call(i).await?;
+        took.push(t.elapsed().as_micros() as u64);
+    }
+    Ok(took)
+}
+
+/// The `p` quantile (0–1) of samples in µs, in ms (0 for no samples).
+fn percentile_ms(samples: &mut [u64], p: f64) -> f64 {
+    samples.sort_unstable();
+    let at = ((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1));
+    samples.get(at).copied().unwrap_or(0) as f64 / 1000.0
 }

@@ -1,5 +1,5 @@
 //! The baselines Dray is measured against on the same driver and the same table: a plain
-//! one-row INSERT, and the raw-SQL floor of a queue (claim 500 with SKIP LOCKED, then mark
+//! one-row INSERT (back to back, and paced as W3 enqueues), and the raw-SQL floor of a queue (claim 500 with SKIP LOCKED, then mark
 //! those 500 completed; no client logic at all).
 
 use std::time::Instant;
@@ -16,8 +16,10 @@ pub trait RawStore: Store {
     /// Bytes of WAL between two positions.
     fn wal_diff(&self, later: &str, earlier: &str)
     -> impl Future<Output = BenchResult<f64>> + Send;
-    /// `n` one-row autocommit INSERTs from one client; rows/s.
-    fn plain_insert(&self, n: usize) -> impl Future<Output = BenchResult<f64>> + Send;
+    /// Creates `bench_plain`, the table of the plain INSERT: an id and a JSON payload.
+    fn create_plain(&self) -> impl Future<Output = BenchResult<()>> + Send;
+    /// One autocommit INSERT of row `i` into `bench_plain`.
+    fn insert_plain(&self, i: usize) -> impl Future<Output = BenchResult<()>> + Send;
     /// Updates the planner's statistics of Dray's tables.
     fn analyze(&self) -> impl Future<Output = BenchResult<()>> + Send;
     /// Drains `n` queued jobs with raw claim-and-complete statements; jobs/s.
@@ -95,23 +97,26 @@ impl RawStore for PgStore {
         Ok(())
     }
 
-    async fn plain_insert(&self, n: usize) -> BenchResult<f64> {
-        let table = format!("\"{}\".bench_plain", self.schema());
+    async fn create_plain(&self) -> BenchResult<()> {
         sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE {table} (id uuid PRIMARY KEY, payload jsonb NOT NULL)"
+            "CREATE TABLE \"{}\".bench_plain (id uuid PRIMARY KEY, payload jsonb NOT NULL)",
+            self.schema()
         )))
         .execute(self.pool())
         .await?;
-        let insert = format!("INSERT INTO {table} (id, payload) VALUES ($1, $2::jsonb)");
-        let start = Instant::now();
-        for i in 0..n {
-            sqlx::query(AssertSqlSafe(insert.clone()))
-                .bind(dray::uuid::Uuid::now_v7())
-                .bind(format!("{{\"i\":{i}}}"))
-                .execute(self.pool())
-                .await?;
-        }
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        Ok(())
+    }
+
+    async fn insert_plain(&self, i: usize) -> BenchResult<()> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO \"{}\".bench_plain (id, payload) VALUES ($1, $2::jsonb)",
+            self.schema()
+        )))
+        .bind(dray::uuid::Uuid::now_v7())
+        .bind(format!("{{\"i\":{i}}}"))
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     async fn floor(&self, n: usize) -> BenchResult<f64> {
@@ -189,19 +194,20 @@ impl RawStore for SqliteStore {
         Ok(())
     }
 
-    async fn plain_insert(&self, n: usize) -> BenchResult<f64> {
+    async fn create_plain(&self) -> BenchResult<()> {
         sqlx::query("CREATE TABLE bench_plain (id BLOB PRIMARY KEY, payload TEXT NOT NULL)")
             .execute(self.pool())
             .await?;
-        let start = Instant::now();
-        for i in 0..n {
-            sqlx::query("INSERT INTO bench_plain (id, payload) VALUES (?1, ?2)")
-                .bind(dray::uuid::Uuid::now_v7())
-                .bind(format!("{{\"i\":{i}}}"))
-                .execute(self.pool())
-                .await?;
-        }
-        Ok(n as f64 / start.elapsed().as_secs_f64())
+        Ok(())
+    }
+
+    async fn insert_plain(&self, i: usize) -> BenchResult<()> {
+        sqlx::query("INSERT INTO bench_plain (id, payload) VALUES (?1, ?2)")
+            .bind(dray::uuid::Uuid::now_v7())
+            .bind(format!("{{\"i\":{i}}}"))
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     async fn floor(&self, n: usize) -> BenchResult<f64> {

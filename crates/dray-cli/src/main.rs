@@ -500,8 +500,10 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
         if json {
             out!("{}", serde_json::to_string(m).unwrap_or_default());
         } else {
+            // Latencies in ms to the hundredth; rates to a tenth of a job per second.
+            let p = if m.unit == "ms" { 2 } else { 1 };
             out!(
-                "{:<8} {:<14} {:>7} {:>12.1} {:>8} {:>11.1}-{:<11.1}  {}",
+                "{:<8} {:<14} {:>7} {:>12.p$} {:>8} {:>11.p$}-{:<11.p$}  {}",
                 m.store,
                 m.workload,
                 m.n,

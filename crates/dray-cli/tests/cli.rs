@@ -539,6 +539,52 @@ fn bench_prints_json_lines_and_refuses_bad_input() {
             .any(|l| l["system"] == "ratio" && l["what"] == "sqlite W1-single / plain-insert")
     );
 
+    // W3 and its baseline: the same paced INSERT of a plain row, its p50 beside W3's.
+    let out = run(&[
+        "--database",
+        "sqlite://b.db",
+        "--json",
+        "bench",
+        "--workload",
+        "paced-insert,W3",
+        "--reps",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let paced = lines
+        .iter()
+        .find(|l| l["workload"] == "paced-insert")
+        .unwrap();
+    assert_eq!(
+        (
+            paced["system"].as_str(),
+            paced["unit"].as_str(),
+            paced["n"].as_u64()
+        ),
+        (Some("raw-sql"), Some("ms"), Some(1000))
+    );
+    let p50 = paced["value"].as_f64().unwrap();
+    let p99 = paced["extra"]["p99_ms"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p99 >= p50, "p50 {p50} ms, p99 {p99} ms");
+    let w3 = lines.iter().find(|l| l["workload"] == "W3").unwrap();
+    assert_eq!(w3["extra"]["samples"], 1000, "every job picked up");
+    assert!(w3["extra"]["enqueue_p50_ms"].as_f64().unwrap() > 0.0);
+    let ratio = lines
+        .iter()
+        .find(|l| l["system"] == "ratio" && l["what"] == "sqlite W3 / paced-insert")
+        .unwrap();
+    let expected = w3["value"].as_f64().unwrap() / p50;
+    assert!((ratio["value"].as_f64().unwrap() - expected).abs() < 1e-9);
+
     let out = run(&["bench", "--workload", "W9"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload \"W9\""));
