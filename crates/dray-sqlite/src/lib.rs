@@ -603,7 +603,7 @@ fn json_column(
 
 /// Reads the columns after `sql::CLAIM_COLS` (see `RowTail`).
 fn decode_tail(id: &Uuid, row: &SqliteRow) -> Result<RowTail> {
-    const AT: usize = 16;
+    const AT: usize = 3;
     let opt_time = |i: usize, what: &str| -> Result<Option<DateTime<Utc>>> {
         let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(id, what, e))?;
         v.map(|ms| ms_to_time(id, what, ms)).transpose()
@@ -685,15 +685,91 @@ async fn claim_after(
         .map_err(Error::db("message_claim"))
 }
 
-/// The column of a claim's rows that holds the rowid (after `sql::CLAIM_COLS`).
-const CLAIM_ROWID: usize = 16;
+/// The column of a claim's rows that holds the rowid (after `sql::CLAIM_COLS`); the row's
+/// priority and due time follow it.
+const CLAIM_ROWID: usize = 3;
 
 /// Where a claimed row (`{claim_cols}`) sits in its queue's delivery order.
 fn claimed_key(row: &SqliteRow) -> Result<ClaimKey> {
     let id: Uuid = row.try_get(0).map_err(Error::db("message_claim"))?;
-    let priority: i16 = row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?;
-    let run_at: i64 = row.try_get(9).map_err(|e| corrupt(&id, "run_at", e))?;
+    let priority: i64 = row
+        .try_get(CLAIM_ROWID + 1)
+        .map_err(|e| corrupt(&id, "priority", e))?;
+    let priority = i16::try_from(priority).map_err(|e| corrupt(&id, "priority", e))?;
+    let run_at: i64 = row
+        .try_get(CLAIM_ROWID + 2)
+        .map_err(|e| corrupt(&id, "run_at", e))?;
     Ok((-i32::from(priority), ms_to_time(&id, "run_at", run_at)?, id))
+}
+
+/// The items of the JSON array in `sql::CLAIM_COLS`, in order.
+const PACKED: [&str; 14] = [
+    "kind",
+    "key",
+    "headers",
+    "priority",
+    "attempt",
+    "max_attempts",
+    "enqueued_at",
+    "run_at",
+    "leased_until",
+    "errors",
+    "progress",
+    "progress_message",
+    "cancel_requested",
+    "callback_url",
+];
+
+/// [`PACKED`], read: text items as strings, integer items as `i64`, NULL as `None`.
+type Packed = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+    Option<String>,
+);
+
+/// Reads the packed columns of row `id` (column 2 of `sql::CLAIM_COLS`).
+fn read_packed(row: &SqliteRow, id: &Uuid) -> Result<Packed> {
+    let text: &str = row.try_get(2).map_err(|e| corrupt(id, "columns", e))?;
+    serde_json::from_str(text).map_err(|_| packed_error(id, text))
+}
+
+/// Why the packed columns of row `id` did not read, naming the first column that is not what
+/// Dray stores there (or the array itself). The slow path of [`read_packed`], for errors only.
+fn packed_error(id: &Uuid, text: &str) -> Error {
+    const INTEGERS: [usize; 8] = [3, 4, 5, 6, 7, 8, 10, 12];
+    const NULLABLE: [usize; 8] = [0, 1, 2, 8, 9, 10, 11, 13];
+    let items = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(items)) if items.len() == PACKED.len() => items,
+        _ => return corrupt(id, "columns", format!("unreadable: {text}")),
+    };
+    for (i, (item, name)) in items.iter().zip(PACKED).enumerate() {
+        let fits = match item {
+            serde_json::Value::Null => NULLABLE.contains(&i),
+            serde_json::Value::Number(n) => INTEGERS.contains(&i) && n.is_i64(),
+            serde_json::Value::String(_) => !INTEGERS.contains(&i),
+            _ => false,
+        };
+        if !fits {
+            let expected = if INTEGERS.contains(&i) {
+                "an integer"
+            } else {
+                "text"
+            };
+            return corrupt(id, name, format!("{item} is not {expected}"));
+        }
+    }
+    corrupt(id, "columns", format!("unreadable: {text}"))
 }
 
 /// Decodes `sql::CLAIM_COLS`, and the rest from `tail`.
@@ -702,56 +778,66 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
         id: String::new(),
         reason: format!("id: {e}"),
     })?;
-    let opt_time = |i: usize, what: &str| -> Result<Option<DateTime<Utc>>> {
-        let v: Option<i64> = row.try_get(i).map_err(|e| corrupt(&id, what, e))?;
-        v.map(|ms| ms_to_time(&id, what, ms)).transpose()
-    };
-    let time = |i: usize, what: &str| -> Result<DateTime<Utc>> {
-        let v: i64 = row.try_get(i).map_err(|e| corrupt(&id, what, e))?;
-        ms_to_time(&id, what, v)
-    };
     let tail = tail(&id)?;
+    let (
+        kind,
+        key,
+        headers,
+        priority,
+        attempt,
+        max_attempts,
+        enqueued_at,
+        run_at,
+        leased_until,
+        errors,
+        progress,
+        progress_message,
+        cancel_requested,
+        callback_url,
+    ) = read_packed(row, &id)?;
+    let json = |text: Option<String>, what: &str| -> Result<Option<serde_json::Value>> {
+        text.map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| corrupt(&id, what, format!("not JSON: {e}")))
+    };
+    let int = |v: i64, what: &str| -> Result<i32> {
+        i32::try_from(v).map_err(|_| corrupt(&id, what, format!("{v} is out of range")))
+    };
     // Empty headers and errors come back as NULL (see `sql::CLAIM_COLS`).
-    let headers = match json_column(row, 4, &id, "headers")? {
+    let headers = match json(headers, "headers")? {
         Some(h) => decode_headers(&id, h)?,
         None => Default::default(),
     };
-    let errors = match json_column(row, 11, &id, "errors")? {
+    let errors = match json(errors, "errors")? {
         Some(e) => decode_errors(&id, e)?,
         None => Vec::new(),
     };
-    let callback_url: Option<String> = row
-        .try_get(15)
-        .map_err(|e| corrupt(&id, "callback_url", e))?;
     let (attempt, max_attempts) = decode_attempts(
         &id,
-        row.try_get(6).map_err(|e| corrupt(&id, "attempt", e))?,
-        row.try_get(7)
-            .map_err(|e| corrupt(&id, "max_attempts", e))?,
+        int(attempt, "attempt")?,
+        int(max_attempts, "max_attempts")?,
     )?;
     Ok(RowHead {
-        kind: row.try_get(1).map_err(|e| corrupt(&id, "kind", e))?,
-        key: row.try_get(2).map_err(|e| corrupt(&id, "key", e))?,
-        payload: json_column(row, 3, &id, "payload")?
+        kind,
+        key,
+        payload: json_column(row, 1, &id, "payload")?
             .ok_or_else(|| corrupt(&id, "payload", "NULL"))?,
         headers,
-        priority: Priority(row.try_get(5).map_err(|e| corrupt(&id, "priority", e))?),
+        priority: Priority(
+            i16::try_from(priority)
+                .map_err(|_| corrupt(&id, "priority", format!("{priority} is out of range")))?,
+        ),
         attempt,
         max_attempts,
-        enqueued_at: time(8, "enqueued_at")?,
-        run_at: time(9, "run_at")?,
-        leased_until: opt_time(10, "leased_until")?,
+        enqueued_at: ms_to_time(&id, "enqueued_at", enqueued_at)?,
+        run_at: ms_to_time(&id, "run_at", run_at)?,
+        leased_until: leased_until
+            .map(|ms| ms_to_time(&id, "leased_until", ms))
+            .transpose()?,
         errors,
-        progress: decode_progress(
-            &id,
-            row.try_get(12).map_err(|e| corrupt(&id, "progress", e))?,
-        )?,
-        progress_message: row
-            .try_get(13)
-            .map_err(|e| corrupt(&id, "progress_message", e))?,
-        cancel_requested: row
-            .try_get(14)
-            .map_err(|e| corrupt(&id, "cancel_requested", e))?,
+        progress: decode_progress(&id, progress)?,
+        progress_message,
+        cancel_requested: cancel_requested != 0,
         callback_url,
         id,
     }

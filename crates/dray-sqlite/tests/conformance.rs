@@ -145,7 +145,14 @@ async fn unreadable_rows_cannot_be_written() {
         ("headers = '{}', progress = 150", "progress 150"),
         ("progress = NULL, attempt = -1", "attempt -1"),
         ("attempt = 0, max_attempts = 0", "max_attempts 0"),
-        ("max_attempts = 5, state = 'paused'", "paused"),
+        // Values of the wrong type in columns Dray reads packed (see `sql::CLAIM_COLS`).
+        ("max_attempts = 5, priority = 'high'", "priority"),
+        ("priority = 0, run_at = 1.5", "run_at"),
+        ("run_at = 0, progress = 'half'", "progress"),
+        ("progress = NULL, kind = x'ff00'", "columns"),
+        ("kind = NULL, callback_url = x'c3'", "columns"),
+        ("callback_url = NULL, attempt = 70000000000", "attempt"),
+        ("attempt = 0, state = 'paused'", "paused"),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE dray_jobs SET {set} WHERE id = ?1"
