@@ -55,7 +55,8 @@ def main(path):
             p99 = [e["p99_ms"] for e in ex if "p99_ms" in e]
             if p99:
                 notes = f"p99 median {statistics.median(p99):.2f} ms"
-            print(f"{w:<13} {system + ' (' + store + ')':<26} {med:>10.1f} {min(values):>10.1f}-{max(values):<10.1f} {units[w]:>7}  {ratio:>9}  {notes}")
+            d = 2 if units[w] in LOWER_IS_BETTER else 1  # latencies to the hundredth of a ms
+            print(f"{w:<13} {system + ' (' + store + ')':<26} {med:>10.{d}f} {min(values):>10.{d}f}-{max(values):<10.{d}f} {units[w]:>7}  {ratio:>9}  {notes}")
     def med(w, system):
         v = [statistics.median(vals) for (wk, sy, _), vals in runs.items() if wk == w and sy == system]
         return v[0] if v else None

@@ -595,8 +595,13 @@ fn json_column(
     id: &Uuid,
     what: &str,
 ) -> Result<Option<serde_json::Value>> {
-    let text: Option<String> = row.try_get(i).map_err(|e| corrupt(id, what, e))?;
-    text.map(|t| serde_json::from_str(&t))
+    let text: Option<&str> = row.try_get(i).map_err(|e| corrupt(id, what, e))?;
+    json_text(text, id, what)
+}
+
+/// Parses JSON text of row `id`; `None` reads as `None`.
+fn json_text(text: Option<&str>, id: &Uuid, what: &str) -> Result<Option<serde_json::Value>> {
+    text.map(serde_json::from_str)
         .transpose()
         .map_err(|e| corrupt(id, what, format!("not JSON: {e}")))
 }
@@ -795,20 +800,15 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
         cancel_requested,
         callback_url,
     ) = read_packed(row, &id)?;
-    let json = |text: Option<String>, what: &str| -> Result<Option<serde_json::Value>> {
-        text.map(|t| serde_json::from_str(&t))
-            .transpose()
-            .map_err(|e| corrupt(&id, what, format!("not JSON: {e}")))
-    };
     let int = |v: i64, what: &str| -> Result<i32> {
         i32::try_from(v).map_err(|_| corrupt(&id, what, format!("{v} is out of range")))
     };
     // Empty headers and errors come back as NULL (see `sql::CLAIM_COLS`).
-    let headers = match json(headers, "headers")? {
+    let headers = match json_text(headers.as_deref(), &id, "headers")? {
         Some(h) => decode_headers(&id, h)?,
         None => Default::default(),
     };
-    let errors = match json(errors, "errors")? {
+    let errors = match json_text(errors.as_deref(), &id, "errors")? {
         Some(e) => decode_errors(&id, e)?,
         None => Vec::new(),
     };
