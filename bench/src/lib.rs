@@ -534,7 +534,7 @@ pub fn ratios(results: &[Measurement]) -> Vec<(String, f64)> {
 
 /// W3 and W3-remote: a worker on `worker_store`; 1,000 jobs enqueued through `producer` at a
 /// steady 200/s; returns the p50 of (handler start − enqueue time) in ms, with the p99 and the
-/// enqueue call's own p50 in `extra`.
+/// enqueue call's own p50 and p99 in `extra`.
 async fn pickup_latency<S: RawStore>(
     worker_store: &S,
     producer: &S,
@@ -567,6 +567,10 @@ async fn pickup_latency<S: RawStore>(
     extra.insert(
         "enqueue_p50_ms".into(),
         percentile_ms(&mut enqueue_us, 0.50).into(),
+    );
+    extra.insert(
+        "enqueue_p99_ms".into(),
+        percentile_ms(&mut enqueue_us, 0.99).into(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while samples.lock().map(|s| s.len()).unwrap_or(0) < PACED && Instant::now() < deadline {
