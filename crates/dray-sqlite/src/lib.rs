@@ -707,22 +707,30 @@ fn claimed_key(row: &SqliteRow) -> Result<ClaimKey> {
     Ok((-i32::from(priority), ms_to_time(&id, "run_at", run_at)?, id))
 }
 
-/// The items of the JSON array in `sql::CLAIM_COLS`, in order.
-const PACKED: [&str; 14] = [
-    "kind",
-    "key",
-    "headers",
-    "priority",
-    "attempt",
-    "max_attempts",
-    "enqueued_at",
-    "run_at",
-    "leased_until",
-    "errors",
-    "progress",
-    "progress_message",
-    "cancel_requested",
-    "callback_url",
+/// What a packed item holds as Dray stores it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Item {
+    Text,
+    Integer,
+}
+
+/// The items of the JSON array in `sql::CLAIM_COLS`, in order: name, what it holds, and
+/// whether it may be NULL.
+const PACKED: [(&str, Item, bool); 14] = [
+    ("kind", Item::Text, true),
+    ("key", Item::Text, true),
+    ("headers", Item::Text, true),
+    ("priority", Item::Integer, false),
+    ("attempt", Item::Integer, false),
+    ("max_attempts", Item::Integer, false),
+    ("enqueued_at", Item::Integer, false),
+    ("run_at", Item::Integer, false),
+    ("leased_until", Item::Integer, true),
+    ("errors", Item::Text, true),
+    ("progress", Item::Integer, true),
+    ("progress_message", Item::Text, true),
+    ("cancel_requested", Item::Integer, false),
+    ("callback_url", Item::Text, true),
 ];
 
 /// [`PACKED`], read: text items as strings, integer items as `i64`, NULL as `None`.
@@ -752,24 +760,21 @@ fn read_packed(row: &SqliteRow, id: &Uuid) -> Result<Packed> {
 /// Why the packed columns of row `id` did not read, naming the first column that is not what
 /// Dray stores there (or the array itself). The slow path of [`read_packed`], for errors only.
 fn packed_error(id: &Uuid, text: &str) -> Error {
-    const INTEGERS: [usize; 8] = [3, 4, 5, 6, 7, 8, 10, 12];
-    const NULLABLE: [usize; 8] = [0, 1, 2, 8, 9, 10, 11, 13];
     let items = match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Array(items)) if items.len() == PACKED.len() => items,
         _ => return corrupt(id, "columns", format!("unreadable: {text}")),
     };
-    for (i, (item, name)) in items.iter().zip(PACKED).enumerate() {
+    for (item, (name, holds, nullable)) in items.iter().zip(PACKED) {
         let fits = match item {
-            serde_json::Value::Null => NULLABLE.contains(&i),
-            serde_json::Value::Number(n) => INTEGERS.contains(&i) && n.is_i64(),
-            serde_json::Value::String(_) => !INTEGERS.contains(&i),
+            serde_json::Value::Null => nullable,
+            serde_json::Value::Number(n) => holds == Item::Integer && n.is_i64(),
+            serde_json::Value::String(_) => holds == Item::Text,
             _ => false,
         };
         if !fits {
-            let expected = if INTEGERS.contains(&i) {
-                "an integer"
-            } else {
-                "text"
+            let expected = match holds {
+                Item::Integer => "an integer",
+                Item::Text => "text",
             };
             return corrupt(id, name, format!("{item} is not {expected}"));
         }
