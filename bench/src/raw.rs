@@ -1,6 +1,6 @@
 //! The baselines Dray is measured against on the same driver and the same table: a plain
-//! one-row INSERT (back to back, and paced as W3 enqueues), and the raw-SQL floor of a queue (claim 500 with SKIP LOCKED, then mark
-//! those 500 completed; no client logic at all).
+//! one-row INSERT (back to back, and paced as W3 enqueues), and the raw-SQL floor of a queue
+//! (claim 500 with SKIP LOCKED, then mark those 500 completed; no client logic at all).
 
 use std::time::Instant;
 

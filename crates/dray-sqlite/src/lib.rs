@@ -588,6 +588,11 @@ fn corrupt(id: &Uuid, what: &str, err: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Narrows integer `v` of row `id` to the type Dray stores in column `what`.
+fn narrow<T: TryFrom<i64>>(id: &Uuid, what: &str, v: i64) -> Result<T> {
+    T::try_from(v).map_err(|_| corrupt(id, what, format!("{v} is out of range")))
+}
+
 /// Reads a JSON text column; NULL reads as `None`.
 fn json_column(
     row: &SqliteRow,
@@ -700,7 +705,7 @@ fn claimed_key(row: &SqliteRow) -> Result<ClaimKey> {
     let priority: i64 = row
         .try_get(CLAIM_ROWID + 1)
         .map_err(|e| corrupt(&id, "priority", e))?;
-    let priority = i16::try_from(priority).map_err(|e| corrupt(&id, "priority", e))?;
+    let priority: i16 = narrow(&id, "priority", priority)?;
     let run_at: i64 = row
         .try_get(CLAIM_ROWID + 2)
         .map_err(|e| corrupt(&id, "run_at", e))?;
@@ -805,9 +810,6 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
         cancel_requested,
         callback_url,
     ) = read_packed(row, &id)?;
-    let int = |v: i64, what: &str| -> Result<i32> {
-        i32::try_from(v).map_err(|_| corrupt(&id, what, format!("{v} is out of range")))
-    };
     // Empty headers and errors come back as NULL (see `sql::CLAIM_COLS`).
     let headers = match json_text(headers.as_deref(), &id, "headers")? {
         Some(h) => decode_headers(&id, h)?,
@@ -819,8 +821,8 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
     };
     let (attempt, max_attempts) = decode_attempts(
         &id,
-        int(attempt, "attempt")?,
-        int(max_attempts, "max_attempts")?,
+        narrow(&id, "attempt", attempt)?,
+        narrow(&id, "max_attempts", max_attempts)?,
     )?;
     Ok(RowHead {
         kind,
@@ -828,10 +830,7 @@ fn decode_row(row: &SqliteRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> R
         payload: json_column(row, 1, &id, "payload")?
             .ok_or_else(|| corrupt(&id, "payload", "NULL"))?,
         headers,
-        priority: Priority(
-            i16::try_from(priority)
-                .map_err(|_| corrupt(&id, "priority", format!("{priority} is out of range")))?,
-        ),
+        priority: Priority(narrow(&id, "priority", priority)?),
         attempt,
         max_attempts,
         enqueued_at: ms_to_time(&id, "enqueued_at", enqueued_at)?,
