@@ -77,6 +77,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "lean_checks",
         sql: include_str!("../migrations/0007_lean_checks.sql"),
     },
+    Migration {
+        version: 8,
+        name: "claim_room",
+        sql: include_str!("../migrations/0008_claim_room.sql"),
+    },
 ];
 
 /// Default schema for Dray's tables.

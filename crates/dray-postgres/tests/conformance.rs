@@ -217,6 +217,60 @@ async fn bad_urls_and_unreachable_servers_say_so() {
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 }
 
+/// Claims are HOT updates (schema versions 5 and 8): a claimed version of each row fits on
+/// its page beside the row as it was enqueued, even though it is wider (the lease end and a
+/// worker's id as lease holder), so no claim moves a row to another page and writes index
+/// entries for it. Small jobs claimed in batches, as a worker claims them, are the tightest
+/// case: with the fillfactor of version 5 alone, ~15% of them moved.
+#[tokio::test]
+async fn claims_keep_every_row_on_its_page() {
+    with_store(|store| async move {
+        let config = dray_core::QueueConfig {
+            // As long as a worker's default id (`worker-` and 12 hex digits).
+            receiver_id: Some("worker-0123456789ab".into()),
+            ..Default::default()
+        };
+        let q = Queue::with_config(store.clone(), config);
+        let opts = dray_core::EnqueueOptions::new().kind("small");
+        for chunk in 0..2 {
+            let payloads: Vec<_> = (0..1000).map(|i| json!({ "i": chunk * 1000 + i })).collect();
+            q.enqueue_many("hot", payloads, &opts).await.unwrap();
+        }
+        let blocks = |store: PgStore| async move {
+            let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT id, (ctid::text::point)[0]::int8 FROM \"{}\".dray_jobs ORDER BY id",
+                store.schema()
+            )))
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+            rows
+        };
+        let before = blocks(store.clone()).await;
+        assert_eq!(before.len(), 2000);
+        let mut claimed = 0;
+        while claimed < 2000 {
+            let got = q.receive("hot", 500, Duration::ZERO).await.unwrap();
+            assert!(!got.is_empty(), "claimed {claimed} of 2000, then nothing");
+            claimed += got.len();
+        }
+        let after = blocks(store.clone()).await;
+        let moved: Vec<_> = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b != a)
+            .map(|(b, _)| b.0)
+            .collect();
+        assert!(
+            moved.is_empty(),
+            "{} of 2000 claimed rows moved to another page (non-HOT claims): {:?}",
+            moved.len(),
+            &moved[..moved.len().min(5)]
+        );
+    })
+    .await
+}
+
 #[tokio::test]
 async fn unreadable_rows_give_a_typed_error() {
     with_store(|store| async move {
