@@ -233,7 +233,9 @@ async fn claims_keep_every_row_on_its_page() {
         let q = Queue::with_config(store.clone(), config);
         let opts = dray_core::EnqueueOptions::new().kind("small");
         for chunk in 0..2 {
-            let payloads: Vec<_> = (0..1000).map(|i| json!({ "i": chunk * 1000 + i })).collect();
+            let payloads: Vec<_> = (0..1000)
+                .map(|i| json!({ "i": chunk * 1000 + i }))
+                .collect();
             q.enqueue_many("hot", payloads, &opts).await.unwrap();
         }
         let blocks = |store: PgStore| async move {
