@@ -221,7 +221,7 @@ async fn bad_urls_and_unreachable_servers_say_so() {
 /// its page beside the row as it was enqueued, even though it is wider (the lease end and a
 /// worker's id as lease holder), so no claim moves a row to another page and writes index
 /// entries for it. Small jobs claimed in batches, as a worker claims them, are the tightest
-/// case: with the fillfactor of version 5 alone, ~15% of them moved.
+/// case: with the fillfactor of version 5 alone, 215 of these 2,000 moved.
 #[tokio::test]
 async fn claims_keep_every_row_on_its_page() {
     with_store(|store| async move {
@@ -238,15 +238,15 @@ async fn claims_keep_every_row_on_its_page() {
                 .collect();
             q.enqueue_many("hot", payloads, &opts).await.unwrap();
         }
+        // Each row's id and the block (page) its current version is on.
         let blocks = |store: PgStore| async move {
-            let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            sqlx::query_as::<_, (uuid::Uuid, i64)>(sqlx::AssertSqlSafe(format!(
                 "SELECT id, (ctid::text::point)[0]::int8 FROM \"{}\".dray_jobs ORDER BY id",
                 store.schema()
             )))
             .fetch_all(store.pool())
             .await
-            .unwrap();
-            rows
+            .unwrap()
         };
         let before = blocks(store.clone()).await;
         assert_eq!(before.len(), 2000);
