@@ -369,11 +369,26 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             reset_peak_rss();
             let start = Instant::now();
             let handle = worker.start()?;
-            while runs.load(Ordering::Relaxed) < n {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            wait_for_count(
+                w.name(),
+                "ran",
+                n,
+                (Duration::from_millis(2), STALL),
+                || runs.load(Ordering::Relaxed),
+            )
+            .await?;
             // Handlers are done; wait until the database has no unfinished job left.
+            let deadline = Instant::now() + STALL;
             while store.any_unfinished(QUEUE).await? {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{}: every handler ran, but jobs were still unfinished in the database \
+                         {} s later (completions lost or stuck; run with DRAY_LOG=debug)",
+                        w.name(),
+                        STALL.as_secs()
+                    )
+                    .into());
+                }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let secs = start.elapsed().as_secs_f64();
@@ -551,9 +566,15 @@ async fn pickup_latency<S: RawStore>(
     client
         .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
         .await?;
-    while samples.lock().map(|s| s.len()).unwrap_or(0) < 1 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
+    wait_for_count(
+        "W3 warm-up",
+        "picked up",
+        1,
+        (Duration::from_millis(5), STALL),
+        picked,
+    )
+    .await?;
     samples.lock().map(|mut s| s.clear()).ok();
     // How long the enqueue itself takes (its INSERT and commit): part of every sample.
     let mut enqueue_us = paced(|_| async {
@@ -572,15 +593,55 @@ async fn pickup_latency<S: RawStore>(
         "enqueue_p99_ms".into(),
         percentile_ms(&mut enqueue_us, 0.99).into(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while samples.lock().map(|s| s.len()).unwrap_or(0) < PACED && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Every job must be picked up: percentiles of the ones that were would hide the lost ones.
+    let all = wait_for_count(
+        "W3",
+        "picked up",
+        PACED,
+        (Duration::from_millis(5), STALL),
+        picked,
+    )
+    .await;
     handle.shutdown().await?;
+    all?;
     let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
     extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
     extra.insert("samples".into(), s.len().into());
     Ok(percentile_ms(&mut s, 0.50))
+}
+
+/// How long a wait of the harness may see no progress before the run fails instead of
+/// hanging (a job lost, a worker stuck): far beyond any healthy pause.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Polls `count` every `every` until it reaches `target`; fails when it has not moved for
+/// `stall` ([`STALL`] in the workloads), naming the workload and how far it got.
+async fn wait_for_count(
+    workload: &str,
+    what: &str,
+    target: usize,
+    (every, stall): (Duration, Duration),
+    count: impl Fn() -> usize,
+) -> BenchResult<()> {
+    let mut last = count();
+    let mut moved = Instant::now();
+    while last < target {
+        if moved.elapsed() > stall {
+            return Err(format!(
+                "{workload}: {last} of {target} jobs {what}, none more in {} ms (a job lost or \
+                 the worker stuck; run with DRAY_LOG=debug)",
+                stall.as_millis()
+            )
+            .into());
+        }
+        tokio::time::sleep(every).await;
+        let now = count();
+        if now != last {
+            last = now;
+            moved = Instant::now();
+        }
+    }
+    Ok(())
 }
 
 /// Calls of W3 and of the paced INSERT: this many, at [`PACE`].
@@ -613,4 +674,40 @@ fn percentile_ms(samples: &mut [u64], p: f64) -> f64 {
     samples.sort_unstable();
     let at = ((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1));
     samples.get(at).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
+
+    #[tokio::test]
+    async fn a_wait_ends_when_the_count_is_reached() {
+        let n = AtomicUsize::new(0);
+        // Each poll moves the count, so it never stalls.
+        let count = || n.fetch_add(1, Ordering::Relaxed);
+        wait_for_count("W2", "ran", 20, FAST, count).await.unwrap();
+        assert!(n.load(Ordering::Relaxed) > 20);
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_stops_moving_fails_and_says_how_far_it_got() {
+        let err = wait_for_count("W3", "picked up", 1000, FAST, || 997)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("W3: 997 of 1000 jobs picked up, none more in 50 ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn percentiles_of_samples() {
+        let mut s: Vec<u64> = (1..=100).rev().map(|x| x * 1000).collect();
+        assert_eq!(percentile_ms(&mut s, 0.50), 51.0);
+        assert_eq!(percentile_ms(&mut s, 0.99), 100.0);
+        assert_eq!(percentile_ms(&mut [], 0.5), 0.0);
+    }
 }

@@ -498,31 +498,8 @@ fn bench_prints_json_lines_and_refuses_bad_input() {
             .output()
             .unwrap()
     };
-    // One repetition of `workloads` on SQLite; its JSON lines.
-    let bench = |workloads: &str, n: &str| -> Vec<Value> {
-        let out = run(&[
-            "--database",
-            "sqlite://b.db",
-            "--json",
-            "bench",
-            "--workload",
-            workloads,
-            "--n",
-            n,
-            "--reps",
-            "1",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let db = format!("sqlite://{}", dir.path().join("b.db").display());
+    let bench = |workloads: &str, n: &str| bench_json(&db, &["--workload", workloads, "--n", n]);
     let lines = bench("W1-batch,plain-insert,W1-single", "200");
     assert_eq!(lines[0]["system"], "meta", "versions and machine first");
     assert!(lines[0]["database"].as_str().unwrap().starts_with("SQLite"));
@@ -576,4 +553,108 @@ fn bench_prints_json_lines_and_refuses_bad_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload \"W9\""));
     let out = run(&["bench", "--reps", "0"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// `dray --database <url> --json bench --reps 1 <args>`, which must succeed; its JSON lines.
+fn bench_json(url: &str, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+        .args(["--database", url, "--json", "bench", "--reps", "1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every workload of the harness on PostgreSQL, as `compare.sh` runs them (small `n`): each
+/// one's line with a real figure, W2's drain checked complete with its peak RSS and WAL bytes,
+/// W3 and W3-remote with every job picked up, the ratios, and W4 reported as not available
+/// rather than as a figure.
+#[test]
+fn bench_runs_every_workload_on_postgres() {
+    let lines = bench_json(&pg_url(), &["--n", "300"]);
+    assert_eq!(lines[0]["system"], "meta");
+    assert!(
+        lines[0]["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("PostgreSQL"),
+        "{}",
+        lines[0]
+    );
+    let line = |workload: &str| -> &Value {
+        let found: Vec<&Value> = lines.iter().filter(|l| l["workload"] == workload).collect();
+        assert_eq!(found.len(), 1, "one line for {workload}: {lines:?}");
+        assert_eq!(found[0]["store"], "postgres");
+        found[0]
+    };
+    for (w, system, unit, n) in [
+        ("plain-insert", "raw-sql", "rows/s", 300),
+        ("W1-single", "dray", "jobs/s", 300),
+        ("W1-batch", "dray", "jobs/s", 300),
+        ("floor", "raw-sql", "jobs/s", 300),
+        ("W2", "dray", "jobs/s", 300),
+        ("W2-tuned", "dray", "jobs/s", 300),
+        ("paced-insert", "raw-sql", "ms", 1000),
+        ("W3", "dray", "ms", 1000),
+        ("W3-remote", "dray", "ms", 1000),
+    ] {
+        let l = line(w);
+        assert_eq!(
+            (l["system"].as_str(), l["unit"].as_str(), l["n"].as_u64()),
+            (Some(system), Some(unit), Some(n)),
+            "{l}"
+        );
+        let (value, min, max) = (
+            l["value"].as_f64().unwrap(),
+            l["min"].as_f64().unwrap(),
+            l["max"].as_f64().unwrap(),
+        );
+        assert!(value > 0.0 && min <= value && value <= max, "{l}");
+        assert_eq!(l["reps"], 1, "{l}");
+    }
+    for w in ["W2", "W2-tuned"] {
+        let extra = &line(w)["extra"];
+        let rss = extra["peak_rss_mib"].as_f64().unwrap();
+        assert!(rss > 0.0 && rss < 100.0, "{w}: peak RSS {rss} MiB");
+        assert!(extra["wal_bytes_per_job"].as_f64().unwrap() > 0.0, "{w}");
+    }
+    assert_eq!(line("W2-tuned")["extra"]["concurrency"], 1000);
+    for w in ["W3", "W3-remote"] {
+        let extra = &line(w)["extra"];
+        assert_eq!(extra["samples"], 1000, "{w}: every job picked up");
+        let (p50, p99) = (
+            line(w)["value"].as_f64().unwrap(),
+            extra["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(p99 >= p50, "{w}: p50 {p50} ms, p99 {p99} ms");
+    }
+    let w4 = line("W4");
+    assert_eq!(w4["reps"], 0, "no figure without the workflow layer: {w4}");
+    assert!(
+        w4["extra"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("workflow layer")
+    );
+    for what in [
+        "postgres W1-single / plain-insert",
+        "postgres W2 / floor",
+        "postgres W2-tuned / floor",
+        "postgres W3 / paced-insert",
+    ] {
+        let r = lines
+            .iter()
+            .find(|l| l["system"] == "ratio" && l["what"] == what)
+            .unwrap_or_else(|| panic!("no ratio {what}: {lines:?}"));
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+    }
 }
