@@ -219,6 +219,13 @@ impl WakeHub {
         }
     }
 
+    /// True while a receiver is blocked on any queue: a store that has to look for other
+    /// processes' writes itself (SQLite) looks only then.
+    pub fn any_waiting(&self) -> bool {
+        let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|s| s.waiting.load(Ordering::SeqCst) > 0)
+    }
+
     /// How many receivers are blocked waiting on `queue` right now (a test signal: a test waits
     /// for this to reach 1 before it enqueues, instead of sleeping).
     pub fn waiting(&self, queue: &str) -> usize {
@@ -288,6 +295,19 @@ mod tests {
         drop(taken);
         assert!(second.delivered().await.is_none());
         assert!(hub.take_offer("q").is_none(), "every offer is used");
+    }
+
+    #[test]
+    fn any_waiting_counts_blocked_receivers_of_every_queue() {
+        let hub = WakeHub::new();
+        assert!(!hub.any_waiting());
+        let idle = hub.signal("idle");
+        let busy = hub.signal("busy");
+        let guard = busy.waiting_guard();
+        assert!(hub.any_waiting() && hub.waiting("busy") == 1 && hub.waiting("idle") == 0);
+        drop(guard);
+        drop(idle);
+        assert!(!hub.any_waiting());
     }
 
     #[tokio::test]

@@ -8,9 +8,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Several processes may open the same file (SQLite serializes their writes), but wake-ups
-//! cross process boundaries only by polling ([`DEFAULT_POLL_INTERVAL`]); use PostgreSQL to
-//! scale out.
+//! Several processes may open the same file (SQLite serializes their writes). While a receiver
+//! waits, its store looks every [`DEFAULT_WATCH_INTERVAL`] whether another connection has
+//! committed to the file and, if so, wakes it (see [`SqliteStoreBuilder::watch_interval`]), so
+//! a job enqueued by another process starts within milliseconds; use PostgreSQL to scale out.
 
 #![forbid(unsafe_code)]
 
@@ -79,6 +80,11 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reader connections.
 pub const DEFAULT_READERS: u32 = 4;
+/// How often a store with a waiting receiver looks for commits of other processes (see
+/// [`SqliteStoreBuilder::watch_interval`]): a job enqueued by another process waits about
+/// half of this on average before a waiting receiver claims it (measured: W3-remote's p50
+/// 104 ms with the 200 ms poll alone, 9 ms with this watch).
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a store checkpoints its file's write-ahead log, off the writer connection (see
 /// [`SqliteStoreBuilder::checkpoint_interval`]).
 pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
@@ -167,6 +173,7 @@ pub struct SqliteStoreBuilder {
     busy_timeout: Duration,
     readers: u32,
     checkpoint_interval: Duration,
+    watch_interval: Duration,
 }
 
 impl SqliteStoreBuilder {
@@ -208,6 +215,24 @@ impl SqliteStoreBuilder {
         self
     }
 
+    /// How often, while one of this handle's receivers is waiting for work, the store looks
+    /// whether another connection to the file has committed ([`DEFAULT_WATCH_INTERVAL`]): a
+    /// worker in another process, the `dray` command, another handle in this process. When one
+    /// has, every waiting receiver looks at its queue again, so a job enqueued elsewhere starts
+    /// within about this long rather than at the next [`poll_interval`](Self::poll_interval).
+    ///
+    /// A look is a `stat` of the write-ahead log (every commit appends to it) and, when that
+    /// changed, `PRAGMA data_version` on the store's writer connection, which changes only when
+    /// another connection has committed, so this handle's own writes (which wake its receivers
+    /// directly) never count. A handle none of whose
+    /// receivers is waiting does not look at all. `Duration::ZERO` turns the watch off: other
+    /// processes' jobs are then found by the poll alone. (Enqueues in a caller's transaction on
+    /// this handle commit on the writer connection itself, so those, too, are found by the poll.)
+    pub fn watch_interval(mut self, d: Duration) -> Self {
+        self.watch_interval = d;
+        self
+    }
+
     /// Opens (creating the file if needed) and handles the schema as configured.
     pub async fn open(self) -> Result<SqliteStore> {
         let url = if self.url.starts_with("sqlite:") {
@@ -243,6 +268,9 @@ impl SqliteStoreBuilder {
         } else {
             options
         };
+        let mut log = options.get_filename().as_os_str().to_owned();
+        log.push("-wal");
+        let log = std::path::PathBuf::from(log);
         // No health check when a connection is handed out (sqlx's default pings it, a round
         // trip to the connection's thread): a connection to a local file does not drop.
         let writer = SqlitePoolOptions::new()
@@ -271,6 +299,9 @@ impl SqliteStoreBuilder {
                 reader,
                 hub: WakeHub::new(),
                 poll_interval: self.poll_interval,
+                watch: (!memory && !self.watch_interval.is_zero())
+                    .then_some((self.watch_interval, log)),
+                watching: tokio::sync::OnceCell::new(),
                 sweep: SweepCursor::default(),
                 cursors: ClaimCursors::default(),
                 rows: RowHints::default(),
@@ -322,6 +353,70 @@ async fn checkpoints_every(inner: std::sync::Weak<Inner>, every: Duration) {
     }
 }
 
+/// Wakes the handle's waiting receivers when another connection has committed to the file (see
+/// [`SqliteStoreBuilder::watch_interval`]): every `every` while a receiver waits, until every
+/// handle of the store is gone. `seen` is the writer's `data_version` when the watch began.
+///
+/// A look first compares the write-ahead log's length and modification time with the last
+/// look's, a `stat` of a few microseconds: every commit, this process's or another's, appends
+/// to the log. Only when those changed does it ask the writer connection whether the commit
+/// was another connection's (a round trip to the connection's thread, ~0.2 ms of CPU on the
+/// test machine: asked every 10 ms, an idle receiver spent 2 % of a core on it; with the
+/// `stat` first and every 20 ms, ~0.3 %, most of it the timer's wake-ups).
+async fn watch_commits(
+    inner: std::sync::Weak<Inner>,
+    every: Duration,
+    log: std::path::PathBuf,
+    mut seen: i64,
+) {
+    let stamp = || {
+        std::fs::metadata(&log)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut last = stamp();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is at once
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return; // every handle of the store is gone
+        };
+        if inner.writer.is_closed() {
+            return;
+        }
+        // With nobody waiting nobody needs waking; a commit meanwhile shows at the next look
+        // (then one wake-up more than needed at worst, never one fewer).
+        if !inner.hub.any_waiting() {
+            continue;
+        }
+        let now = stamp();
+        if now == last && now.is_some() {
+            continue;
+        }
+        last = now;
+        match data_version(&inner.writer).await {
+            Ok(v) if v != seen => {
+                seen = v;
+                inner.hub.wake_all();
+            }
+            Ok(_) => {}
+            Err(sqlx::Error::PoolClosed) => return,
+            // Transient: receivers still poll, and the next tick looks again.
+            Err(err) => tracing::debug!(%err, "dray: cannot look for other processes' commits"),
+        }
+    }
+}
+
+/// The connection's `PRAGMA data_version`: it changes whenever another connection has committed
+/// to the file since the connection's last look.
+async fn data_version(pool: &SqlitePool) -> std::result::Result<i64, sqlx::Error> {
+    sqlx::query_scalar("PRAGMA data_version")
+        .fetch_one(pool)
+        .await
+}
+
 /// Rows sqlx may buffer between SQLite's thread and the caller: the largest claim (1,000 by
 /// default at most) and completion (2,000) pass without the thread ever waiting.
 const ROW_CHANNEL: usize = 2048;
@@ -338,6 +433,12 @@ struct Inner {
     reader: SqlitePool,
     hub: WakeHub,
     poll_interval: Duration,
+    /// How often to look for other connections' commits while a receiver waits, and the
+    /// file's write-ahead log (`None`: not at all; an in-memory database has no other
+    /// connection).
+    watch: Option<(Duration, std::path::PathBuf)>,
+    /// Set once the look-out ([`watch_commits`]) has started (on the first `listen`).
+    watching: tokio::sync::OnceCell<()>,
     /// Where this handle's next expired-lease sweep starts.
     sweep: SweepCursor<SweepKey>,
     /// Where the next claim of each queue starts (`dray_core::claim`).
@@ -367,6 +468,7 @@ impl SqliteStore {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             readers: DEFAULT_READERS,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
         }
     }
 
@@ -885,6 +987,25 @@ impl Store for SqliteStore {
     }
 
     async fn listen(&self) -> Result<()> {
+        // The first receiver to wait starts the look-out for other processes' commits. Its
+        // starting point is read here, before that receiver first looks at its queue, so a
+        // commit between the two is seen as a change.
+        // (Receivers that wait meanwhile wait for this start too; when it fails, the next one
+        // to wait tries again.)
+        let Some((every, log)) = &self.inner.watch else {
+            return Ok(());
+        };
+        self.inner
+            .watching
+            .get_or_try_init(|| async {
+                let seen = data_version(&self.inner.writer)
+                    .await
+                    .map_err(Error::db("listen"))?;
+                let inner = Arc::downgrade(&self.inner);
+                tokio::spawn(watch_commits(inner, *every, log.clone(), seen));
+                Ok::<(), Error>(())
+            })
+            .await?;
         Ok(())
     }
 

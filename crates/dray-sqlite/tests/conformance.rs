@@ -14,6 +14,9 @@ struct Lite;
 
 impl Fixture for Lite {
     type Store = SqliteStore;
+    // Another handle's commits are found by the store's watch, a timer (every 20 ms) like the
+    // poll, so the shared suite holds SQLite to the poll's looser bound; the watch itself is
+    // tested below with the poll out of the way.
     const CROSS_HANDLE_WAKE: bool = false;
 
     async fn store(&self) -> SqliteStore {
@@ -374,4 +377,46 @@ async fn upgrade_from_schema_3_keeps_every_row() {
         .unwrap();
     dray_testkit::queue::an_upgraded_store_keeps_every_row(store.clone()).await;
     store.close().await;
+}
+
+/// A receiver waiting on one handle is woken by an enqueue through another (as from another
+/// process) by the store's watch of the file's commits, not by its poll: here the poll is ten
+/// minutes away. With the watch off, the same receiver is still waiting well after the enqueue.
+#[tokio::test]
+async fn another_handles_enqueue_wakes_a_waiting_receiver_through_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let path = path.to_str().unwrap();
+    let other = Queue::new(SqliteStore::open(path).await.unwrap());
+    let opts = dray_core::EnqueueOptions::new();
+    for watch in [dray_sqlite::DEFAULT_WATCH_INTERVAL, Duration::ZERO] {
+        let store = SqliteStore::builder(path)
+            .poll_interval(Duration::from_secs(600))
+            .watch_interval(watch)
+            .open()
+            .await
+            .unwrap();
+        let receiver = {
+            let q = Queue::new(store.clone());
+            tokio::spawn(async move { q.receive("x", 1, Duration::from_secs(600)).await })
+        };
+        dray_testkit::wait_until("the receiver is blocked", Duration::from_secs(10), || {
+            store.wake().waiting("x") == 1
+        })
+        .await;
+        other.enqueue("x", &json!(1), &opts).await.unwrap();
+        if watch.is_zero() {
+            let waited = tokio::time::timeout(Duration::from_millis(500), receiver).await;
+            assert!(waited.is_err(), "without the watch only the poll wakes it");
+            assert_eq!(store.wake().waiting("x"), 1);
+        } else {
+            let got = tokio::time::timeout(Duration::from_secs(10), receiver)
+                .await
+                .expect("woken by the watch, long before its poll")
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.len(), 1);
+        }
+        store.close().await;
+    }
 }
