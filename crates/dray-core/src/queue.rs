@@ -508,18 +508,31 @@ impl<S: Store> Queue<S> {
             let mut notified = pin!(signal.notify().notified());
             notified.as_mut().enable();
             self.rescue_if_due().await?;
-            let got = self.store.message_claim(&params).await?;
-            if !got.is_empty() {
-                return Ok(got);
-            }
+            let wakes = signal.wakes();
+            // Unless the last look found the queue empty and nothing has woken it since
+            // (`QueueSignal::quiet_until`), look at the database.
+            let until = match signal.quiet_until(wakes) {
+                Some(until) => until,
+                None => {
+                    let got = self.store.message_claim(&params).await?;
+                    if !got.is_empty() {
+                        return Ok(got);
+                    }
+                    let looked = Instant::now();
+                    let mut quiet = self.store.poll_interval();
+                    if let Some(due) = self.store.queue_next_due(&params.queue).await? {
+                        quiet = quiet.min(due);
+                    }
+                    let until = looked + quiet;
+                    signal.set_quiet(wakes, until);
+                    until
+                }
+            };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(got);
+                return Ok(Vec::new());
             }
-            let mut wait = (deadline - now).min(self.store.poll_interval());
-            if let Some(due) = self.store.queue_next_due(&params.queue).await? {
-                wait = wait.min(due);
-            }
+            let wait = deadline.min(until).saturating_duration_since(now);
             let _waiting = signal.waiting_guard();
             // Offer to take the next message of this process's enqueues directly, while waiting.
             let mut offer = signal.offer(params.clone());

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::{Notify, oneshot};
 
@@ -28,6 +29,11 @@ pub struct WakeHub {
 #[derive(Debug, Default)]
 pub struct QueueSignal {
     notify: Notify,
+    /// Wake-ups so far: a look at the database is as fresh as the count it began at.
+    wakes: AtomicU64,
+    /// The last look that found nothing to claim: the wake count it began at, and until when
+    /// nothing it knows of comes due (see [`QueueSignal::quiet_until`]).
+    quiet: Mutex<Option<(u64, Instant)>>,
     waiting: AtomicUsize,
     offers: Mutex<VecDeque<Standing>>,
     next_offer: AtomicU64,
@@ -47,6 +53,33 @@ impl QueueSignal {
     /// wake-up between the check and the wait is not lost.
     pub fn notify(&self) -> &Notify {
         &self.notify
+    }
+
+    /// How many wake-ups this queue has had. A receiver reads it before it looks at the
+    /// database; a wake-up after that makes the look stale.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::SeqCst)
+    }
+
+    /// Records that a look at the database, begun when [`QueueSignal::wakes`] was `wakes`,
+    /// found nothing to claim, and that nothing it saw comes due before `until`.
+    pub fn set_quiet(&self, wakes: u64, until: Instant) {
+        *self.quiet.lock().unwrap_or_else(|p| p.into_inner()) = Some((wakes, until));
+    }
+
+    /// When the last look found nothing to claim, no wake-up has come since (`wakes` is still
+    /// the count it began at) and its `until` is still ahead: that `until`. A receiver may then
+    /// wait without looking again: everything that makes a message claimable sooner wakes the
+    /// queue (an enqueue, a release, a retry, a rescue, a NOTIFY or, on SQLite, another
+    /// process's commit), and what does not (a due time, another process's write that sends
+    /// no wake-up) is bounded by `until`, which is at most one poll interval after the look.
+    /// So a receiver that was just handed a message goes back to waiting at once, instead of
+    /// looking at an empty queue after every job of a steady trickle.
+    pub fn quiet_until(&self, wakes: u64) -> Option<Instant> {
+        let quiet = *self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        quiet
+            .filter(|&(w, until)| w == wakes && until > Instant::now())
+            .map(|(_, until)| until)
     }
 
     /// Counts the caller as blocked on this queue until the guard drops.
@@ -96,6 +129,12 @@ impl QueueSignal {
             }
             None => false,
         }
+    }
+
+    /// Counts a wake-up (making every earlier look stale), then wakes the waiting receivers.
+    fn wake(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
     }
 
     fn offers(&self) -> std::sync::MutexGuard<'_, VecDeque<Standing>> {
@@ -197,7 +236,7 @@ impl WakeHub {
     pub fn wake(&self, queue: &str) {
         let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(queue) {
-            s.notify.notify_waiters();
+            s.wake();
         }
     }
 
@@ -215,7 +254,7 @@ impl WakeHub {
     pub fn wake_all(&self) {
         let map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         for s in map.values() {
-            s.notify.notify_waiters();
+            s.wake();
         }
     }
 
@@ -295,6 +334,44 @@ mod tests {
         drop(taken);
         assert!(second.delivered().await.is_none());
         assert!(hub.take_offer("q").is_none(), "every offer is used");
+    }
+
+    #[test]
+    fn a_quiet_look_stands_until_a_wake_up_or_its_end() {
+        let hub = WakeHub::new();
+        let signal = hub.signal("q");
+        let other = hub.signal("other");
+        assert_eq!(signal.quiet_until(signal.wakes()), None, "no look yet");
+        let until = Instant::now() + Duration::from_secs(60);
+        signal.set_quiet(signal.wakes(), until);
+        assert_eq!(signal.quiet_until(signal.wakes()), Some(until));
+        hub.wake("other");
+        assert_eq!(
+            signal.quiet_until(signal.wakes()),
+            Some(until),
+            "another queue's wake-up changes nothing here"
+        );
+        hub.wake("q");
+        assert_eq!(
+            signal.quiet_until(signal.wakes()),
+            None,
+            "woken: look again"
+        );
+        // A look that began before a wake-up and recorded its result after it is stale.
+        let began = signal.wakes();
+        hub.wake("q");
+        signal.set_quiet(began, until);
+        assert_eq!(signal.quiet_until(signal.wakes()), None);
+        signal.set_quiet(signal.wakes(), until);
+        hub.wake_all();
+        assert_eq!(signal.quiet_until(signal.wakes()), None);
+        assert!(other.wakes() >= 2);
+        signal.set_quiet(signal.wakes(), Instant::now());
+        assert_eq!(
+            signal.quiet_until(signal.wakes()),
+            None,
+            "ended: look again"
+        );
     }
 
     #[test]
