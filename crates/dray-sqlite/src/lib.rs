@@ -324,22 +324,36 @@ impl SqliteStoreBuilder {
     }
 }
 
+/// The clock of a store's background task: a tick every `every`, the first one interval from
+/// now, each handing out the store while it is open.
+struct StoreTicks {
+    inner: std::sync::Weak<Inner>,
+    tick: tokio::time::Interval,
+}
+
+impl StoreTicks {
+    async fn new(inner: std::sync::Weak<Inner>, every: Duration) -> Self {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is at once
+        StoreTicks { inner, tick }
+    }
+
+    /// The store at the next tick; `None` once every handle of it is gone or it was closed.
+    async fn next(&mut self) -> Option<Arc<Inner>> {
+        self.tick.tick().await;
+        let inner = self.inner.upgrade()?;
+        (!inner.writer.is_closed() && !inner.reader.is_closed()).then_some(inner)
+    }
+}
+
 /// Checkpoints the write-ahead log every `every` from a reader connection while the store is
 /// open (see [`SqliteStoreBuilder::checkpoint_interval`]). A `PASSIVE` checkpoint copies what
 /// no reader still needs and waits for nobody; one with nothing to copy costs a look at the
 /// log's header.
 async fn checkpoints_every(inner: std::sync::Weak<Inner>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is at once
-    loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else {
-            return; // every handle of the store is gone
-        };
-        if inner.reader.is_closed() {
-            return;
-        }
+    let mut ticks = StoreTicks::new(inner, every).await;
+    while let Some(inner) = ticks.next().await {
         match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&inner.reader)
             .await
@@ -375,17 +389,8 @@ async fn watch_commits(
             .map(|m| (m.len(), m.modified().ok()))
     };
     let mut last = stamp();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is at once
-    loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else {
-            return; // every handle of the store is gone
-        };
-        if inner.writer.is_closed() {
-            return;
-        }
+    let mut ticks = StoreTicks::new(inner, every).await;
+    while let Some(inner) = ticks.next().await {
         // With nobody waiting nobody needs waking; a commit meanwhile shows at the next look
         // (then one wake-up more than needed at worst, never one fewer).
         if !inner.hub.any_waiting() {
