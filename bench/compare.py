@@ -8,7 +8,9 @@ from collections import defaultdict
 LOWER_IS_BETTER = {"ms"}
 
 
-def main(path):
+def load(path):
+    """The results of one compare.sh run: (meta lines, values per (workload, system, store),
+    their extras, unit per workload, notes of workloads this build could not run)."""
     runs = defaultdict(list)
     extras = defaultdict(list)
     meta = []
@@ -22,6 +24,8 @@ def main(path):
         if r["system"].startswith("meta"):
             meta.append(r)
             continue
+        if "workload" not in r:
+            continue  # `dray bench`'s own ratio lines (its SQLite runs): recomputed here
         key = (r["workload"], r["system"], r["store"])
         note = r.get("extra", {}).get("note")
         if note and not r["value"]:
@@ -32,6 +36,11 @@ def main(path):
         runs[key].append(r["value"])
         extras[key].append(r.get("extra", {}))
         units[r["workload"]] = r["unit"]
+    return meta, runs, extras, units, unavailable
+
+
+def main(path):
+    meta, runs, extras, units, unavailable = load(path)
     for m in meta:
         print("# " + json.dumps(m))
     print()
