@@ -73,8 +73,9 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Fallback poll interval of waiting receivers: wake-ups from other processes, and from
-/// enqueues inside a caller's transaction, arrive by polling.
+/// Fallback poll interval of waiting receivers: enqueues inside a caller's transaction on the
+/// same handle are found by it, and other processes' commits by it when the watch
+/// ([`DEFAULT_WATCH_INTERVAL`]) is off or misses one.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a write waits for another process's write lock before failing.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
