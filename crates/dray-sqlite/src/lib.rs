@@ -225,10 +225,10 @@ impl SqliteStoreBuilder {
     /// A look is a `stat` of the write-ahead log (every commit appends to it) and, when that
     /// changed, `PRAGMA data_version` on the store's writer connection, which changes only when
     /// another connection has committed, so this handle's own writes (which wake its receivers
-    /// directly) never count. A handle none of whose
-    /// receivers is waiting does not look at all. `Duration::ZERO` turns the watch off: other
-    /// processes' jobs are then found by the poll alone. (Enqueues in a caller's transaction on
-    /// this handle commit on the writer connection itself, so those, too, are found by the poll.)
+    /// directly) never count. A handle none of whose receivers is waiting does not look at
+    /// all. `Duration::ZERO` turns the watch off: other processes' jobs are then found by the
+    /// poll alone. (Enqueues in a caller's transaction on this handle commit on the writer
+    /// connection itself, so those, too, are found by the poll.)
     pub fn watch_interval(mut self, d: Duration) -> Self {
         self.watch_interval = d;
         self
@@ -995,9 +995,8 @@ impl Store for SqliteStore {
     async fn listen(&self) -> Result<()> {
         // The first receiver to wait starts the look-out for other processes' commits. Its
         // starting point is read here, before that receiver first looks at its queue, so a
-        // commit between the two is seen as a change.
-        // (Receivers that wait meanwhile wait for this start too; when it fails, the next one
-        // to wait tries again.)
+        // commit between the two is seen as a change. Receivers that wait meanwhile wait for
+        // this start too; when it fails, the next one to wait tries again.
         let Some((every, log)) = &self.inner.watch else {
             return Ok(());
         };
