@@ -608,6 +608,9 @@ async fn jobs_command<S: Store>(
                         j.progress.map(|p| format!("{p}%")).unwrap_or_default(),
                         j.enqueued_at.format("%Y-%m-%d %H:%M:%S")
                     );
+                    if let Some(why) = &j.unreadable {
+                        out!("{:<38}UNREADABLE ROW: {why}", "");
+                    }
                 }
             }
         }

@@ -285,6 +285,7 @@ impl RowHead {
             progress: self.progress,
             progress_message: self.progress_message,
             cancel_requested: self.cancel_requested,
+            unreadable: None,
         }
     }
 }
@@ -319,15 +320,144 @@ pub fn leased_insert(
     Ok(head.with(RowTail::claimed(p)))
 }
 
-/// Decodes the rows a claim returned (each store's own `decode`) and puts them in
-/// [`delivery_order`].
+/// A row of a bulk read that did not decode: where it stood in the read, its id when that
+/// much was readable, and why (the column and what was found).
+#[derive(Clone, Debug)]
+pub struct Unreadable {
+    /// Position of the row in what the statement returned.
+    pub index: usize,
+    /// The row's id, when it could be read.
+    pub id: Option<uuid::Uuid>,
+    /// The column that did not decode, and what it held.
+    pub reason: String,
+}
+
+impl Unreadable {
+    /// The unreadable row at `index`, from the error its decoding gave.
+    pub fn new(index: usize, id: Option<uuid::Uuid>, err: Error) -> Unreadable {
+        let reason = match err {
+            Error::CorruptRow { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        Unreadable { index, id, reason }
+    }
+
+    /// The error recorded on a quarantined row (a [`crate::FailureKind::Unreadable`] attempt).
+    pub fn quarantine_message(&self) -> String {
+        format!(
+            "the stored row could not be read ({}), so it was not run; fix the row in the \
+             database, then re-drive it (`dray jobs retry ID`)",
+            self.reason
+        )
+    }
+
+    /// How a callback delivery of an unreadable row is settled: a failed try, tried again
+    /// after [`UNREADABLE_CALLBACK_PAUSE`] (the row may be fixed by then).
+    pub fn callback_settle(&self) -> crate::CallbackSettle {
+        crate::CallbackSettle::Retry {
+            after: UNREADABLE_CALLBACK_PAUSE,
+            error: self.quarantine_message(),
+        }
+    }
+}
+
+/// How long a callback delivery whose job row cannot be read waits before it is tried again.
+pub const UNREADABLE_CALLBACK_PAUSE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Logs rows that a claim (or another bulk read that acts on its rows) set aside as
+/// unreadable, once each, where the operator of the process that found them looks.
+pub fn log_unreadable(backend: &str, op: &str, rows: &[Unreadable]) {
+    for r in rows {
+        let id =
+            r.id.map_or_else(|| "(unreadable id)".to_owned(), |id| id.to_string());
+        tracing::error!(
+            backend,
+            op,
+            %id,
+            reason = %r.reason,
+            "a stored job row could not be read; it was set aside and its neighbours go on"
+        );
+    }
+}
+
+/// Decodes the rows of a bulk read one by one (each store's own `decode`): the rows that
+/// decode, and the ones that did not, each on its own. One unreadable row costs that row,
+/// never the rows read with it.
+pub fn decode_each<R>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<crate::Message>,
+    id_of: impl Fn(&R) -> Option<uuid::Uuid>,
+) -> (Vec<crate::Message>, Vec<Unreadable>) {
+    let mut out = Vec::with_capacity(rows.len());
+    let mut bad = Vec::new();
+    for (index, row) in rows.iter().enumerate() {
+        match decode(row) {
+            Ok(m) => out.push(m),
+            Err(e) => bad.push(Unreadable::new(index, id_of(row), e)),
+        }
+    }
+    (out, bad)
+}
+
+/// Decodes the rows a claim returned (each store's own `decode`) and puts the readable ones in
+/// [`delivery_order`]; the unreadable ones are the store's to quarantine.
 pub fn claimed_in_order<R>(
     rows: &[R],
     decode: impl Fn(&R) -> Result<crate::Message>,
-) -> Result<Vec<crate::Message>> {
-    let mut out = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+    id_of: impl Fn(&R) -> Option<uuid::Uuid>,
+) -> (Vec<crate::Message>, Vec<Unreadable>) {
+    let (mut out, bad) = decode_each(rows, decode, id_of);
     out.sort_by(delivery_order);
-    Ok(out)
+    (out, bad)
+}
+
+/// What a listing shows of a row that did not decode: its id, and the parts the store could
+/// still read (`salvage`), every other field empty, with [`crate::Message::unreadable`] saying
+/// why.
+#[derive(Clone, Debug, Default)]
+pub struct Salvaged {
+    /// `queue`, if readable.
+    pub queue: Option<String>,
+    /// `kind`, if readable.
+    pub kind: Option<String>,
+    /// `state`, if readable and known.
+    pub state: Option<crate::MessageState>,
+    /// `attempt`, if readable.
+    pub attempt: Option<i32>,
+    /// `enqueued_at`, if readable.
+    pub enqueued_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Salvaged {
+    /// The placeholder message for unreadable row `id`. A row whose state cannot be read shows
+    /// as `dead` (it can neither be claimed nor finish).
+    pub fn into_message(self, id: uuid::Uuid, reason: String) -> crate::Message {
+        let at = self.enqueued_at.unwrap_or_default();
+        crate::Message {
+            id,
+            queue: self.queue.unwrap_or_default(),
+            kind: self.kind,
+            key: None,
+            payload: serde_json::Value::Null,
+            headers: Default::default(),
+            priority: crate::Priority::NORMAL,
+            state: self.state.unwrap_or(crate::MessageState::Dead),
+            attempt: self.attempt.unwrap_or(0),
+            max_attempts: 1,
+            enqueued_at: at,
+            run_at: at,
+            leased_until: None,
+            leased_by: None,
+            finished_at: None,
+            result: None,
+            errors: Vec::new(),
+            progress: None,
+            progress_message: None,
+            cancel_requested: false,
+            callback: None,
+            unreadable: Some(reason),
+        }
+    }
 }
 
 /// What a cancel did, from the state the job had before it.

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::error::Result;
 use crate::types::{Message, NewMessage, RunAt};
 
 /// A position in a queue's delivery order: (−priority, due time, id), compared in that order,
@@ -161,21 +160,12 @@ impl ClaimRound<'_> {
 
     /// Moves the cursor past the greatest key (`key_of`) of the rows claimed (in any order),
     /// of a claim of at most `limit`; a claim that came back short (the queue is drained)
-    /// drops it, so that the next starts at the head.
-    pub fn finish<R>(
-        self,
-        limit: u32,
-        rows: &[R],
-        key_of: impl Fn(&R) -> Result<ClaimKey>,
-    ) -> Result<()> {
-        let mut last: Option<ClaimKey> = None;
-        for r in rows {
-            let k = key_of(r)?;
-            last = Some(last.map_or(k, |l| l.max(k)));
-        }
+    /// drops it, so that the next starts at the head. A row whose key does not read (an
+    /// unreadable row, which the store sets aside) does not move the cursor.
+    pub fn finish<R>(self, limit: u32, rows: &[R], key_of: impl Fn(&R) -> Option<ClaimKey>) {
+        let last = rows.iter().filter_map(key_of).max();
         let full = rows.len() >= limit as usize;
         self.cursors.advance(self.queue, self.from_head, full, last);
-        Ok(())
     }
 }
 
@@ -241,7 +231,7 @@ mod tests {
         assert_eq!(round.retry(), None, "already at the head");
         // Rows in any order: the cursor goes past the greatest.
         let rows = [key(0, 10, 7), key(0, 10, 9), key(0, 10, 8)];
-        round.finish(3, &rows, |k| Ok(*k)).unwrap();
+        round.finish(3, &rows, |k| Some(*k));
         assert_eq!(c.start("q"), Some(key(0, 10, 9)));
 
         let (mut round, after) = c.begin("q");
@@ -253,18 +243,22 @@ mod tests {
         );
         assert_eq!(round.retry(), None);
         // From the head, full: the cursor starts again there (and its head-scan clock too).
-        round.finish(1, &[key(0, 10, 2)], |k| Ok(*k)).unwrap();
+        round.finish(1, &[key(0, 10, 2)], |k| Some(*k));
         assert_eq!(c.start("q"), Some(key(0, 10, 2)));
 
-        // A short round drops it; a key that cannot be read fails the round.
+        // A short round drops it.
         let (round, _) = c.begin("q");
-        round.finish(5, &[key(0, 10, 3)], |k| Ok(*k)).unwrap();
+        round.finish(5, &[key(0, 10, 3)], |k| Some(*k));
+        assert_eq!(c.start("q"), None);
+        // A row whose key does not read does not move it: a full round of only such rows
+        // leaves no cursor, one with a readable row moves it to that row.
+        let (round, _) = c.begin("q");
+        round.finish(1, &[key(0, 10, 3)], |_| None);
         assert_eq!(c.start("q"), None);
         let (round, _) = c.begin("q");
-        let err = round.finish(1, &[key(0, 10, 3)], |_| {
-            Err(crate::Error::invalid("row", "unreadable"))
-        });
-        assert!(err.is_err());
+        let rows = [key(0, 10, 4), key(0, 10, 6)];
+        round.finish(2, &rows, |k| (k.2 != Uuid::from_u128(6)).then_some(*k));
+        assert_eq!(c.start("q"), Some(key(0, 10, 4)));
     }
 
     #[test]

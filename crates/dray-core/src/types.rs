@@ -303,6 +303,14 @@ pub struct Message {
     pub cancel_requested: bool,
     /// The HTTP completion callback, if one was asked for.
     pub callback: Option<CallbackStatus>,
+    /// Set when some stored columns of this row could not be read (written by another tool,
+    /// an older or newer version, or a bad migration): which column, and what was found. The
+    /// fields those columns feed hold defaults. Only listings return such rows (so that one
+    /// bad row does not hide the others); a claim never hands one to a receiver but
+    /// quarantines it as `dead` with a [`FailureKind::Unreadable`] error, and reading it by
+    /// id answers [`Error::CorruptRow`]. Fix the row, then re-drive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 /// Where a job's HTTP completion callback stands.
@@ -348,6 +356,9 @@ pub enum FailureKind {
     Cancelled,
     /// The lease ended without a result (the worker died or stalled).
     LeaseExpired,
+    /// The stored row could not be read, so it was never run: quarantined as dead by the
+    /// claim that found it (see [`Message::unreadable`]).
+    Unreadable,
 }
 
 impl FailureKind {
@@ -360,6 +371,7 @@ impl FailureKind {
             FailureKind::Panic => "panic",
             FailureKind::Cancelled => "cancelled",
             FailureKind::LeaseExpired => "lease_expired",
+            FailureKind::Unreadable => "unreadable",
         }
     }
 }

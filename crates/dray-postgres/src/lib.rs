@@ -23,9 +23,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_attempts,
-    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, fail_to_parts,
-    list_limit, micros, redrive_key_taken, redrive_refused, settle_parts,
+    RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
+    decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
+    fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey, HEAD, claim_key};
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -326,8 +326,8 @@ type SweepKey = (String, i32, DateTime<Utc>, Uuid);
 impl PgStore {
     /// Claims up to `p.limit` rows that sort after `after` ((−priority, run_at, id), the key of
     /// `dray_jobs_unfinished_idx` after the queue), in delivery order.
-    async fn claim_after(&self, p: &ClaimParams, after: ClaimKey) -> Result<Vec<Message>> {
-        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
+    async fn claim_after(&self, p: &ClaimParams, after: ClaimKey) -> Result<Vec<PgRow>> {
+        sqlx::query(AssertSqlSafe(self.inner.sql.claim.clone()))
             .bind(p.queue.as_str())
             .bind(i64::from(p.limit))
             .bind(micros(p.lease))
@@ -337,9 +337,47 @@ impl PgStore {
             .bind(after.2)
             .fetch_all(&self.inner.worker_pool)
             .await
-            .map_err(Error::db("message_claim"))?;
-        claimed_in_order(&rows, |r| decode_claimed(r, p))
+            .map_err(Error::db("message_claim"))
     }
+
+    /// Sets aside rows a claim leased but could not decode (see `sql::QUARANTINE`), and logs
+    /// each.
+    async fn quarantine(&self, bad: &[Unreadable]) -> Result<()> {
+        dray_core::batch::log_unreadable("postgres", "message_claim", bad);
+        let (ids, messages): (Vec<Uuid>, Vec<String>) = bad
+            .iter()
+            .filter_map(|b| Some((b.id?, b.quarantine_message())))
+            .unzip();
+        sqlx::query(AssertSqlSafe(self.inner.sql.quarantine.clone()))
+            .bind(ids)
+            .bind(messages)
+            .execute(&self.inner.worker_pool)
+            .await
+            .map_err(Error::db("message_quarantine"))?;
+        Ok(())
+    }
+}
+
+/// The id of a returned row, when it reads.
+fn row_id(row: &PgRow) -> Option<Uuid> {
+    row.try_get(0).ok()
+}
+
+/// What a listing shows of a row (`{cols}`) that did not decode (see [`Salvaged`]).
+fn salvage(row: &PgRow, err: Error) -> Result<Message> {
+    let id: Uuid = row.try_get(0).map_err(Error::db("decode"))?;
+    let reason = Unreadable::new(0, Some(id), err).reason;
+    Ok(Salvaged {
+        queue: row.try_get(16).ok(),
+        kind: row.try_get::<Option<String>, _>(1).ok().flatten(),
+        state: row
+            .try_get::<String, _>(17)
+            .ok()
+            .and_then(|s| MessageState::parse(&s).ok()),
+        attempt: row.try_get(6).ok(),
+        enqueued_at: row.try_get(8).ok(),
+    }
+    .into_message(id, reason))
 }
 
 /// The wake-ups of committed enqueues, waiting to be sent. An enqueue does not NOTIFY inside
@@ -1105,13 +1143,19 @@ impl Store for PgStore {
 
     async fn message_claim(&self, p: &ClaimParams) -> Result<Vec<Message>> {
         let (mut round, after) = self.inner.cursors.begin(p.queue.as_str());
-        let mut out = self.claim_after(p, after).await?;
-        if out.is_empty()
+        let mut rows = self.claim_after(p, after).await?;
+        if rows.is_empty()
             && let Some(head) = round.retry()
         {
-            out = self.claim_after(p, head).await?;
+            rows = self.claim_after(p, head).await?;
         }
-        round.finish(p.limit, &out, |m| Ok(claim_key(m)))?;
+        // One row that does not decode costs only itself: the others are handed out, it is
+        // quarantined.
+        let (out, bad) = claimed_in_order(&rows, |r| decode_claimed(r, p), row_id);
+        round.finish(p.limit, &out, |m| Some(claim_key(m)));
+        if !bad.is_empty() {
+            self.quarantine(&bad).await?;
+        }
         Ok(out)
     }
 
@@ -1402,7 +1446,10 @@ impl Store for PgStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(Error::db("job_list"))?;
-        rows.iter().map(decode_message).collect()
+        // A row that does not decode is listed as what could be read of it, never hiding the rest.
+        rows.iter()
+            .map(|r| decode_message(r).or_else(|e| salvage(r, e)))
+            .collect()
     }
 
     async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
@@ -1443,7 +1490,18 @@ impl Store for PgStore {
             .fetch_all(&self.inner.worker_pool)
             .await
             .map_err(Error::db("callback_claim"))?;
-        rows.iter().map(decode_message).collect()
+        let (out, bad) = dray_core::batch::decode_each(&rows, decode_message, row_id);
+        for b in &bad {
+            // Its try is recorded as failed, and tried again after a long pause: the row may be
+            // fixed meanwhile, and the other deliveries go on.
+            let (Some(id), Ok(attempt)) = (b.id, rows[b.index].try_get::<i32, _>(21)) else {
+                continue;
+            };
+            dray_core::batch::log_unreadable("postgres", "callback_claim", std::slice::from_ref(b));
+            self.callback_settle(id, attempt, &b.callback_settle())
+                .await?;
+        }
+        Ok(out)
     }
 
     async fn callback_settle(

@@ -385,6 +385,19 @@ WHERE j.ctid = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED))
 RETURNING {cols}";
 
+/// Quarantine rows a claim leased but could not decode (`$1` ids, `$2` the error to record):
+/// dead at once, with an `unreadable` attempt error naming the column and what it held, so
+/// that the claim's other rows go on as if these were not there. An error list that is itself
+/// the unreadable column starts afresh (the recorded message says what it held).
+const QUARANTINE: &str = "
+UPDATE {s}.dray_jobs j
+SET state = 'dead', finished_at = now(), leased_until = NULL,
+    errors = CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors ELSE '[]'::jsonb END
+        || jsonb_build_array(jsonb_build_object('attempt', j.attempt, 'at', now(),
+               'kind', 'unreadable', 'message', q.message))
+FROM UNNEST($1::uuid[], $2::text[]) AS q(id, message)
+WHERE j.id = ANY($1) AND j.id = q.id AND j.state = 'running'";
+
 /// Settle a callback try ($3: delivered?), fenced by the try number.
 const CALLBACK_SETTLE: &str = "
 UPDATE {s}.dray_jobs
@@ -466,6 +479,7 @@ pub struct Sql {
     pub leader_release: Arc<str>,
     pub callback_claim: Arc<str>,
     pub callback_settle: Arc<str>,
+    pub quarantine: Arc<str>,
 }
 
 impl Sql {
@@ -515,6 +529,7 @@ impl Sql {
             leader_release: f(LEADER_RELEASE),
             callback_claim: f(CALLBACK_CLAIM),
             callback_settle: f(CALLBACK_SETTLE),
+            quarantine: f(QUARANTINE),
         }
     }
 }

@@ -42,6 +42,17 @@ impl Fixture for Pg {
         open(store.schema(), SchemaMode::Check).await.unwrap()
     }
 
+    async fn set_columns(&self, store: &PgStore, id: uuid::Uuid, set: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{}\".dray_jobs SET {set} WHERE id = $1",
+            store.schema()
+        )))
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
     async fn cleanup(&self, store: PgStore) {
         store.drop_schema().await.unwrap();
         store.close().await;

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
-    RowHead, RowTail, SweepCursor, cancel_outcome, claimed_in_order, decode_attempts,
-    decode_errors, decode_headers, decode_progress, decode_state, dedup_keys, fail_to_parts,
-    list_limit, redrive_key_taken, redrive_refused, settle_parts,
+    RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
+    decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
+    fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey};
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -126,6 +126,7 @@ struct Statements {
     leader_release: String,
     callback_claim: String,
     callback_settle: String,
+    quarantine: String,
 }
 
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
@@ -159,6 +160,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     leader_release: sql::expand(sql::LEADER_RELEASE),
     callback_claim: sql::expand(sql::CALLBACK_CLAIM),
     callback_settle: sql::expand(sql::CALLBACK_SETTLE),
+    quarantine: sql::expand(sql::QUARANTINE),
 });
 
 fn q(s: &'static str) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments> {
@@ -601,6 +603,25 @@ impl SqliteStore {
         batch.spread(&sent)
     }
 
+    /// Sets aside rows a claim leased but could not decode (see `sql::QUARANTINE`), and logs
+    /// each.
+    async fn quarantine(&self, bad: &[Unreadable]) -> Result<()> {
+        dray_core::batch::log_unreadable("sqlite", "message_claim", bad);
+        let items: Vec<serde_json::Value> = bad
+            .iter()
+            .filter_map(|b| {
+                let id = b.id?.simple().to_string();
+                Some(serde_json::json!([id, b.quarantine_message()]))
+            })
+            .collect();
+        q(&SQL.quarantine)
+            .bind(serde_json::Value::Array(items).to_string())
+            .execute(&self.inner.writer)
+            .await
+            .map_err(Error::db("message_quarantine"))?;
+        Ok(())
+    }
+
     fn wake_new(&self, messages: &[NewMessage]) {
         let mut woken: Vec<&str> = Vec::new();
         for m in messages {
@@ -677,6 +698,39 @@ fn ms_to_time(id: &Uuid, what: &str, ms: i64) -> Result<DateTime<Utc>> {
         id: id.to_string(),
         reason: format!("{what} {ms} is not a valid time"),
     })
+}
+
+/// The id of a returned row, when it reads.
+fn row_id(row: &SqliteRow) -> Option<Uuid> {
+    row.try_get(0).ok()
+}
+
+/// What a listing shows of a row (`{cols}`) that did not decode (see [`Salvaged`]): the
+/// queue and state columns, and what the packed columns still give.
+fn salvage(row: &SqliteRow, err: Error) -> Result<Message> {
+    let id: Uuid = row.try_get(0).map_err(Error::db("decode"))?;
+    let reason = Unreadable::new(0, Some(id), err).reason;
+    let packed: Vec<serde_json::Value> = row
+        .try_get::<&str, _>(2)
+        .ok()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    let item = |i: usize| packed.get(i);
+    Ok(Salvaged {
+        queue: row.try_get(3).ok(),
+        kind: item(0).and_then(|v| v.as_str()).map(str::to_owned),
+        state: row
+            .try_get::<String, _>(4)
+            .ok()
+            .and_then(|s| MessageState::parse(&s).ok()),
+        attempt: item(4)
+            .and_then(serde_json::Value::as_i64)
+            .and_then(|a| i32::try_from(a).ok()),
+        enqueued_at: item(6)
+            .and_then(serde_json::Value::as_i64)
+            .and_then(DateTime::from_timestamp_millis),
+    }
+    .into_message(id, reason))
 }
 
 /// Decodes a row read with every column (`{cols}`).
@@ -1167,16 +1221,21 @@ impl Store for SqliteStore {
         {
             rows = claim_after(&mut conn, p, head).await?;
         }
-        round.finish(p.limit, &rows, claimed_key)?;
+        round.finish(p.limit, &rows, |r| claimed_key(r).ok());
         // The cursor has moved: the next claim may have the connection while these decode.
         release(conn).await;
-        let claimed = claimed_in_order(&rows, |r| decode_claimed(r, p))?;
+        // One row that does not decode costs only itself: the others are handed out, it is
+        // quarantined.
+        let (claimed, bad) = claimed_in_order(&rows, |r| decode_claimed(r, p), row_id);
         let rowids = rows
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(CLAIM_ROWID)?)))
             .collect::<std::result::Result<Vec<(Uuid, i64)>, sqlx::Error>>()
             .map_err(Error::db(op))?;
         self.inner.rows.remember(rowids);
+        if !bad.is_empty() {
+            self.quarantine(&bad).await?;
+        }
         Ok(claimed)
     }
 
@@ -1494,7 +1553,10 @@ impl Store for SqliteStore {
             .fetch_all(&self.inner.reader)
             .await
             .map_err(Error::db("job_list"))?;
-        rows.iter().map(decode_message).collect()
+        // A row that does not decode is listed as what could be read of it, never hiding the rest.
+        rows.iter()
+            .map(|r| decode_message(r).or_else(|e| salvage(r, e)))
+            .collect()
     }
 
     async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
@@ -1535,7 +1597,18 @@ impl Store for SqliteStore {
             .fetch_all(&self.inner.writer)
             .await
             .map_err(Error::db("callback_claim"))?;
-        rows.iter().map(decode_message).collect()
+        let (out, bad) = dray_core::batch::decode_each(&rows, decode_message, row_id);
+        for b in &bad {
+            // Its try is recorded as failed, and tried again after a long pause: the row may be
+            // fixed meanwhile, and the other deliveries go on.
+            let (Some(id), Ok(attempt)) = (b.id, rows[b.index].try_get::<i32, _>(8)) else {
+                continue;
+            };
+            dray_core::batch::log_unreadable("sqlite", "callback_claim", std::slice::from_ref(b));
+            self.callback_settle(id, attempt, &b.callback_settle())
+                .await?;
+        }
+        Ok(out)
     }
 
     async fn callback_settle(

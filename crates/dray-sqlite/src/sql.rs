@@ -347,6 +347,17 @@ WHERE id IN (
     LIMIT ?1)
 RETURNING {cols}";
 
+/// Quarantine rows a claim leased but could not decode (?1: a JSON array of `[hex id,
+/// message]`): dead at once, with an `unreadable` attempt error naming the column and what it
+/// held, so that the claim's other rows go on as if these were not there.
+pub const QUARANTINE: &str = "
+UPDATE dray_jobs
+SET state = 'dead', finished_at = {now}, leased_until = NULL,
+    errors = json_insert(errors, '$[#]', json_object('attempt', attempt, 'at', {iso_now},
+        'kind', 'unreadable', 'message', q.value ->> 1))
+FROM json_each(?1) AS q
+WHERE dray_jobs.id = unhex(q.value ->> 0) AND dray_jobs.state = 'running'";
+
 pub const CALLBACK_SETTLE: &str = "
 UPDATE dray_jobs
 SET callback_done_at = CASE WHEN ?3 THEN {now} END,

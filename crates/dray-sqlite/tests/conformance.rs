@@ -35,6 +35,16 @@ impl Fixture for Lite {
             .unwrap()
     }
 
+    async fn set_columns(&self, store: &SqliteStore, id: uuid::Uuid, set: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dray_jobs SET {set} WHERE id = ?1"
+        )))
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
     async fn cleanup(&self, store: SqliteStore) {
         store.close().await;
         let path = std::path::PathBuf::from(store.url().trim_start_matches("sqlite://"));

@@ -1397,3 +1397,79 @@ pub async fn claimed_rows_read_as_stored<F: Fixture>(_fx: Arc<F>, store: F::Stor
     assert_eq!(m.attempt, 1);
     assert_eq!(m.callback.as_ref().map(|c| c.attempts), Some(0));
 }
+
+/// One row that does not decode (headers of the wrong shape, as a hand edit or another version
+/// could leave) costs exactly that row: the jobs claimed beside it run once, on their first
+/// attempt; it is quarantined as dead with an error naming the column; listings still show
+/// every row, it among them; once mended it is re-driven and runs.
+pub async fn an_unreadable_row_costs_only_itself<F: Fixture>(fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let mut healthy = Vec::new();
+    let mut bad = None;
+    for n in 0..11 {
+        let e = client
+            .enqueue::<Flaky>(&FlakyIn { n, succeed_on: 1 })
+            .await
+            .unwrap();
+        if n == 5 {
+            bad = Some(e.id);
+        } else {
+            healthy.push((n, e.id));
+        }
+    }
+    let bad = bad.unwrap();
+    fx.set_columns(&store, bad, r#"headers = '{"n": 1}'"#).await;
+
+    let w = worker(&store, |w| w.register(Flaky));
+    for (n, id) in &healthy {
+        let out = client.wait(*id, WAIT).await.unwrap();
+        assert_eq!(out.state, MessageState::Completed, "job {n}");
+        assert_eq!(out.attempts, 1, "job {n} ran on its first attempt");
+        assert_eq!(out.output::<i64>().unwrap(), n * 2);
+    }
+    // The bad row is quarantined, and listed with the rest.
+    let listed = loop {
+        let all = client
+            .list(&JobFilter {
+                queue: Some("default".try_into().unwrap()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let state = all.iter().find(|m| m.id == bad).map(|m| m.state);
+        if state == Some(MessageState::Dead) {
+            break all;
+        }
+        assert_ne!(state, None, "the unreadable row is listed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(listed.len(), 11);
+    let shown = listed.iter().find(|m| m.id == bad).unwrap();
+    let why = shown.unreadable.as_deref().expect("marked unreadable");
+    assert!(why.contains("headers"), "{why}");
+    assert_eq!(shown.kind.as_deref(), Some("flaky"));
+    assert!(
+        listed
+            .iter()
+            .filter(|m| m.id != bad)
+            .all(|m| m.unreadable.is_none())
+    );
+    // Read by id, it is a typed error naming the row and the column.
+    let err = client.get(bad).await.unwrap_err();
+    assert!(matches!(err, Error::CorruptRow { .. }), "{err}");
+    assert!(err.to_string().contains("headers"), "{err}");
+
+    // Mended, it reads as dead with an `unreadable` attempt error that says what was found,
+    // and is re-driven like any dead job.
+    fx.set_columns(&store, bad, "headers = '{}'").await;
+    let dead = client.get(bad).await.unwrap().unwrap();
+    assert_eq!(dead.state, MessageState::Dead);
+    let last = dead.errors.last().unwrap();
+    assert_eq!(last.kind, FailureKind::Unreadable);
+    assert!(last.message.contains("headers"), "{}", last.message);
+    client.retry(bad).await.unwrap();
+    let out = client.wait(bad, WAIT).await.unwrap();
+    assert_eq!(out.state, MessageState::Completed);
+    assert_eq!(out.output::<i64>().unwrap(), 10);
+    w.shutdown().await.unwrap();
+}

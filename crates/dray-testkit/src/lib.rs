@@ -34,6 +34,15 @@ pub trait Fixture: Send + Sync + Sized + 'static {
     /// hub), as another process would have.
     fn reopen(&self, store: &Self::Store) -> impl Future<Output = Self::Store> + Send;
 
+    /// Runs `UPDATE <Dray's job table> SET {set} WHERE id = <id>` behind Dray's back, as a
+    /// hand edit, another tool or another version might: `set` is SQL both databases accept.
+    fn set_columns(
+        &self,
+        store: &Self::Store,
+        id: uuid::Uuid,
+        set: &str,
+    ) -> impl Future<Output = ()> + Send;
+
     /// Removes what [`Fixture::store`] made.
     fn cleanup(&self, store: Self::Store) -> impl Future<Output = ()> + Send;
 }
@@ -125,6 +134,7 @@ macro_rules! conformance_tests {
             claimed_ahead_jobs_are_given_back_unstarted,
             a_cancel_reaches_a_job_claimed_ahead,
             claimed_rows_read_as_stored,
+            an_unreadable_row_costs_only_itself,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
