@@ -114,9 +114,15 @@ pub fn decode_state(id: &uuid::Uuid, s: &str) -> Result<crate::MessageState> {
     })
 }
 
-/// Microseconds in `d`, saturating (for SQL interval arithmetic).
+/// Microseconds in `d`, cut to [`crate::duration::MAX_SPAN`] (for SQL interval arithmetic: no
+/// span a store is handed can move a time out of the database's range).
 pub fn micros(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+    i64::try_from(d.min(crate::duration::MAX_SPAN).as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Milliseconds in `d`, cut to [`crate::duration::MAX_SPAN`] (see [`micros`]).
+pub fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.min(crate::duration::MAX_SPAN).as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Reads stored attempt errors (a JSON array of objects).

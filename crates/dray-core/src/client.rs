@@ -220,19 +220,21 @@ impl<S: Store> Client<S> {
         self.store().message_get(id).await
     }
 
-    /// Waits until the job is finished, up to `timeout`.
+    /// Waits until the job is finished, up to `timeout`; a timeout longer than the clock can
+    /// count (`Duration::MAX`) waits until it finishes.
     pub async fn wait(&self, id: Uuid, timeout: Duration) -> Result<JobOutcome> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::duration::deadline(timeout);
         let mut every = POLL_MIN;
         loop {
             if let Some(o) = self.result(id).await? {
                 return Ok(o);
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(Error::Timeout(timeout));
             }
-            tokio::time::sleep(every.min(deadline - now)).await;
+            let left = deadline.map_or(every, |d| d - now);
+            tokio::time::sleep(every.min(left)).await;
             every = (every * 2).min(POLL_MAX);
         }
     }

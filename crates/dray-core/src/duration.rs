@@ -7,6 +7,45 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// The longest span Dray accepts for anything it writes to a database or schedules: a delay,
+/// a lease, a retention, a leader's term, an interval (100 years of 365 days). A longer one is
+/// refused with [`Error::InvalidArgument`] naming the parameter; where a store is handed one
+/// directly, it is cut to this. Waits are the exception: a wait longer than the clock can count
+/// ([`deadline`] returns `None`), `Duration::MAX` included, waits forever.
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Checks parameter `what`: at least `min` and at most [`MAX_SPAN`]; the error names the
+/// parameter, the value and both bounds.
+pub fn check_span(what: &'static str, d: Duration, min: Duration) -> Result<Duration> {
+    if d < min || d > MAX_SPAN {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{} is out of range: it must be at least {} and at most 100 years",
+                show(d),
+                show(min)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// The instant `wait` from now, or `None` when that lies beyond what the clock can count: the
+/// caller then waits forever (how every public wait reads `Duration::MAX`).
+pub fn deadline(wait: Duration) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::now().checked_add(wait)
+}
+
+/// A duration for an error message: the grammar's form when it is whole milliseconds, else
+/// Debug (`1ns`, `18446744073709551615.999999999s`).
+fn show(d: Duration) -> String {
+    if d.subsec_nanos() % 1_000_000 == 0 && d.as_millis() > 0 && d <= MAX_SPAN {
+        format_duration(d)
+    } else {
+        format!("{d:?}")
+    }
+}
+
 /// Parses a human duration such as `"30s"` or `"1h30m"`.
 pub fn parse_duration(input: &str) -> Result<Duration> {
     crate::duration_grammar::parse(input).map_err(|reason| Error::invalid("duration", reason))

@@ -6,6 +6,10 @@
 
 use uuid::Uuid;
 
+/// How long both stores' pools wait for a free connection before an operation fails with
+/// [`Error::PoolExhausted`].
+pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Shorthand for `Result<T, dray_core::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -116,6 +120,17 @@ pub enum Error {
         source: sqlx::Error,
     },
 
+    /// No pooled connection came free within the pool's acquire timeout (30 s).
+    #[error(
+        "no database connection came free within {waited:?} during {op}: every connection of the store's pool is in use (long transactions, or handlers holding connections); on SQLite a transaction begun on store.pool() holds the one writer connection, which every enqueue, claim and completion of that handle needs, until it commits or rolls back. End those transactions sooner, or give the store more connections"
+    )]
+    PoolExhausted {
+        /// The store operation that waited.
+        op: &'static str,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+
     /// A stored row could not be read back (written by another tool, or corrupted).
     #[error(
         "stored row {id} is unreadable: {reason}; inspect it in the database, fix or delete it"
@@ -170,6 +185,7 @@ impl Error {
             Error::SchemaOutdated { .. } => "schema_outdated",
             Error::InvalidUrl { .. } => "invalid_url",
             Error::Connect { .. } => "connect",
+            Error::PoolExhausted { .. } => "pool_exhausted",
             Error::CorruptRow { .. } => "corrupt_row",
             Error::Database { .. } => "database",
             Error::Timeout(_) => "timeout",
@@ -178,12 +194,15 @@ impl Error {
     }
 
     /// Wraps a driver error raised by store operation `op`. Connection failures become
-    /// [`Error::Connect`] so callers can tell "unreachable" from "the query failed".
+    /// [`Error::Connect`] so callers can tell "unreachable" from "the query failed", and a
+    /// pool with no free connection [`Error::PoolExhausted`].
     pub fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         move |source| match source {
-            sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolTimedOut => {
-                Error::Connect { source }
-            }
+            sqlx::Error::PoolTimedOut => Error::PoolExhausted {
+                op,
+                waited: POOL_ACQUIRE_TIMEOUT,
+            },
+            sqlx::Error::Io(_) | sqlx::Error::Tls(_) => Error::Connect { source },
             source => Error::Database { op, source },
         }
     }

@@ -24,6 +24,7 @@ use futures_core::Stream;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::duration::check_span;
 use crate::error::{Error, Result};
 use crate::store::{Store, StoreConnection};
 use crate::types::{
@@ -40,6 +41,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
 /// How often receivers sweep expired leases back to available, by default: every second.
 pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest lease (visibility timeout) a receive or an extend accepts: 1 ms.
+pub const MIN_LEASE: Duration = Duration::from_millis(1);
 /// Most messages one `receive` returns.
 pub const MAX_RECEIVE_LIMIT: u32 = 10_000;
 /// Longest accepted dedup key, in bytes.
@@ -158,17 +161,7 @@ impl EnqueueOptions {
         match (self.delay, self.not_before) {
             (Some(_), Some(_)) => Err(Error::DelayConflict),
             (Some(d), None) if d.is_zero() => Ok(RunAt::Now),
-            (Some(d), None) => {
-                if chrono::Duration::from_std(d).is_err()
-                    || d > Duration::from_secs(100 * 365 * 86_400)
-                {
-                    return Err(Error::invalid(
-                        "delay",
-                        format!("{d:?} is longer than 100 years"),
-                    ));
-                }
-                Ok(RunAt::After(d))
-            }
+            (Some(d), None) => Ok(RunAt::After(check_span("delay", d, Duration::ZERO)?)),
             (None, Some(at)) => Ok(RunAt::At(at)),
             (None, None) => Ok(RunAt::Now),
         }
@@ -197,7 +190,9 @@ impl Default for ReceiveOptions {
 }
 
 impl ReceiveOptions {
-    /// Checks the limit (1 to [`MAX_RECEIVE_LIMIT`]) and the lease (at least 1 ms).
+    /// Checks the limit (1 to [`MAX_RECEIVE_LIMIT`]) and the lease (1 ms to
+    /// [`MAX_SPAN`](crate::duration::MAX_SPAN)). Any wait is accepted: one longer than the clock
+    /// can count (`Duration::MAX`) waits until a message arrives.
     pub fn validate(&self) -> Result<()> {
         if self.limit == 0 || self.limit > MAX_RECEIVE_LIMIT {
             return Err(Error::invalid(
@@ -205,8 +200,8 @@ impl ReceiveOptions {
                 format!("must be 1 to {MAX_RECEIVE_LIMIT}, got {}", self.limit),
             ));
         }
-        if self.lease.is_some_and(|l| l < Duration::from_millis(1)) {
-            return Err(Error::invalid("lease", "must be at least 1ms"));
+        if let Some(lease) = self.lease {
+            check_span("lease", lease, MIN_LEASE)?;
         }
         Ok(())
     }
@@ -490,14 +485,18 @@ impl<S: Store> Queue<S> {
         let mut stop = pin!(stop);
         let queue = QueueName::new(queue)?;
         options.validate()?;
-        let lease = options.lease.unwrap_or(self.config.default_lease);
+        let lease = match options.lease {
+            Some(lease) => lease,
+            None => check_span("default_lease", self.config.default_lease, MIN_LEASE)?,
+        };
         let params = ClaimParams {
             queue,
             limit: options.limit,
             lease,
             leased_by: self.config.receiver_id.clone(),
         };
-        let deadline = Instant::now() + options.wait;
+        // `None`: a wait longer than the clock can count, which waits until a message arrives.
+        let deadline = Instant::now().checked_add(options.wait);
         if !options.wait.is_zero() {
             self.store.listen().await?;
         }
@@ -529,10 +528,12 @@ impl<S: Store> Queue<S> {
                 }
             };
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Ok(Vec::new());
             }
-            let wait = deadline.min(until).saturating_duration_since(now);
+            let wait = deadline
+                .map_or(until, |d| d.min(until))
+                .saturating_duration_since(now);
             let _waiting = signal.waiting_guard();
             // Offer to take the next message of this process's enqueues directly, while waiting.
             let mut offer = signal.offer(params.clone());
@@ -693,9 +694,7 @@ impl<S: Store> Queue<S> {
         refs: impl IntoIterator<Item = R>,
         by: Duration,
     ) -> Result<u64> {
-        if by < Duration::from_millis(1) {
-            return Err(Error::invalid("lease", "must be at least 1ms"));
-        }
+        check_span("lease", by, MIN_LEASE)?;
         let (queue, refs) = Self::refs(queue, refs)?;
         Ok(self
             .store
@@ -707,6 +706,7 @@ impl<S: Store> Queue<S> {
 
     /// Extends the lease of one message you received, fenced.
     pub async fn extend_lease(&self, message: &Message, by: Duration) -> Result<()> {
+        check_span("lease", by, MIN_LEASE)?;
         let queue = QueueName::new(message.queue.as_str())?;
         let w = self
             .store

@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::duration::check_span;
 use crate::error::{Error, Result};
 use crate::job::{CancelToken, ContextInner, ContextOps, Job, JobContext, JobError, JobOptions};
 use crate::queue::{Queue, QueueConfig, ReceiveOptions};
@@ -64,10 +65,11 @@ pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 pub struct WorkerConfig {
     /// This worker's id, recorded as the lease holder (default `worker-<random>`).
     pub id: String,
-    /// Lease of a claimed job (default 30 s). A job whose worker dies runs again this long
-    /// after its last heartbeat.
+    /// Lease of a claimed job (default 30 s; 100 ms to 100 years). A job whose worker dies runs
+    /// again this long after its last heartbeat.
     pub lease: Duration,
-    /// How often running jobs' leases are extended (default a third of the lease).
+    /// How often running jobs' leases are extended (default a third of the lease; at least
+    /// 1 ms and shorter than the lease).
     pub heartbeat: Duration,
     /// Most jobs claimed in one statement (default 500).
     pub fetch_batch: u32,
@@ -78,7 +80,8 @@ pub struct WorkerConfig {
     /// ahead and not started within ten times this (at least a second) are given back, as they
     /// are at shutdown, without using up an attempt. Zero claims only for free slots.
     pub prefetch: Duration,
-    /// How long running jobs may finish after shutdown begins (default 10 s).
+    /// How long running jobs may finish after shutdown begins (default 10 s); `Duration::MAX`
+    /// waits for all of them.
     pub shutdown_grace: Duration,
     /// Take part in maintenance (rescue expired leases, prune finished jobs); default true.
     pub maintenance: bool,
@@ -329,15 +332,25 @@ impl<S: Store> Worker<S> {
                 self.queues.push((QueueName::new(n)?, DEFAULT_CONCURRENCY));
             }
         }
-        if self.config.lease < Duration::from_millis(100) {
-            return Err(Error::invalid("lease", "must be at least 100ms"));
-        }
-        if self.config.heartbeat.is_zero() || self.config.heartbeat >= self.config.lease {
+        let c = &self.config;
+        check_span("lease", c.lease, Duration::from_millis(100))?;
+        check_span("heartbeat", c.heartbeat, Duration::from_millis(1))?;
+        if c.heartbeat >= c.lease {
             return Err(Error::invalid(
                 "heartbeat",
-                "must be positive and shorter than the lease",
+                format!(
+                    "{:?} must be shorter than the lease ({:?}), or a lease ends between two heartbeats",
+                    c.heartbeat, c.lease
+                ),
             ));
         }
+        check_span("prefetch", c.prefetch, Duration::ZERO)?;
+        check_span(
+            "maintenance_interval",
+            c.maintenance_interval,
+            Duration::from_millis(1),
+        )?;
+        check_span("retention", c.retention, Duration::ZERO)?;
         if self.config.fetch_batch == 0 {
             return Err(Error::invalid("fetch_batch", "must be at least 1"));
         }

@@ -140,7 +140,8 @@ impl PgStoreBuilder {
         self.schema_mode = mode;
         self
     }
-    /// Fallback poll interval of waiting receivers ([`DEFAULT_POLL_INTERVAL`]).
+    /// Fallback poll interval of waiting receivers ([`DEFAULT_POLL_INTERVAL`]; 1 ms to 100
+    /// years, checked by [`connect`](Self::connect)).
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
         self
@@ -159,6 +160,11 @@ impl PgStoreBuilder {
         if self.max_connections == 0 {
             return Err(Error::invalid("max_connections", "must be at least 1"));
         }
+        dray_core::duration::check_span(
+            "poll_interval",
+            self.poll_interval,
+            Duration::from_millis(1),
+        )?;
         let mut options = PgConnectOptions::from_str(&self.url).map_err(|e| Error::InvalidUrl {
             url: redact(&self.url),
             reason: e.to_string(),
@@ -308,7 +314,7 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(30))
+        .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {

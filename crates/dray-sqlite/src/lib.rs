@@ -27,9 +27,10 @@ use chrono::{DateTime, Utc};
 use dray_core::batch::{
     RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
     decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    fail_to_parts, list_limit, redrive_key_taken, redrive_refused, settle_parts,
+    fail_to_parts, list_limit, millis, redrive_key_taken, redrive_refused, settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey};
+use dray_core::duration::MAX_SPAN;
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
@@ -167,6 +168,10 @@ fn q(s: &'static str) -> sqlx::query::Query<'static, Sqlite, sqlx::sqlite::Sqlit
     sqlx::query(s)
 }
 
+/// The longest [`SqliteStoreBuilder::busy_timeout`]: SQLite counts it in milliseconds in a
+/// 32-bit integer (about 24.8 days).
+pub const MAX_BUSY_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// Settings for opening a [`SqliteStore`].
 #[derive(Clone, Debug)]
 pub struct SqliteStoreBuilder {
@@ -185,12 +190,14 @@ impl SqliteStoreBuilder {
         self.schema_mode = mode;
         self
     }
-    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]).
+    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]; 1 ms to 100 years, checked by
+    /// [`open`](Self::open)).
     pub fn poll_interval(mut self, d: Duration) -> Self {
         self.poll_interval = d;
         self
     }
-    /// How long a write waits on another process's lock ([`DEFAULT_BUSY_TIMEOUT`]).
+    /// How long a write waits on another process's lock ([`DEFAULT_BUSY_TIMEOUT`]; at most
+    /// [`MAX_BUSY_TIMEOUT`], checked by [`open`](Self::open)).
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.busy_timeout = d;
         self
@@ -212,7 +219,8 @@ impl SqliteStoreBuilder {
     /// mode: they never wait for it, nor it for them); a writer still checkpoints by itself
     /// if the log ever reaches 64 MiB. Every checkpoint also syncs the log, which is what makes
     /// commits durable across a power loss (see `docs/guarantees.md`, "Durability of commits
-    /// (SQLite)"). `Duration::ZERO` leaves checkpoints to SQLite's default.
+    /// (SQLite)"). `Duration::ZERO` leaves checkpoints to SQLite's default; otherwise 1 ms to 100
+    /// years.
     pub fn checkpoint_interval(mut self, d: Duration) -> Self {
         self.checkpoint_interval = d;
         self
@@ -229,15 +237,41 @@ impl SqliteStoreBuilder {
     /// another connection has committed, so this handle's own writes (which wake its receivers
     /// directly) never count. A handle none of whose receivers is waiting does not look at
     /// all. `Duration::ZERO` turns the watch off: other processes' jobs are then found by the
-    /// poll alone. (Enqueues in a caller's transaction on this handle commit on the writer
+    /// poll alone; otherwise 1 ms to 100 years. (Enqueues in a caller's transaction on this handle commit on the writer
     /// connection itself, so those, too, are found by the poll.)
     pub fn watch_interval(mut self, d: Duration) -> Self {
         self.watch_interval = d;
         self
     }
 
+    /// Checks the builder's durations (see each setter).
+    fn check_durations(&self) -> Result<()> {
+        use dray_core::duration::check_span;
+        let ms = Duration::from_millis(1);
+        check_span("poll_interval", self.poll_interval, ms)?;
+        if self.busy_timeout > MAX_BUSY_TIMEOUT {
+            return Err(Error::invalid(
+                "busy_timeout",
+                format!(
+                    "{:?} is longer than SQLite can wait ({MAX_BUSY_TIMEOUT:?}): use at most that",
+                    self.busy_timeout
+                ),
+            ));
+        }
+        for (what, d) in [
+            ("checkpoint_interval", self.checkpoint_interval),
+            ("watch_interval", self.watch_interval),
+        ] {
+            if !d.is_zero() {
+                check_span(what, d, ms)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Opens (creating the file if needed) and handles the schema as configured.
     pub async fn open(self) -> Result<SqliteStore> {
+        self.check_durations()?;
         let url = if self.url.starts_with("sqlite:") {
             self.url.clone()
         } else {
@@ -280,7 +314,7 @@ impl SqliteStoreBuilder {
             .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options.clone())
@@ -292,7 +326,7 @@ impl SqliteStoreBuilder {
             SqlitePoolOptions::new()
                 .test_before_acquire(false)
                 .max_connections(self.readers)
-                .acquire_timeout(Duration::from_secs(30))
+                .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
                 .connect_lazy_with(options.create_if_missing(false))
         };
         let store = SqliteStore {
@@ -1016,15 +1050,11 @@ fn due(m: &NewMessage) -> (i64, Option<i64>) {
     match m.run_at {
         RunAt::Now => (0, None),
         RunAt::After(d) => (
-            i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX),
+            i64::try_from(d.min(MAX_SPAN).as_micros().div_ceil(1000)).unwrap_or(i64::MAX),
             None,
         ),
         RunAt::At(t) => (0, Some(t.timestamp_millis())),
     }
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Store for SqliteStore {

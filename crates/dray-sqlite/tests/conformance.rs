@@ -430,3 +430,73 @@ async fn another_handles_enqueue_wakes_a_waiting_receiver_through_the_watch() {
         store.close().await;
     }
 }
+
+/// The builder's durations are checked when the store opens: an interval of zero or one
+/// nanosecond (where zero does not mean "off"), or beyond 100 years, and a busy timeout SQLite
+/// cannot count, are refused naming the setting; nothing is created.
+#[tokio::test]
+async fn builder_durations_are_checked() {
+    use dray_core::duration::MAX_SPAN;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.db");
+    let url = path.to_str().unwrap();
+    let ns = Duration::from_nanos(1);
+    type Set = fn(dray_sqlite::SqliteStoreBuilder, Duration) -> dray_sqlite::SqliteStoreBuilder;
+    let settings: [(&str, Set, &[Duration]); 4] = [
+        (
+            "poll_interval",
+            |b, d| b.poll_interval(d),
+            &[Duration::ZERO, ns, Duration::MAX],
+        ),
+        (
+            "busy_timeout",
+            |b, d| b.busy_timeout(d),
+            &[
+                dray_sqlite::MAX_BUSY_TIMEOUT + Duration::from_millis(1),
+                Duration::MAX,
+            ],
+        ),
+        (
+            "checkpoint_interval",
+            |b, d| b.checkpoint_interval(d),
+            &[ns, MAX_SPAN + Duration::from_secs(1), Duration::MAX],
+        ),
+        (
+            "watch_interval",
+            |b, d| b.watch_interval(d),
+            &[ns, Duration::MAX],
+        ),
+    ];
+    for (what, set, bad) in settings {
+        for d in bad {
+            let err = set(SqliteStore::builder(url), *d).open().await.unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { .. }),
+                "{what} {d:?}: {err}"
+            );
+            assert!(err.to_string().contains(what), "{err}");
+        }
+    }
+    assert!(!path.exists(), "nothing was created");
+    // At the bounds (and zero where it means off), it opens.
+    let store = SqliteStore::builder(url)
+        .poll_interval(Duration::from_millis(1))
+        .busy_timeout(dray_sqlite::MAX_BUSY_TIMEOUT)
+        .checkpoint_interval(Duration::ZERO)
+        .watch_interval(MAX_SPAN)
+        .open()
+        .await
+        .unwrap();
+    store.close().await;
+    SqliteStore::builder(url)
+        .poll_interval(MAX_SPAN)
+        .busy_timeout(Duration::ZERO)
+        .checkpoint_interval(MAX_SPAN)
+        .watch_interval(Duration::ZERO)
+        .open()
+        .await
+        .unwrap()
+        .close()
+        .await;
+}

@@ -1473,3 +1473,221 @@ pub async fn an_unreadable_row_costs_only_itself<F: Fixture>(fx: Arc<F>, store: 
     assert_eq!(out.output::<i64>().unwrap(), 10);
     w.shutdown().await.unwrap();
 }
+
+/// Fails every attempt; retried after a delay that only the cut to 100 years keeps storable.
+struct FarRetry;
+impl Job for FarRetry {
+    const NAME: &'static str = "far_retry";
+    type Input = ();
+    type Output = ();
+    fn options() -> JobOptions {
+        JobOptions {
+            timeout: Some(Duration::MAX),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                backoff: Backoff::Fixed,
+                base: Duration::MAX,
+                max: Duration::MAX,
+                jitter: false,
+            },
+            ..JobOptions::default()
+        }
+    }
+    async fn run(&self, _ctx: &JobContext, _: ()) -> Result<(), JobError> {
+        Err(JobError::transient(std::io::Error::other(
+            "once more, much later",
+        )))
+    }
+}
+
+/// Asserts that `r` is an `InvalidArgument` naming `what`.
+#[track_caller]
+fn refused<T: std::fmt::Debug>(r: dray_core::Result<T>, what: &str) {
+    match r {
+        Err(e @ Error::InvalidArgument { .. }) => {
+            assert!(e.to_string().contains(what), "{e}");
+            assert!(
+                e.to_string().contains("100 years") || e.to_string().contains("shorter"),
+                "{e}"
+            );
+        }
+        other => panic!("expected InvalidArgument naming {what}, got {other:?}"),
+    }
+}
+
+/// Every public parameter of the queue, the client and the worker that takes a `Duration` is
+/// either refused up front (`InvalidArgument` naming it and its bound) or given a documented
+/// meaning (a wait of `Duration::MAX` waits until there is something), at zero, one nanosecond,
+/// `Duration::MAX` and around each bound; nothing out of range reaches the database, so every
+/// row written reads back.
+pub async fn every_duration_parameter_is_clamped_or_refused<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    use dray_core::EnqueueOptions;
+    use dray_core::duration::MAX_SPAN;
+    let ns = Duration::from_nanos(1);
+    let ms = Duration::from_millis(1);
+    let over = MAX_SPAN + Duration::from_secs(1);
+    let q = Queue::new(store.clone());
+
+    // Delays: zero is now, and so is one nanosecond at the databases' resolution; 100 years is
+    // kept, more is refused.
+    for d in [Duration::ZERO, ns, ms, MAX_SPAN] {
+        let e = q
+            .enqueue("d", &1, &EnqueueOptions::new().delay(d))
+            .await
+            .unwrap();
+        let m = q.get(e.id).await.unwrap().unwrap();
+        assert_eq!(m.state == MessageState::Scheduled, d >= ms, "{d:?}");
+    }
+    for d in [over, Duration::MAX] {
+        refused(
+            q.enqueue("d", &1, &EnqueueOptions::new().delay(d)).await,
+            "delay",
+        );
+    }
+
+    // Leases of a receive: 1 ms to 100 years.
+    let opts = |lease, wait| ReceiveOptions {
+        limit: 1,
+        wait,
+        lease: Some(lease),
+    };
+    for l in [Duration::ZERO, ns, over, Duration::MAX] {
+        refused(q.receive_with("l", &opts(l, Duration::ZERO)).await, "lease");
+    }
+    q.enqueue_many("l", &[1, 2], &EnqueueOptions::new())
+        .await
+        .unwrap();
+    for l in [ms, MAX_SPAN] {
+        let got = q.receive_with("l", &opts(l, Duration::ZERO)).await.unwrap();
+        let m = q.get(got[0].id).await.unwrap().unwrap();
+        assert!(m.leased_until.is_some(), "{l:?}: the lease reads back");
+        // Extends: the same bounds.
+        for by in [Duration::ZERO, ns, over, Duration::MAX] {
+            refused(q.extend_lease(&got[0], by).await, "lease");
+            refused(q.extend("l", [&got[0]], by).await, "lease");
+        }
+        q.extend_lease(&got[0], MAX_SPAN).await.unwrap_or_else(|e| {
+            // The 1 ms lease may have ended already: then the extend is fenced off.
+            assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+        });
+        q.get(got[0].id).await.unwrap().unwrap();
+    }
+    // Waits: zero and one nanosecond return at once; `Duration::MAX` waits until a message
+    // comes.
+    for w in [Duration::ZERO, ns] {
+        assert!(q.receive("w", 1, w).await.unwrap().is_empty());
+    }
+    let waiting = {
+        let q = q.clone();
+        tokio::spawn(async move { q.receive("w", 1, Duration::MAX).await })
+    };
+    tokio::task::yield_now().await;
+    q.enqueue("w", &7, &EnqueueOptions::new()).await.unwrap();
+    let got = tokio::time::timeout(WAIT, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got[0].payload, serde_json::json!(7));
+
+    // The store is handed spans directly too: cut to 100 years, never out of the database's
+    // range.
+    let e = q.enqueue("s", &1, &EnqueueOptions::new()).await.unwrap();
+    let got = q.receive("s", 1, Duration::ZERO).await.unwrap();
+    let queue: dray_core::QueueName = "s".try_into().unwrap();
+    store
+        .message_extend_many(&queue, &[got[0].lease()], Duration::MAX)
+        .await
+        .unwrap();
+    assert!(q.get(e.id).await.unwrap().unwrap().leased_until.is_some());
+    assert!(store.leader_acquire("t", "a", Duration::MAX).await.unwrap());
+    assert!(!store.leader_acquire("t", "b", Duration::MAX).await.unwrap());
+    assert_eq!(store.job_prune(Duration::MAX, 10).await.unwrap(), 0);
+    store.callback_claim(10, Duration::MAX).await.unwrap();
+    store.callback_claim(10, Duration::ZERO).await.unwrap();
+
+    // Worker settings: checked when it starts.
+    let start = |f: &dyn Fn(&mut dray_core::WorkerConfig)| {
+        Worker::new(store.clone())
+            .register(FarRetry)
+            .configure(|c| f(c))
+            .start()
+    };
+    for l in [
+        Duration::ZERO,
+        ns,
+        Duration::from_millis(99),
+        over,
+        Duration::MAX,
+    ] {
+        refused(start(&|c| c.lease = l), "lease");
+    }
+    for h in [Duration::ZERO, ns, Duration::MAX] {
+        refused(start(&|c| c.heartbeat = h), "heartbeat");
+    }
+    refused(start(&|c| c.heartbeat = c.lease), "heartbeat");
+    refused(start(&|c| c.prefetch = Duration::MAX), "prefetch");
+    for m in [Duration::ZERO, ns, Duration::MAX] {
+        refused(
+            start(&|c| c.maintenance_interval = m),
+            "maintenance_interval",
+        );
+    }
+    refused(start(&|c| c.retention = Duration::MAX), "retention");
+    // At the bounds, and a grace of `Duration::MAX`, it runs: a job whose timeout is
+    // `Duration::MAX` fails, and its retry, `Duration::MAX` later by its policy, is stored 100
+    // years ahead.
+    let w = start(&|c| {
+        c.lease = MAX_SPAN;
+        c.heartbeat = Duration::from_millis(100);
+        c.prefetch = Duration::ZERO;
+        c.maintenance_interval = Duration::from_millis(100);
+        c.retention = Duration::ZERO;
+        c.shutdown_grace = Duration::MAX;
+    })
+    .unwrap();
+    let client = Client::new(store.clone());
+    let far = client.enqueue::<FarRetry>(&()).await.unwrap();
+    let m = loop {
+        let m = client.get(far.id).await.unwrap().unwrap();
+        if m.state == MessageState::Retryable {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        m.run_at > chrono::Utc::now() + chrono::Duration::days(365 * 99),
+        "{m:?}"
+    );
+    w.shutdown().await.unwrap();
+
+    // Client waits: zero on an unfinished job times out at once; `Duration::MAX` waits until
+    // the job finishes.
+    assert!(matches!(
+        client.wait(far.id, Duration::ZERO).await.unwrap_err(),
+        Error::Timeout(_)
+    ));
+    assert!(matches!(
+        client.wait(far.id, ns).await.unwrap_err(),
+        Error::Timeout(_)
+    ));
+    client.cancel(far.id).await.unwrap();
+    let out = client.wait(far.id, Duration::MAX).await.unwrap();
+    assert_eq!(out.state, MessageState::Cancelled);
+    let w = worker(&store, |w| w.register(Flaky));
+    let n = client
+        .submit_and_wait::<Flaky>(
+            &FlakyIn {
+                n: 4,
+                succeed_on: 1,
+            },
+            Duration::MAX,
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 8);
+    w.shutdown().await.unwrap();
+}

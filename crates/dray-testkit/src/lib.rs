@@ -135,6 +135,7 @@ macro_rules! conformance_tests {
             a_cancel_reaches_a_job_claimed_ahead,
             claimed_rows_read_as_stored,
             an_unreadable_row_costs_only_itself,
+            every_duration_parameter_is_clamped_or_refused,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
