@@ -39,7 +39,7 @@ pub fn deadline(wait: Duration) -> Option<tokio::time::Instant> {
 /// A duration for an error message: the grammar's form when it is whole milliseconds, else
 /// Debug (`1ns`, `18446744073709551615.999999999s`).
 fn show(d: Duration) -> String {
-    if d.subsec_nanos() % 1_000_000 == 0 && d.as_millis() > 0 && d <= MAX_SPAN {
+    if d.subsec_nanos().is_multiple_of(1_000_000) && d.as_millis() > 0 && d <= MAX_SPAN {
         format_duration(d)
     } else {
         format!("{d:?}")
