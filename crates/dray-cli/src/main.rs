@@ -334,8 +334,57 @@ impl Cli {
     }
 }
 
+/// The stable code of an argument error clap found, for `--json` output.
+fn usage_code(kind: clap::error::ErrorKind) -> &'static str {
+    use clap::error::ErrorKind as K;
+    match kind {
+        K::InvalidValue | K::ValueValidation | K::InvalidUtf8 => "invalid_argument",
+        K::UnknownArgument => "unknown_argument",
+        K::InvalidSubcommand => "unknown_command",
+        K::MissingRequiredArgument | K::MissingSubcommand => "missing_argument",
+        K::ArgumentConflict => "conflicting_arguments",
+        K::TooManyValues | K::TooFewValues | K::WrongNumberOfValues => "wrong_number_of_values",
+        _ => "usage",
+    }
+}
+
+/// Parses the command line. With `--json` anywhere in it, an argument error is printed as
+/// `{"error": {"code", "message"}}` on stdout with exit 1, like every other error; without, as
+/// clap's text on stderr with exit 2. Help and version print as usual.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    use clap::error::ErrorKind;
+    let e = match Cli::try_parse() {
+        Ok(cli) => return Ok(cli),
+        Err(e) => e,
+    };
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
+    if !json || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    // The error's own lines (up to clap's blank line before its advice), on one line, without
+    // the "error: " prefix.
+    let message = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_owned();
+    out!(
+        "{}",
+        json!({"error": {"code": usage_code(e.kind()), "message": message}})
+    );
+    eprint!("{text}");
+    Err(ExitCode::FAILURE)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DRAY_LOG")
@@ -398,9 +447,13 @@ async fn open_pg(cli: &Cli, mode: SchemaMode) -> CliResult<PgStore> {
         .await?)
 }
 
+/// Opens the SQLite file; only `migrate` (and the demo) create one, so a mistyped path is an
+/// error naming it rather than a new, empty database.
 async fn open_sqlite(cli: &Cli, mode: SchemaMode) -> CliResult<SqliteStore> {
+    let create = matches!(cli.command, Command::Migrate | Command::Demo(_));
     Ok(SqliteStore::builder(cli.url())
         .schema_mode(mode)
+        .create_if_missing(create)
         .open()
         .await?)
 }

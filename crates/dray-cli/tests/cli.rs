@@ -446,6 +446,45 @@ fn json_errors_are_machine_readable(db: Db) {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["code"], "invalid_queue_name");
     assert!(v["error"]["message"].as_str().unwrap().contains("A-Z"));
+    // Argument errors too: with --json anywhere, the same shape on stdout and exit 1, each
+    // with a stable code.
+    for (args, code, says) in [
+        (
+            &["--json", "queue", "enqueue", "q", "1", "--delay", "soon"][..],
+            "invalid_argument",
+            "--delay",
+        ),
+        (
+            &["jobs", "list", "--state", "paused", "--json"],
+            "invalid_argument",
+            "paused",
+        ),
+        (
+            &["--json", "queue", "frobnicate"],
+            "unknown_command",
+            "frobnicate",
+        ),
+        (
+            &["--json", "queue", "stats", "q", "--colour"],
+            "unknown_argument",
+            "--colour",
+        ),
+        (&["--json", "queue", "enqueue"], "missing_argument", "QUEUE"),
+    ] {
+        let out = db.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: {e}: {:?}", String::from_utf8_lossy(&out.stdout))
+        });
+        assert_eq!(v["error"]["code"], code, "{args:?}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{args:?}: {message}");
+        assert!(!message.starts_with("error:"), "{message}");
+    }
+    // Without --json, clap's own text and exit 2.
+    let out = db.run(&["queue", "frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
@@ -462,7 +501,40 @@ fn bad_urls_and_unreachable_databases() {
     assert!(
         run("postgres://postgres@127.0.0.1:1/none").contains("check that the server is running")
     );
-    assert!(run("sqlite:///nonexistent-dir/x/y.db").contains("cannot connect"));
+    assert!(run("sqlite:///nonexistent-dir/x/y.db").contains("there is no database file"));
+}
+
+/// Only `migrate` creates a SQLite file: any other command on a path with no file is refused
+/// naming it, and creates nothing.
+#[test]
+fn a_missing_sqlite_file_is_named_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", path.display());
+    for args in [
+        &["queue", "stats", "q"][..],
+        &["jobs", "list"],
+        &["queue", "enqueue", "q", "1"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+            .args(["--database", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains("typo.db") && err.contains("dray migrate"),
+            "{err}"
+        );
+        assert!(!path.exists(), "{args:?} created the file");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+        .args(["--database", &url, "migrate"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(path.exists());
 }
 
 #[test]

@@ -180,6 +180,7 @@ pub struct SqliteStoreBuilder {
     poll_interval: Duration,
     busy_timeout: Duration,
     readers: u32,
+    create: bool,
     checkpoint_interval: Duration,
     watch_interval: Duration,
 }
@@ -244,6 +245,14 @@ impl SqliteStoreBuilder {
         self
     }
 
+    /// Whether [`open`](Self::open) creates the file when there is none (default true). With
+    /// false, a missing file is an [`Error::InvalidUrl`] naming it, so a mistyped path is not
+    /// taken for a new, empty database.
+    pub fn create_if_missing(mut self, yes: bool) -> Self {
+        self.create = yes;
+        self
+    }
+
     /// Checks the builder's durations (see each setter).
     fn check_durations(&self) -> Result<()> {
         use dray_core::duration::check_span;
@@ -285,7 +294,7 @@ impl SqliteStoreBuilder {
                 url: self.url.clone(),
                 reason: e.to_string(),
             })?
-            .create_if_missing(true)
+            .create_if_missing(self.create)
             .journal_mode(if memory {
                 SqliteJournalMode::Memory
             } else {
@@ -305,6 +314,16 @@ impl SqliteStoreBuilder {
         } else {
             options
         };
+        if !self.create && !memory && !options.get_filename().exists() {
+            return Err(Error::InvalidUrl {
+                url: self.url.clone(),
+                reason: format!(
+                    "there is no database file at {}; check the path, or create it with \
+                     `dray migrate`",
+                    options.get_filename().display()
+                ),
+            });
+        }
         let mut log = options.get_filename().as_os_str().to_owned();
         log.push("-wal");
         let log = std::path::PathBuf::from(log);
@@ -511,6 +530,7 @@ impl SqliteStore {
             readers: DEFAULT_READERS,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             watch_interval: DEFAULT_WATCH_INTERVAL,
+            create: true,
         }
     }
 
