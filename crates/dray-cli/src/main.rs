@@ -948,6 +948,7 @@ async fn queue_command<S: Store>(q: &Queue<S>, cmd: Validated, json_out: bool) -
                         NackAction::Dead => "dead",
                         NackAction::Requeue { .. } => "requeued",
                         NackAction::Release => "released",
+                        NackAction::Defer { .. } => "deferred",
                     };
                     (verb, w.applied.len() as u64, w.dead.len())
                 }

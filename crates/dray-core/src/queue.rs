@@ -682,6 +682,7 @@ impl<S: Store> Queue<S> {
         refs: impl IntoIterator<Item = R>,
         action: NackAction,
     ) -> Result<LeaseWrite> {
+        check_span("delay", action.delay(), Duration::ZERO)?;
         let (queue, refs) = Self::refs(queue, refs)?;
         self.store.message_nack_many(&queue, &refs, action).await
     }

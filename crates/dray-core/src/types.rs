@@ -537,6 +537,13 @@ pub enum NackAction {
     /// one, so it can never go dead this way). A worker uses it for jobs it claimed ahead and
     /// did not get to.
     Release,
+    /// Give back a delivery that never started, deliverable again after `delay`, without
+    /// counting the attempt (as `Release`, but later). A worker uses it for a job of a kind it
+    /// has no handler for, so that a worker that has one can take it.
+    Defer {
+        /// How long to wait before redelivery.
+        delay: Duration,
+    },
 }
 
 impl NackAction {
@@ -546,13 +553,14 @@ impl NackAction {
             NackAction::Requeue { .. } => "requeue",
             NackAction::Dead => "dead",
             NackAction::Release => "release",
+            NackAction::Defer { .. } => "defer",
         }
     }
 
     /// Redelivery delay (zero for `Dead` and `Release`).
     pub fn delay(self) -> Duration {
         match self {
-            NackAction::Requeue { delay } => delay,
+            NackAction::Requeue { delay } | NackAction::Defer { delay } => delay,
             NackAction::Dead | NackAction::Release => Duration::ZERO,
         }
     }

@@ -60,6 +60,10 @@ const MAX_AHEAD_BATCHES: usize = 10;
 /// writer gains most from larger batches.)
 pub const FETCH_COOLDOWN: Duration = Duration::from_micros(500);
 
+/// How long a job of a kind a worker has no handler for waits before it can be claimed again
+/// (see [`WorkerEvent::Deferred`]).
+pub const UNKNOWN_KIND_DEFER: Duration = Duration::from_secs(1);
+
 /// Settings of a [`Worker`].
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -142,6 +146,14 @@ pub enum WorkerEvent {
         failure: Option<FailureKind>,
         /// False when the write was refused because the lease had been taken back.
         recorded: bool,
+    },
+    /// A job of a kind this worker has no handler for was given back without counting an
+    /// attempt, deliverable again after [`UNKNOWN_KIND_DEFER`] (for a worker that has one).
+    Deferred {
+        /// Job id.
+        id: Uuid,
+        /// Its kind.
+        kind: String,
     },
     /// Maintenance took back expired leases.
     Rescued {
@@ -242,6 +254,8 @@ struct Shared<S: Store> {
     running: Mutex<HashMap<Uuid, Running>>,
     events: broadcast::Sender<WorkerEvent>,
     ops: Arc<Ops<S>>,
+    /// Kinds without a handler already logged (once each).
+    unknown_kinds: Mutex<std::collections::HashSet<String>>,
 }
 
 impl<S: Store> Shared<S> {
@@ -375,6 +389,7 @@ impl<S: Store> Worker<S> {
             config: self.config,
             handlers: self.handlers,
             running: Mutex::new(HashMap::new()),
+            unknown_kinds: Mutex::new(Default::default()),
             events,
         });
         let stop = CancelToken::new();
@@ -807,20 +822,8 @@ async fn run_one<S: Store>(
     let kind = m.kind.take().unwrap_or_default();
     let Some(handler) = shared.handlers.get(&kind).cloned() else {
         shared.running().remove(&m.id);
-        let known: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
-        let msg = format!(
-            "worker {} has no handler for job kind {kind:?} on queue {} (it runs {known:?}); register it, or route the job to a queue whose workers do",
-            shared.config.id, m.queue
-        );
-        let delay = crate::job::RetryPolicy::default().delay(m.attempt, m.id.as_u128() as u64);
-        Box::pin(fail(
-            &shared,
-            &m,
-            FailureKind::Error,
-            &msg,
-            FailTo::Retry(delay),
-        ))
-        .await;
+        Box::pin(defer_unknown(&shared, &queue, &m, kind)).await;
+        drop(permit);
         return;
     };
     let options = handler.options();
@@ -971,6 +974,36 @@ async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg:
         failure: Some(kind),
         recorded,
     });
+}
+
+/// Gives back a job of a kind this worker has no handler for, without counting the attempt, so
+/// that a worker that has one (on the same queue) takes it; logs each such kind once.
+async fn defer_unknown<S: Store>(shared: &Shared<S>, queue: &QueueName, m: &Message, kind: String) {
+    let first = shared
+        .unknown_kinds
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(kind.clone());
+    if first {
+        let known: Vec<&str> = shared.handlers.keys().map(String::as_str).collect();
+        tracing::warn!(
+            worker = %shared.config.id,
+            queue = %m.queue,
+            kind = %kind,
+            "dray: no handler for job kind {kind:?} (this worker runs {known:?}); its jobs are given back without using an attempt, for a worker that has one; register it here, or run such a worker"
+        );
+    }
+    let action = crate::NackAction::Defer {
+        delay: UNKNOWN_KIND_DEFER,
+    };
+    if let Err(err) = shared
+        .store
+        .message_nack_many(queue, &[m.lease()], action)
+        .await
+    {
+        tracing::warn!(%err, id = %m.id, "dray: could not give back a job; its lease expires by itself");
+    }
+    shared.emit(WorkerEvent::Deferred { id: m.id, kind });
 }
 
 /// Writes finished attempts in batches: everything that finished while the previous write

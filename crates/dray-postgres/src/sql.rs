@@ -187,12 +187,15 @@ SET state = 'completed', finished_at = now(), leased_until = NULL
 const NACK: &str = "
 UPDATE {s}.dray_jobs j
 SET state = CASE WHEN $4 = 'release' THEN 'available'
+                 WHEN $4 = 'defer' THEN CASE WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END
                  WHEN $4 = 'dead' OR j.attempt >= j.max_attempts THEN 'dead'
                  WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END,
-    attempt = CASE WHEN $4 = 'release' THEN j.attempt - 1 ELSE j.attempt END,
-    run_at = CASE WHEN $4 = 'release' OR $4 = 'dead' OR j.attempt >= j.max_attempts THEN j.run_at
+    attempt = CASE WHEN $4 IN ('release', 'defer') THEN j.attempt - 1 ELSE j.attempt END,
+    run_at = CASE WHEN $4 = 'defer' THEN now() + $5 * interval '1 microsecond'
+                  WHEN $4 = 'release' OR $4 = 'dead' OR j.attempt >= j.max_attempts THEN j.run_at
                   ELSE now() + $5 * interval '1 microsecond' END,
-    finished_at = CASE WHEN $4 <> 'release' AND ($4 = 'dead' OR j.attempt >= j.max_attempts)
+    finished_at = CASE WHEN $4 NOT IN ('release', 'defer')
+                            AND ($4 = 'dead' OR j.attempt >= j.max_attempts)
                        THEN now() END,
     leased_until = NULL
 {refs}";

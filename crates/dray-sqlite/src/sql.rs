@@ -177,13 +177,16 @@ UPDATE dray_jobs SET state = 'completed', finished_at = {now}, leased_until = NU
 pub const NACK: &str = "
 UPDATE dray_jobs
 SET state = CASE WHEN ?3 = 'release' THEN 'available'
+                 WHEN ?3 = 'defer' THEN CASE WHEN ?4 > 0 THEN 'scheduled' ELSE 'available' END
                  WHEN ?3 = 'dead' OR dray_jobs.attempt >= dray_jobs.max_attempts THEN 'dead'
                  WHEN ?4 > 0 THEN 'scheduled' ELSE 'available' END,
-    attempt = CASE WHEN ?3 = 'release' THEN dray_jobs.attempt - 1 ELSE dray_jobs.attempt END,
-    run_at = CASE WHEN ?3 = 'release' OR ?3 = 'dead'
+    attempt = CASE WHEN ?3 IN ('release', 'defer') THEN dray_jobs.attempt - 1
+                   ELSE dray_jobs.attempt END,
+    run_at = CASE WHEN ?3 = 'defer' THEN {now} + ?4
+                  WHEN ?3 = 'release' OR ?3 = 'dead'
                        OR dray_jobs.attempt >= dray_jobs.max_attempts THEN dray_jobs.run_at
                   ELSE {now} + ?4 END,
-    finished_at = CASE WHEN ?3 <> 'release'
+    finished_at = CASE WHEN ?3 NOT IN ('release', 'defer')
                             AND (?3 = 'dead' OR dray_jobs.attempt >= dray_jobs.max_attempts)
                        THEN {now} END,
     leased_until = NULL {refs}";

@@ -1691,3 +1691,64 @@ pub async fn every_duration_parameter_is_clamped_or_refused<F: Fixture>(
     assert_eq!(n, 8);
     w.shutdown().await.unwrap();
 }
+
+/// Echoes its input.
+struct Echo;
+impl Job for Echo {
+    const NAME: &'static str = "echo";
+    type Input = String;
+    type Output = String;
+    async fn run(&self, _ctx: &JobContext, s: String) -> Result<String, JobError> {
+        Ok(s)
+    }
+}
+
+/// A worker that has no handler for a job's kind gives it back without using an attempt, so
+/// two workers with different job sets on one queue each run their own jobs, every one on its
+/// first attempt; with no worker for the kind at all, the job waits, attempts untouched.
+pub async fn a_worker_gives_back_kinds_it_does_not_run<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let echo = client.enqueue::<Echo>(&"alone".into()).await.unwrap();
+    let only_flaky = worker(&store, |w| w.register(Flaky));
+    let mut events = only_flaky.events();
+    for _ in 0..2 {
+        event(
+            &mut events,
+            "a deferral",
+            |e| matches!(e, WorkerEvent::Deferred { id, kind } if *id == echo.id && kind == "echo"),
+        )
+        .await;
+    }
+    let m = client.get(echo.id).await.unwrap().unwrap();
+    assert!(!m.state.is_terminal(), "{m:?}");
+    assert_eq!(m.attempt, 0, "no attempt used");
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+
+    let only_echo = worker(&store, |w| w.register(Echo));
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push((
+            client.enqueue::<Echo>(&format!("e{n}")).await.unwrap().id,
+            false,
+        ));
+        ids.push((
+            client
+                .enqueue::<Flaky>(&FlakyIn { n, succeed_on: 1 })
+                .await
+                .unwrap()
+                .id,
+            true,
+        ));
+    }
+    let out = client.wait(echo.id, WAIT).await.unwrap();
+    assert_eq!(out.output::<String>().unwrap(), "alone");
+    assert_eq!(out.attempts, 1);
+    for (id, _) in ids {
+        let out = client.wait(id, WAIT).await.unwrap();
+        assert_eq!(out.state, MessageState::Completed);
+        assert_eq!(out.attempts, 1, "ran on its first attempt");
+        assert!(out.errors.is_empty());
+    }
+    only_flaky.shutdown().await.unwrap();
+    only_echo.shutdown().await.unwrap();
+}

@@ -136,6 +136,7 @@ macro_rules! conformance_tests {
             claimed_rows_read_as_stored,
             an_unreadable_row_costs_only_itself,
             every_duration_parameter_is_clamped_or_refused,
+            a_worker_gives_back_kinds_it_does_not_run,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
