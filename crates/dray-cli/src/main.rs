@@ -592,7 +592,7 @@ enum JobsValidated {
 }
 
 fn parse_id(s: &str) -> CliResult<Uuid> {
-    Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(s.to_owned()))
+    Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(dray::error::excerpt(s)))
 }
 
 impl JobsValidated {
@@ -737,7 +737,7 @@ fn parse_json(what: String, text: &str) -> CliResult<serde_json::Value> {
 
 fn parse_ids(ids: &[String]) -> CliResult<Vec<Uuid>> {
     ids.iter()
-        .map(|s| Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(s.clone())))
+        .map(|s| Uuid::parse_str(s.trim()).map_err(|_| CliError::BadId(dray::error::excerpt(s))))
         .collect()
 }
 
@@ -764,6 +764,7 @@ impl EnqueueArgs {
             headers: self.headers.iter().cloned().collect(),
             max_attempts: self.max_attempts,
             callback_url: self.callback_url.clone(),
+            queue: None,
         }
     }
 }
@@ -852,7 +853,8 @@ impl Validated {
             },
             QueueCommand::Stats { queue } => Validated::Stats(check_queue(queue)?),
             QueueCommand::Show { id } => Validated::Show(
-                Uuid::parse_str(id.trim()).map_err(|_| CliError::BadId(id.clone()))?,
+                Uuid::parse_str(id.trim())
+                    .map_err(|_| CliError::BadId(dray::error::excerpt(id)))?,
             ),
         })
     }

@@ -50,7 +50,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses and checks a callback URL.
     pub fn parse(url: &str) -> Result<Endpoint> {
-        let bad = |why: &str| Error::invalid("callback_url", format!("{url:?} {why}"));
+        let bad = |why: &str| {
+            Error::invalid(
+                "callback_url",
+                format!("{:?} {why}", crate::error::excerpt(url)),
+            )
+        };
         if url.len() > MAX_URL_LEN {
             return Err(bad("is longer than 2048 bytes"));
         }

@@ -147,7 +147,9 @@ impl<S: Store> Client<S> {
         } else if o.unique {
             base = base.key(unique_key(J::NAME, &serde_json::to_string(input)?));
         }
-        self.queue.message(&o.queue, input, &adjust(base))
+        let options = adjust(base);
+        let queue = options.queue.clone().unwrap_or(o.queue);
+        self.queue.message(&queue, input, &options)
     }
 
     /// Enqueues job `J` (non-blocking): returns its id at once.
@@ -183,6 +185,11 @@ impl<S: Store> Client<S> {
 
     /// Enqueues job `J` inside your transaction: it exists if and only if the transaction
     /// commits (Forge's `dispatch_job` in a transactional mutation).
+    ///
+    /// On SQLite the transaction is begun on the store's one writer connection
+    /// (`store.pool()`), so while it is open every other write of that handle waits, the
+    /// worker's claims and completions included: keep it short. A write that waits longer
+    /// than 30 s fails with [`Error::PoolExhausted`].
     pub async fn enqueue_in<J: Job>(
         &self,
         conn: &mut StoreConnection<S>,

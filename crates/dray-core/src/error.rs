@@ -10,6 +10,22 @@ use uuid::Uuid;
 /// [`Error::PoolExhausted`].
 pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Longest piece of a caller's input that an error message repeats, in bytes.
+pub const EXCERPT_LEN: usize = 64;
+
+/// `input` as an error message repeats it: whole when short, else its first
+/// [`EXCERPT_LEN`] bytes (cut at a character boundary) and how long it was.
+pub fn excerpt(input: &str) -> String {
+    if input.len() <= EXCERPT_LEN {
+        return input.to_owned();
+    }
+    let mut end = EXCERPT_LEN;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &input[..end], input.len())
+}
+
 /// Shorthand for `Result<T, dray_core::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -17,7 +33,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A queue name was empty, too long, or had characters outside `[A-Za-z0-9_.:-]`.
+    /// A queue name was empty, too long, or had characters outside `[A-Za-z0-9_.:-]`. A long
+    /// name is repeated cut to its first [`EXCERPT_LEN`] bytes.
     #[error("invalid queue name {name:?}: {reason}; use 1-{max} characters from A-Z a-z 0-9 _ . : -", max = crate::QueueName::MAX_LEN)]
     InvalidQueueName {
         /// The name as given.
@@ -58,7 +75,7 @@ pub enum Error {
 
     /// No message or job has this id.
     #[error(
-        "no message or job with id {id}; check the id (list them with `dray queue stats` or the dashboard)"
+        "no message or job with id {id}; check the id (`dray jobs list` lists them, newest first)"
     )]
     NotFound {
         /// The id that was looked up.

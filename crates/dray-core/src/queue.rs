@@ -104,6 +104,10 @@ pub struct EnqueueOptions {
     /// `http://…` URL that receives a signed POST of the outcome when the job finishes
     /// (see [`crate::callback`]).
     pub callback_url: Option<String>,
+    /// The queue a job goes to instead of its own ([`crate::Client::enqueue_with`]); a worker
+    /// must serve that queue to run it. [`Queue::enqueue`] names its queue as an argument and
+    /// refuses this set to another one.
+    pub queue: Option<String>,
 }
 
 impl EnqueueOptions {
@@ -149,6 +153,11 @@ impl EnqueueOptions {
     /// Sets the deliveries allowed before the message is dead.
     pub fn max_attempts(mut self, n: i32) -> Self {
         self.max_attempts = Some(n);
+        self
+    }
+    /// Puts a job on `queue` instead of its own (see [`EnqueueOptions::queue`]).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
         self
     }
     /// Asks for an HTTP completion callback to `url`.
@@ -258,6 +267,18 @@ impl<S: Store> Queue<S> {
         options: &EnqueueOptions,
     ) -> Result<NewMessage> {
         let queue = QueueName::new(queue)?;
+        if let Some(other) = options.queue.as_deref()
+            && other != queue.as_str()
+        {
+            return Err(Error::invalid(
+                "queue",
+                format!(
+                    "the options name queue {:?} but the message goes to {:?}: name one queue",
+                    crate::error::excerpt(other),
+                    queue.as_str()
+                ),
+            ));
+        }
         self.build(queue, payload, options, options.run_at()?)
     }
 
@@ -413,7 +434,9 @@ impl<S: Store> Queue<S> {
 
     /// [`Queue::enqueue`] inside your transaction: the message exists if and only if it
     /// commits. Pass `&mut *tx` for a `sqlx::Transaction` begun on the same database (for
-    /// SQLite, on [`Store::pool`]).
+    /// SQLite, on [`Store::pool`]: the one writer connection, which every other write of the
+    /// handle then waits for until the transaction ends, at most 30 s before
+    /// [`Error::PoolExhausted`]; keep it short).
     pub async fn enqueue_in(
         &self,
         conn: &mut StoreConnection<S>,

@@ -35,7 +35,10 @@ impl QueueName {
             None
         };
         match reason {
-            Some(reason) => Err(Error::InvalidQueueName { name, reason }),
+            Some(reason) => Err(Error::InvalidQueueName {
+                name: crate::error::excerpt(&name),
+                reason,
+            }),
             None => Ok(QueueName(name)),
         }
     }
@@ -185,7 +188,10 @@ impl MessageState {
             .ok_or_else(|| {
                 Error::invalid(
                     "state",
-                    format!("{s:?} is not one of scheduled, available, running, retryable, completed, dead, cancelled"),
+                    format!(
+                        "{:?} is not one of scheduled, available, running, retryable, completed, dead, cancelled",
+                        crate::error::excerpt(s)
+                    ),
                 )
             })
     }

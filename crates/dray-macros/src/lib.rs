@@ -9,7 +9,9 @@ use proc_macro2::Span;
 use quote::{format_ident, quote};
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
-use syn::{Error, FnArg, ItemFn, LitStr, Meta, ReturnType, Token, Type};
+use syn::{
+    Error, Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, MetaNameValue, ReturnType, Token, Type,
+};
 
 #[path = "../../dray-core/src/duration_grammar.rs"]
 mod duration_grammar;
@@ -30,12 +32,14 @@ mod duration_grammar;
 /// }
 /// // Generates `pub struct ExportUsersJob;` implementing `dray::Job` with NAME "export_users":
 /// // client.enqueue::<ExportUsersJob>(&input), Worker::register(ExportUsersJob).
+/// // A function whose name already ends in `_job` (`cleanup_job`) gives `CleanupJob`.
 /// ```
 ///
 /// Options: `name = "..."` (default: the function's name), `queue = "..."`,
 /// `timeout = "<duration>"`, `priority = "background|low|normal|high|critical"`,
 /// `retry(max_attempts = N, backoff = "fixed|linear|exponential", base = "<duration>",
-/// max = "<duration>", jitter)`, `idempotent` or `unique` (one unfinished job per input), or
+/// max = "<duration>", jitter = true|false)` (jitter is on unless `jitter = false`; a bare
+/// `jitter` means true), `idempotent` or `unique` (one unfinished job per input), or
 /// `unique(key = "field")` (one unfinished job per value of `input.field`).
 #[proc_macro_attribute]
 pub fn job(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -146,7 +150,12 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let fn_name = &func.sig.ident;
     let vis = &func.vis;
     let mut name = fn_name.to_string();
-    let struct_name = format_ident!("{}Job", pascal(&name));
+    // `resize` makes `ResizeJob`; a function already named `…_job` is not suffixed twice.
+    let struct_name = if name.ends_with("_job") {
+        format_ident!("{}", pascal(&name))
+    } else {
+        format_ident!("{}Job", pascal(&name))
+    };
 
     let mut opts = Vec::new();
     let mut key_fn = quote!();
@@ -275,8 +284,24 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                             let d = duration(m)?;
                             opts.push(quote!(o.retry.max = #d;));
                         }
-                        "jitter" if matches!(m, Meta::Path(_)) => {
-                            opts.push(quote!(o.retry.jitter = true;))
+                        "jitter" => {
+                            let on = match m {
+                                Meta::Path(_) => true,
+                                Meta::NameValue(MetaNameValue {
+                                    value:
+                                        Expr::Lit(ExprLit {
+                                            lit: Lit::Bool(b), ..
+                                        }),
+                                    ..
+                                }) => b.value,
+                                other => {
+                                    return Err(Error::new_spanned(
+                                        other,
+                                        "jitter is `jitter`, `jitter = true` or `jitter = false`",
+                                    ));
+                                }
+                            };
+                            opts.push(quote!(o.retry.jitter = #on;))
                         }
                         _ => {
                             return Err(Error::new_spanned(

@@ -551,6 +551,18 @@ impl PgStore {
         Self::builder(url).connect().await
     }
 
+    /// The pool to begin a transaction on, to enqueue inside your own writes
+    /// ([`dray_core::Client::enqueue_in`]).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The database clock's `now()`, which leases and due times use ([`Store::now`], here
+    /// without the trait in scope).
+    pub async fn now(&self) -> Result<DateTime<Utc>> {
+        <Self as Store>::now(self).await
+    }
+
     /// The schema holding Dray's tables.
     pub fn schema(&self) -> &str {
         &self.inner.schema
@@ -980,7 +992,7 @@ impl Store for PgStore {
     }
 
     fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        PgStore::pool(self)
     }
 
     fn wake(&self) -> &WakeHub {

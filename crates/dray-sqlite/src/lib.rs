@@ -539,6 +539,23 @@ impl SqliteStore {
         Self::builder(url).open().await
     }
 
+    /// The writer connection's pool: begin a transaction here to enqueue inside your own
+    /// writes ([`dray_core::Client::enqueue_in`]).
+    ///
+    /// Everything this handle writes (enqueues, claims, completions, the worker's too) goes
+    /// through this one writer connection, so a transaction begun on it holds all of them
+    /// until it commits or rolls back: keep such transactions short. A write that cannot get
+    /// the connection within 30 s fails with [`Error::PoolExhausted`] rather than waiting on.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.inner.writer
+    }
+
+    /// The database clock's `now()`, which leases and due times use ([`Store::now`], here
+    /// without the trait in scope).
+    pub async fn now(&self) -> Result<DateTime<Utc>> {
+        <Self as Store>::now(self).await
+    }
+
     /// The URL this store was opened with (`sqlite://…`); open it again for another handle.
     pub fn url(&self) -> &str {
         &self.inner.url
@@ -1085,7 +1102,7 @@ impl Store for SqliteStore {
     }
 
     fn pool(&self) -> &SqlitePool {
-        &self.inner.writer
+        SqliteStore::pool(self)
     }
 
     fn wake(&self) -> &WakeHub {

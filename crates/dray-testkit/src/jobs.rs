@@ -1752,3 +1752,61 @@ pub async fn a_worker_gives_back_kinds_it_does_not_run<F: Fixture>(_fx: Arc<F>, 
     only_flaky.shutdown().await.unwrap();
     only_echo.shutdown().await.unwrap();
 }
+
+/// `Client::enqueue_with` puts a job on another queue; a `Queue::enqueue` whose options name
+/// a different queue is refused; long bad input is repeated cut short in errors; an unknown id
+/// points to `dray jobs list`.
+pub async fn enqueue_options_and_errors_say_what_they_mean<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    use dray_core::EnqueueOptions;
+    let client = Client::new(store.clone());
+    let e = client
+        .enqueue_with::<Flaky>(
+            &FlakyIn {
+                n: 1,
+                succeed_on: 1,
+            },
+            |o| o.queue("elsewhere"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.get(e.id).await.unwrap().unwrap().queue, "elsewhere");
+    // A worker serving that queue runs it.
+    let w = worker(&store, |w| w.register(Flaky).queue("elsewhere", 2).unwrap());
+    assert_eq!(
+        client
+            .wait(e.id, WAIT)
+            .await
+            .unwrap()
+            .output::<i64>()
+            .unwrap(),
+        2
+    );
+    w.shutdown().await.unwrap();
+
+    let q = Queue::new(store.clone());
+    let err = q
+        .enqueue("a", &1, &EnqueueOptions::new().queue("b"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { what: "queue", .. }),
+        "{err}"
+    );
+    q.enqueue("a", &1, &EnqueueOptions::new().queue("a"))
+        .await
+        .unwrap();
+
+    let long = "x".repeat(10_000) + " ";
+    let err = q
+        .enqueue(&long, &1, &EnqueueOptions::new())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.len() < 400, "{} bytes: {text}", text.len());
+    assert!(text.contains("10001 bytes"), "{text}");
+    let err = client.retry(Uuid::now_v7()).await.unwrap_err();
+    assert!(err.to_string().contains("dray jobs list"), "{err}");
+}

@@ -137,6 +137,7 @@ macro_rules! conformance_tests {
             an_unreadable_row_costs_only_itself,
             every_duration_parameter_is_clamped_or_refused,
             a_worker_gives_back_kinds_it_does_not_run,
+            enqueue_options_and_errors_say_what_they_mean,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {

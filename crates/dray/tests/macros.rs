@@ -46,6 +46,20 @@ async fn welcome(_ctx: &JobContext, input: ExportInput) -> Result<u64, std::io::
     Ok(input.user_id)
 }
 
+#[dray::job(retry(max_attempts = 2, jitter = false))]
+async fn cleanup_job(_ctx: &JobContext, _input: ()) -> Result<(), JobError> {
+    Ok(())
+}
+
+#[test]
+fn jitter_can_be_turned_off_and_job_names_are_not_suffixed_twice() {
+    assert_eq!(CleanupJob::NAME, "cleanup_job");
+    let o = CleanupJob::options();
+    assert!(!o.retry.jitter);
+    assert_eq!(o.retry.max_attempts, 2);
+    assert!(WelcomeJob::options().retry.jitter, "on by default");
+}
+
 #[test]
 fn options_come_from_the_attribute() {
     assert_eq!(ExportUsersJob::NAME, "export_users");
