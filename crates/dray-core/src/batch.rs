@@ -95,6 +95,25 @@ pub fn uniform_completions(done: &[crate::Completion]) -> Option<Option<i32>> {
         .then_some(attempt)
 }
 
+/// The queues whose waiting receivers a batch of new messages should wake, each once: those
+/// with a message due now, at an explicit time (which may have passed), or after a delay
+/// shorter than `poll`. A receiver's last look at an empty queue stands for up to one poll
+/// interval, so a message due sooner than that must wake it for the receiver to learn its due
+/// time and start it then; one due later is found by the receiver's next look in time.
+pub fn queues_to_wake(messages: &[NewMessage], poll: std::time::Duration) -> Vec<&str> {
+    let mut queues: Vec<&str> = Vec::new();
+    for m in messages {
+        let soon = match m.run_at {
+            crate::RunAt::Now | crate::RunAt::At(_) => true,
+            crate::RunAt::After(d) => d < poll,
+        };
+        if soon && !queues.contains(&m.queue.as_str()) {
+            queues.push(m.queue.as_str());
+        }
+    }
+    queues
+}
+
 /// Reads stored headers (a JSON object of strings).
 pub fn decode_headers(
     id: &uuid::Uuid,

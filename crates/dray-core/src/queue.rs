@@ -41,6 +41,10 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
 /// How often receivers sweep expired leases back to available, by default: every second.
 pub const DEFAULT_RESCUE_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a receiver looks again when the queue's earliest pending message was already due
+/// at its last look (see [`Store::queue_next_due`]).
+const RELOOK_AFTER_DUE: Duration = Duration::from_millis(1);
+
 /// Shortest lease (visibility timeout) a receive or an extend accepts: 1 ms.
 pub const MIN_LEASE: Duration = Duration::from_millis(1);
 /// Most messages one `receive` returns.
@@ -543,7 +547,9 @@ impl<S: Store> Queue<S> {
                     let looked = Instant::now();
                     let mut quiet = self.store.poll_interval();
                     if let Some(due) = self.store.queue_next_due(&params.queue).await? {
-                        quiet = quiet.min(due);
+                        // Due already (it came due since the claim looked, or another receiver
+                        // is taking it): look again in a moment, not a poll interval later.
+                        quiet = quiet.min(due.max(RELOOK_AFTER_DUE));
                     }
                     let until = looked + quiet;
                     signal.set_quiet(wakes, until);

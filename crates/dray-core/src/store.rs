@@ -139,8 +139,9 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Counts a queue's messages by state, at one instant of the database clock.
     fn queue_stats(&self, queue: &QueueName) -> impl Future<Output = Result<QueueStats>> + Send;
 
-    /// How long until the earliest not-yet-due message of the queue becomes due (database
-    /// clock), or `None` when there is none.
+    /// How long until the earliest pending message of the queue is due (database clock): zero
+    /// when one is due already (it came due after a claim looked, or another receiver is
+    /// claiming it), `None` when there is none.
     fn queue_next_due(
         &self,
         queue: &QueueName,

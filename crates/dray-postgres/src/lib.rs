@@ -25,7 +25,8 @@ use chrono::{DateTime, Utc};
 use dray_core::batch::{
     RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
     decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    fail_to_parts, list_limit, micros, redrive_key_taken, redrive_refused, settle_parts,
+    fail_to_parts, list_limit, micros, queues_to_wake, redrive_key_taken, redrive_refused,
+    settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey, HEAD, claim_key};
 use dray_core::migrate::{self, Migration, SchemaMode};
@@ -501,18 +502,6 @@ fn all_inserted(n: usize, rows: u64) -> Result<()> {
         id: String::new(),
         reason: format!("an insert of {n} messages reported {rows} rows"),
     })
-}
-
-/// The queues that a batch of new messages may have made claimable now (due now, or at a time
-/// that may have passed), each once.
-fn due_queues(messages: &[NewMessage]) -> Vec<&str> {
-    let mut queues: Vec<&str> = Vec::new();
-    for m in messages {
-        if !matches!(m.run_at, RunAt::After(_)) && !queues.contains(&m.queue.as_str()) {
-            queues.push(m.queue.as_str());
-        }
-    }
-    queues
 }
 
 /// The background task feeding NOTIFYs into the hub; aborted when the store is dropped.
@@ -1110,7 +1099,7 @@ impl Store for PgStore {
         drop(conn);
         // Committed. Local receivers need not wait for the NOTIFY round trip through the
         // server; other processes' get it from the notifier.
-        let due = due_queues(messages);
+        let due = queues_to_wake(messages, self.inner.poll_interval);
         for q in &due {
             self.inner.hub.wake(q);
         }
@@ -1147,7 +1136,7 @@ impl Store for PgStore {
         // goes out in the caller's transaction, so it is delivered exactly then (and never on
         // a rollback).
         let out = self.insert(conn, messages).await?;
-        let due = due_queues(messages);
+        let due = queues_to_wake(messages, self.inner.poll_interval);
         if !due.is_empty() {
             sqlx::query(sql::NOTIFY)
                 .bind(&self.inner.channel)

@@ -261,11 +261,14 @@ SELECT
     count(*) FILTER (WHERE state = 'cancelled') AS cancelled
 FROM {s}.dray_jobs WHERE queue = $1";
 
-/// Time until the queue's next not-yet-due row is due, in microseconds (NULL: none).
+/// Time until the queue's earliest pending row is due, in microseconds (NULL: none; zero or
+/// less: one is due already). Rows already due count: a row that came due between a claim that
+/// found nothing and this query is due now, and a receiver told "nothing is coming" would
+/// leave it for a whole poll interval.
 const NEXT_DUE: &str = "
 SELECT (EXTRACT(EPOCH FROM min(run_at) - now()) * 1000000)::int8
 FROM {s}.dray_jobs
-WHERE queue = $1 AND finished_at IS NULL AND state IN {pending} AND run_at > now()";
+WHERE queue = $1 AND finished_at IS NULL AND state IN {pending}";
 
 /// Complete: finished attempts with their outputs, one statement for the whole batch (the
 /// worker's completer buffers them for a few milliseconds). Fenced like ack.

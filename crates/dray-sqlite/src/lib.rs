@@ -694,12 +694,8 @@ impl SqliteStore {
     }
 
     fn wake_new(&self, messages: &[NewMessage]) {
-        let mut woken: Vec<&str> = Vec::new();
-        for m in messages {
-            if matches!(m.run_at, RunAt::Now) && !woken.contains(&m.queue.as_str()) {
-                woken.push(m.queue.as_str());
-                self.inner.hub.wake(m.queue.as_str());
-            }
+        for q in dray_core::batch::queues_to_wake(messages, self.inner.poll_interval) {
+            self.inner.hub.wake(q);
         }
     }
 

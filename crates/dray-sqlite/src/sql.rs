@@ -237,9 +237,11 @@ SELECT
     count(*) FILTER (WHERE state = 'cancelled')
 FROM dray_jobs, (SELECT {now} AS now) n WHERE queue = ?1";
 
+/// Time until the queue's earliest pending row is due, in ms (NULL: none; zero or less: one is
+/// due already, see the PostgreSQL store's NEXT_DUE).
 pub const NEXT_DUE: &str = "
 SELECT min(run_at) - {now} FROM dray_jobs
-WHERE queue = ?1 AND finished_at IS NULL AND state IN {pending} AND run_at > {now}";
+WHERE queue = ?1 AND finished_at IS NULL AND state IN {pending}";
 
 pub const NOW_MS: &str = "SELECT {now}";
 

@@ -1,6 +1,6 @@
 //! Conformance tests of typed jobs, the worker and the client, run against every store.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -1809,4 +1809,66 @@ pub async fn enqueue_options_and_errors_say_what_they_mean<F: Fixture>(
     assert!(text.contains("10001 bytes"), "{text}");
     let err = client.retry(Uuid::now_v7()).await.unwrap_err();
     assert!(err.to_string().contains("dray jobs list"), "{err}");
+}
+
+/// Jobs scheduled ahead (by delay, and by an absolute time on the database clock) start within
+/// a few milliseconds of their due time, whichever enqueued them: this handle, or another
+/// (another process).
+pub async fn scheduled_jobs_start_at_their_due_time<F: Fixture>(fx: Arc<F>, store: F::Store) {
+    use dray_core::EnqueueOptions;
+    let other = fx.reopen(&store).await;
+    let w = worker(&store, |w| w.register(Flaky));
+    let mut events = w.events();
+    let mut late = Vec::new();
+    for round in 0..3 {
+        for (who, s) in [("same", &store), ("other", &other)] {
+            let client = Client::new(s.clone());
+            let a = client
+                .enqueue_with::<Flaky>(
+                    &FlakyIn {
+                        n: round,
+                        succeed_on: 1,
+                    },
+                    |o| o.delay(Duration::from_millis(600)),
+                )
+                .await
+                .unwrap();
+            let at = s.now().await.unwrap() + chrono::Duration::milliseconds(600);
+            let b = client
+                .enqueue_with::<Flaky>(
+                    &FlakyIn {
+                        n: round,
+                        succeed_on: 1,
+                    },
+                    |o: EnqueueOptions| o.not_before(at),
+                )
+                .await
+                .unwrap();
+            // They start in either order (one claim may take both).
+            let mut started = HashMap::new();
+            while started.len() < 2 {
+                let e = event(
+                    &mut events,
+                    "a scheduled job's start",
+                    |e| matches!(e, WorkerEvent::Started { id, .. } if *id == a.id || *id == b.id),
+                )
+                .await;
+                if let WorkerEvent::Started { id, .. } = e {
+                    started.insert(id, chrono::Utc::now());
+                }
+            }
+            for id in [a.id, b.id] {
+                let due = client.get(id).await.unwrap().unwrap().run_at;
+                late.push((who, (started[&id] - due).num_milliseconds()));
+            }
+        }
+    }
+    w.shutdown().await.unwrap();
+    eprintln!("start - due (ms): {late:?}");
+    assert!(late.iter().all(|(_, ms)| *ms >= 0), "none early: {late:?}");
+    let bound = 150;
+    assert!(
+        late.iter().all(|(_, ms)| *ms <= bound),
+        "every start within {bound} ms of its due time: {late:?}"
+    );
 }

@@ -138,6 +138,7 @@ macro_rules! conformance_tests {
             every_duration_parameter_is_clamped_or_refused,
             a_worker_gives_back_kinds_it_does_not_run,
             enqueue_options_and_errors_say_what_they_mean,
+            scheduled_jobs_start_at_their_due_time,
         );
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
