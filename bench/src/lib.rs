@@ -36,6 +36,10 @@ pub enum Workload {
     /// W3 with the jobs enqueued through a second store handle, as another process would:
     /// no direct hand-off; a NOTIFY (PostgreSQL) or a poll (SQLite) wakes the worker.
     W3Remote,
+    /// A running worker; [`SCHEDULED`] jobs scheduled 0.5–2 s ahead (half by delay, half by
+    /// an absolute time), alternately through this handle and a second one; percentiles of
+    /// (handler start − due time) in ms.
+    W3Scheduled,
     /// 2,000 runs of a 3-step workflow (needs the workflow layer).
     W4,
     /// The raw-SQL floor: claim 500 with SKIP LOCKED then complete them, 2 connections.
@@ -50,7 +54,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 10] = [
+    pub const ALL: [Workload; 11] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
@@ -60,6 +64,7 @@ impl Workload {
         Workload::PacedInsert,
         Workload::W3,
         Workload::W3Remote,
+        Workload::W3Scheduled,
         Workload::W4,
     ];
 
@@ -72,6 +77,7 @@ impl Workload {
             Workload::W2Tuned => "W2-tuned",
             Workload::W3 => "W3",
             Workload::W3Remote => "W3-remote",
+            Workload::W3Scheduled => "W3-scheduled",
             Workload::W4 => "W4",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
@@ -287,6 +293,7 @@ pub async fn run(
         }
         let (unit, n) = match w {
             Workload::W3 | Workload::W3Remote | Workload::PacedInsert => ("ms", PACED),
+            Workload::W3Scheduled => ("ms", SCHEDULED),
             Workload::W4 => ("runs/s", 2000),
             _ => ("jobs/s", cfg.n),
         };
@@ -417,6 +424,12 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             producer.close_handle().await;
             p50?
         }
+        Workload::W3Scheduled => {
+            let other = store.reopen(url).await?;
+            let p50 = scheduled_latency(store, &other, &mut extra).await;
+            other.close_handle().await;
+            p50?
+        }
         Workload::W4 => return Ok(None),
     };
     if !matches!(
@@ -425,6 +438,7 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             | Workload::W2Tuned
             | Workload::W3
             | Workload::W3Remote
+            | Workload::W3Scheduled
             | Workload::PacedInsert
     ) && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
     {
@@ -606,6 +620,63 @@ async fn pickup_latency<S: RawStore>(
     all?;
     let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
     extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
+    extra.insert("samples".into(), s.len().into());
+    Ok(percentile_ms(&mut s, 0.50))
+}
+
+/// Jobs of W3-scheduled.
+const SCHEDULED: usize = 200;
+
+/// W3-scheduled: a worker on `store`; [`SCHEDULED`] jobs, one every 50 ms, each due 0.5–2 s
+/// after it is enqueued, the even ones through `store` and the odd ones through `other` (as
+/// another process), half of each by `delay` and half by `not_before`; returns the p50 of
+/// (handler start − due time) in ms, with the p99 and the largest in `extra`.
+async fn scheduled_latency<S: RawStore>(
+    store: &S,
+    other: &S,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    let samples = Arc::new(Mutex::new(Vec::with_capacity(SCHEDULED)));
+    let handle = Worker::new(store.clone())
+        .register(Latency {
+            samples: samples.clone(),
+        })
+        .start()?;
+    let clients = [Client::new(store.clone()), Client::new(other.clone())];
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for i in 0..SCHEDULED {
+        tick.tick().await;
+        // 0.5 to 2 s ahead, spread over the range.
+        let ahead = Duration::from_millis(500 + (i as u64 * 7919) % 1500);
+        let due = chrono::Utc::now() + ahead;
+        let client = &clients[i % 2];
+        let input = due.timestamp_micros();
+        if (i / 2) % 2 == 0 {
+            client
+                .enqueue_with::<Latency>(&input, |o| o.not_before(due))
+                .await?;
+        } else {
+            // Due `ahead` after the database's now() at the insert, a little after `due`: the
+            // sample is then a little larger than the true lateness, never smaller.
+            client
+                .enqueue_with::<Latency>(&input, |o| o.delay(ahead))
+                .await?;
+        }
+    }
+    let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
+    let all = wait_for_count(
+        "W3-scheduled",
+        "started",
+        SCHEDULED,
+        (Duration::from_millis(5), STALL),
+        picked,
+    )
+    .await;
+    handle.shutdown().await?;
+    all?;
+    let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
+    extra.insert("max_ms".into(), percentile_ms(&mut s, 1.0).into());
     extra.insert("samples".into(), s.len().into());
     Ok(percentile_ms(&mut s, 0.50))
 }

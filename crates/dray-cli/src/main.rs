@@ -80,9 +80,9 @@ enum Command {
     Jobs(JobsCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
-    /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W4, and the
-    /// raw-SQL baselines floor, plain-insert, paced-insert); one JSON line per result with
-    /// --json. See bench/README.md.
+    /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W3-scheduled,
+    /// W4, and the raw-SQL baselines floor, plain-insert, paced-insert); one JSON line per
+    /// result with --json. See bench/README.md.
     Bench(BenchArgs),
 }
 

@@ -648,7 +648,7 @@ fn bench_json(url: &str, args: &[&str]) -> Vec<Value> {
 
 /// Every workload of the harness on PostgreSQL, as `compare.sh` runs them (small `n`): each
 /// one's line with a real figure, W2's drain checked complete with its peak RSS and WAL bytes,
-/// W3 and W3-remote with every job picked up, the ratios, and W4 reported as not available
+/// W3, W3-remote and W3-scheduled with every job picked up, the ratios, and W4 reported as not available
 /// rather than as a figure.
 #[test]
 fn bench_runs_every_workload_on_postgres() {
@@ -678,6 +678,7 @@ fn bench_runs_every_workload_on_postgres() {
         ("paced-insert", "raw-sql", "ms", 1000),
         ("W3", "dray", "ms", 1000),
         ("W3-remote", "dray", "ms", 1000),
+        ("W3-scheduled", "dray", "ms", 200),
     ] {
         let l = line(w);
         assert_eq!(
@@ -700,9 +701,9 @@ fn bench_runs_every_workload_on_postgres() {
         assert!(extra["wal_bytes_per_job"].as_f64().unwrap() > 0.0, "{w}");
     }
     assert_eq!(line("W2-tuned")["extra"]["concurrency"], 1000);
-    for w in ["W3", "W3-remote"] {
+    for (w, n) in [("W3", 1000), ("W3-remote", 1000), ("W3-scheduled", 200)] {
         let extra = &line(w)["extra"];
-        assert_eq!(extra["samples"], 1000, "{w}: every job picked up");
+        assert_eq!(extra["samples"], n, "{w}: every job picked up");
         let (p50, p99) = (
             line(w)["value"].as_f64().unwrap(),
             extra["p99_ms"].as_f64().unwrap(),
