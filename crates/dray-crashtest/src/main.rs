@@ -3,7 +3,8 @@
 //!
 //! `dray-crash-worker URL SCHEMA MODE LEASE_MS`: MODE `hang` records that the attempt started and
 //! then never finishes (the test kills the process with SIGKILL); MODE `work` records the
-//! effect and completes. Prints `ready` once the worker runs.
+//! effect and completes. Prints `ready` once the worker runs. `DRAY_APP_NAME` sets the
+//! PostgreSQL `application_name` of its connections (so a test can find and end them).
 
 use std::time::Duration;
 
@@ -101,12 +102,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let lease = Duration::from_millis(lease_ms.parse()?);
     if url.starts_with("postgres") {
-        let store = PgStore::builder(url.as_str())
+        let mut builder = PgStore::builder(url.as_str())
             .schema(schema.as_str())
             .schema_mode(SchemaMode::Migrate)
-            .max_connections(4)
-            .connect()
-            .await?;
+            .max_connections(4);
+        if let Ok(name) = std::env::var("DRAY_APP_NAME") {
+            builder = builder.application_name(name);
+        }
+        let store = builder.connect().await?;
         serve(store, mode, lease).await?;
     } else {
         serve(SqliteStore::open(url).await?, mode, lease).await?;
