@@ -36,7 +36,7 @@ pub enum Workload {
     /// W3 with the jobs enqueued through a second store handle, as another process would:
     /// no direct hand-off; a NOTIFY (PostgreSQL) or a poll (SQLite) wakes the worker.
     W3Remote,
-    /// A running worker; [`SCHEDULED`] jobs scheduled 0.5–2 s ahead (half by delay, half by
+    /// A running worker; 200 jobs scheduled 0.5–2 s ahead (half by delay, half by
     /// an absolute time), alternately through this handle and a second one; percentiles of
     /// (handler start − due time) in ms.
     W3Scheduled,
