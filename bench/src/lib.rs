@@ -607,19 +607,27 @@ async fn pickup_latency<S: RawStore>(
         "enqueue_p99_ms".into(),
         percentile_ms(&mut enqueue_us, 0.99).into(),
     );
-    // Every job must be picked up: percentiles of the ones that were would hide the lost ones.
-    let all = wait_for_count(
-        "W3",
-        "picked up",
-        PACED,
-        (Duration::from_millis(5), STALL),
-        picked,
-    )
-    .await;
+    latency_percentiles("W3", "picked up", PACED, handle, &samples, extra).await
+}
+
+/// The end of a latency workload: waits until all `n` jobs have reported a sample (the
+/// percentiles of only those that did would hide the lost ones), stops the worker, and returns
+/// the p50 in ms, with the p99, the largest and the sample count in `extra`.
+async fn latency_percentiles(
+    workload: &str,
+    what: &str,
+    n: usize,
+    handle: dray::WorkerHandle,
+    samples: &Mutex<Vec<u64>>,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
+    let all = wait_for_count(workload, what, n, (Duration::from_millis(5), STALL), picked).await;
     handle.shutdown().await?;
     all?;
     let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
     extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
+    extra.insert("max_ms".into(), percentile_ms(&mut s, 1.0).into());
     extra.insert("samples".into(), s.len().into());
     Ok(percentile_ms(&mut s, 0.50))
 }
@@ -663,22 +671,15 @@ async fn scheduled_latency<S: RawStore>(
                 .await?;
         }
     }
-    let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
-    let all = wait_for_count(
+    latency_percentiles(
         "W3-scheduled",
         "started",
         SCHEDULED,
-        (Duration::from_millis(5), STALL),
-        picked,
+        handle,
+        &samples,
+        extra,
     )
-    .await;
-    handle.shutdown().await?;
-    all?;
-    let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
-    extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
-    extra.insert("max_ms".into(), percentile_ms(&mut s, 1.0).into());
-    extra.insert("samples".into(), s.len().into());
-    Ok(percentile_ms(&mut s, 0.50))
+    .await
 }
 
 /// How long a wait of the harness may see no progress before the run fails instead of
