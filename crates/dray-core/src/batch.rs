@@ -386,6 +386,27 @@ impl Unreadable {
     }
 }
 
+/// Settles the callback deliveries that a claim leased but could not decode (see
+/// [`Unreadable::callback_settle`]), logging each; `attempt_of(index)` reads the delivery's try
+/// number from the returned row (a row whose id or try number is unreadable is left to its
+/// lease).
+pub async fn settle_unreadable_callbacks<S: crate::Store>(
+    store: &S,
+    bad: &[Unreadable],
+    attempt_of: impl Fn(usize) -> Option<i32>,
+) -> Result<()> {
+    for b in bad {
+        let (Some(id), Some(attempt)) = (b.id, attempt_of(b.index)) else {
+            continue;
+        };
+        log_unreadable(store.backend(), "callback_claim", std::slice::from_ref(b));
+        store
+            .callback_settle(id, attempt, &b.callback_settle())
+            .await?;
+    }
+    Ok(())
+}
+
 /// How long a callback delivery whose job row cannot be read waits before it is tried again.
 pub const UNREADABLE_CALLBACK_PAUSE: std::time::Duration = std::time::Duration::from_secs(3600);
 

@@ -1661,16 +1661,12 @@ impl Store for SqliteStore {
             .await
             .map_err(Error::db("callback_claim"))?;
         let (out, bad) = dray_core::batch::decode_each(&rows, decode_message, row_id);
-        for b in &bad {
-            // Its try is recorded as failed, and tried again after a long pause: the row may be
-            // fixed meanwhile, and the other deliveries go on.
-            let (Some(id), Ok(attempt)) = (b.id, rows[b.index].try_get::<i32, _>(8)) else {
-                continue;
-            };
-            dray_core::batch::log_unreadable("sqlite", "callback_claim", std::slice::from_ref(b));
-            self.callback_settle(id, attempt, &b.callback_settle())
-                .await?;
-        }
+        // Their tries are recorded as failed and tried again after a long pause (the rows may
+        // be fixed meanwhile); the other deliveries go on.
+        dray_core::batch::settle_unreadable_callbacks(self, &bad, |i| {
+            rows[i].try_get::<i32, _>(8).ok()
+        })
+        .await?;
         Ok(out)
     }
 
