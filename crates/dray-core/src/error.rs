@@ -7,8 +7,26 @@
 use uuid::Uuid;
 
 /// How long both stores' pools wait for a free connection before an operation fails with
-/// [`Error::PoolExhausted`].
+/// [`Error::PoolExhausted`], unless the store's builder sets another `acquire_timeout`.
 pub const POOL_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// When a statement last failed because the database refused writes ([`Error::ReadOnly`]).
+/// A PostgreSQL session keeps the read-only setting it started with (a role's or database's
+/// `default_transaction_read_only`, a standby that was promoted since), so the stores drop any
+/// pooled connection opened before this moment instead of handing it out again: once the
+/// condition clears, new connections write.
+static READ_ONLY_SEEN: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+/// Whether a pooled connection `age` old was opened before the database last refused a write
+/// (see [`Error::ReadOnly`]); such a connection should be closed rather than reused.
+pub fn opened_before_read_only_refusal(age: std::time::Duration) -> bool {
+    let seen = *READ_ONLY_SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    seen.is_some_and(|at| age > at.elapsed())
+}
+
+fn note_read_only_refusal() {
+    *READ_ONLY_SEEN.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+}
 
 /// Longest piece of a caller's input that an error message repeats, in bytes.
 pub const EXCERPT_LEN: usize = 64;
@@ -24,6 +42,34 @@ pub fn excerpt(input: &str) -> String {
         end -= 1;
     }
     format!("{}… ({} bytes)", &input[..end], input.len())
+}
+
+/// A database's refusal that has an error variant of its own.
+enum Refusal {
+    ReadOnly,
+    Full,
+}
+
+impl Refusal {
+    /// Reads the driver's code: a PostgreSQL SQLSTATE, always five characters (`25006`
+    /// read-only transaction, `53100` disk full), or a SQLite result code, at most four digits
+    /// (`8` SQLITE_READONLY, `13` SQLITE_FULL, each with its extended codes in the upper bits).
+    fn of(e: &sqlx::Error) -> Option<Refusal> {
+        let sqlx::Error::Database(db) = e else {
+            return None;
+        };
+        let code = db.code()?;
+        match code.as_ref() {
+            "25006" => Some(Refusal::ReadOnly),
+            "53100" => Some(Refusal::Full),
+            sqlstate if sqlstate.len() == 5 => None,
+            other => match other.parse::<i64>().ok()? & 0xff {
+                8 => Some(Refusal::ReadOnly),
+                13 => Some(Refusal::Full),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// Shorthand for `Result<T, dray_core::Error>`.
@@ -137,15 +183,42 @@ pub enum Error {
         source: sqlx::Error,
     },
 
-    /// No pooled connection came free within the pool's acquire timeout (30 s).
+    /// No pooled connection came free within the pool's acquire timeout
+    /// ([`POOL_ACQUIRE_TIMEOUT`] unless the store's builder sets `acquire_timeout`).
     #[error(
-        "no database connection came free within {waited:?} during {op}: every connection of the store's pool is in use (long transactions, or handlers holding connections); on SQLite a transaction begun on store.pool() holds the one writer connection, which every enqueue, claim and completion of that handle needs, until it commits or rolls back. End those transactions sooner, or give the store more connections"
+        "no database connection came free within the pool's acquire timeout during {op}: every connection of the store's pool is in use (long transactions, or handlers holding connections); on SQLite a transaction begun on store.pool() holds the one writer connection, which every enqueue, claim and completion of that handle needs, until it commits or rolls back. End those transactions sooner, give the store more connections, or a longer acquire_timeout on its builder"
     )]
     PoolExhausted {
         /// The store operation that waited.
         op: &'static str,
-        /// How long it waited.
-        waited: std::time::Duration,
+    },
+
+    /// The database refused a write because it is read-only: PostgreSQL in a read-only
+    /// transaction (a role or database with `default_transaction_read_only`, a hot standby),
+    /// SQLite on a file it may not write. Nothing was written; retry once the condition clears
+    /// (the stores then reconnect by themselves).
+    #[error(
+        "the database refused a write during {op} because it is read-only: {source}; nothing was written. Make it writable again (PostgreSQL: RESET default_transaction_read_only for the role or database, or point the URL at the primary; SQLite: check the file's and directory's permissions) and retry"
+    )]
+    ReadOnly {
+        /// The store operation that was refused.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The database could not grow: its disk (or SQLite's file system) is full. Nothing was
+    /// written; retry once there is space.
+    #[error(
+        "the database is out of space during {op}: {source}; nothing was written. Free disk space (or lower the retention of finished jobs) and retry"
+    )]
+    StorageFull {
+        /// The store operation that failed.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
     },
 
     /// A stored row could not be read back (written by another tool, or corrupted).
@@ -203,6 +276,8 @@ impl Error {
             Error::InvalidUrl { .. } => "invalid_url",
             Error::Connect { .. } => "connect",
             Error::PoolExhausted { .. } => "pool_exhausted",
+            Error::ReadOnly { .. } => "read_only",
+            Error::StorageFull { .. } => "storage_full",
             Error::CorruptRow { .. } => "corrupt_row",
             Error::Database { .. } => "database",
             Error::Timeout(_) => "timeout",
@@ -212,15 +287,20 @@ impl Error {
 
     /// Wraps a driver error raised by store operation `op`. Connection failures become
     /// [`Error::Connect`] so callers can tell "unreachable" from "the query failed", and a
-    /// pool with no free connection [`Error::PoolExhausted`].
+    /// pool with no free connection [`Error::PoolExhausted`]; a refused write
+    /// [`Error::ReadOnly`] and a full disk [`Error::StorageFull`].
     pub fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
         move |source| match source {
-            sqlx::Error::PoolTimedOut => Error::PoolExhausted {
-                op,
-                waited: POOL_ACQUIRE_TIMEOUT,
-            },
+            sqlx::Error::PoolTimedOut => Error::PoolExhausted { op },
             sqlx::Error::Io(_) | sqlx::Error::Tls(_) => Error::Connect { source },
-            source => Error::Database { op, source },
+            source => match Refusal::of(&source) {
+                Some(Refusal::ReadOnly) => {
+                    note_read_only_refusal();
+                    Error::ReadOnly { op, source }
+                }
+                Some(Refusal::Full) => Error::StorageFull { op, source },
+                None => Error::Database { op, source },
+            },
         }
     }
 

@@ -89,6 +89,8 @@ pub const MIGRATIONS: &[Migration] = &[
 pub const DEFAULT_SCHEMA: &str = "dray";
 /// Default pool size.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// Default of [`PgStoreBuilder::listen_check_interval`].
+pub const DEFAULT_LISTEN_CHECK: Duration = Duration::from_secs(30);
 /// Default fallback poll interval of waiting receivers (LISTEN/NOTIFY wakes them sooner).
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -102,6 +104,8 @@ pub struct PgStoreBuilder {
     poll_interval: Duration,
     application_name: Option<String>,
     synchronous_worker_commits: bool,
+    acquire_timeout: Duration,
+    listen_check: Duration,
 }
 
 impl PgStoreBuilder {
@@ -147,6 +151,22 @@ impl PgStoreBuilder {
         self.poll_interval = d;
         self
     }
+    /// How long an operation waits for a free pooled connection before it fails with
+    /// [`Error::PoolExhausted`] ([`dray_core::error::POOL_ACQUIRE_TIMEOUT`]; 1 ms to 100
+    /// years, checked by [`connect`](Self::connect)).
+    pub fn acquire_timeout(mut self, d: Duration) -> Self {
+        self.acquire_timeout = d;
+        self
+    }
+    /// How long the LISTEN connection may stay silent before it is pinged
+    /// ([`DEFAULT_LISTEN_CHECK`]; 1 ms to 100 years). One that does not answer the ping within
+    /// the same span (at most 10 s) is taken for dead (a half-open connection: a NAT or
+    /// firewall that forgot it, a server that vanished without a FIN) and replaced; meanwhile
+    /// waiting receivers fall back to polling.
+    pub fn listen_check_interval(mut self, d: Duration) -> Self {
+        self.listen_check = d;
+        self
+    }
     /// `application_name` of the store's connections (shown in `pg_stat_activity`); the LISTEN
     /// connection gets the same name with `:listen` appended.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
@@ -161,11 +181,13 @@ impl PgStoreBuilder {
         if self.max_connections == 0 {
             return Err(Error::invalid("max_connections", "must be at least 1"));
         }
-        dray_core::duration::check_span(
-            "poll_interval",
-            self.poll_interval,
-            Duration::from_millis(1),
-        )?;
+        for (what, d) in [
+            ("poll_interval", self.poll_interval),
+            ("acquire_timeout", self.acquire_timeout),
+            ("listen_check_interval", self.listen_check),
+        ] {
+            dray_core::duration::check_span(what, d, Duration::from_millis(1))?;
+        }
         let mut options = PgConnectOptions::from_str(&self.url).map_err(|e| Error::InvalidUrl {
             url: redact(&self.url),
             reason: e.to_string(),
@@ -180,6 +202,7 @@ impl PgStoreBuilder {
         let first = sqlx::ConnectOptions::connect(&options)
             .await
             .map_err(|source| Error::Connect { source })?;
+        let pool_options = |n| pool_options(n, self.acquire_timeout);
         let pool = pool_options(self.max_connections).connect_lazy_with(options.clone());
         drop(first);
         // Worker-side transitions run on connections of their own:
@@ -204,8 +227,11 @@ impl PgStoreBuilder {
                 .application_name(&format!("{app}:worker"))
                 .options(worker_settings),
         );
-        let listen_options = options.application_name(&format!("{app}:listen"));
-        let listen_pool = pool_options(1).connect_lazy_with(listen_options);
+        let listen = Arc::new(Listen {
+            options: options.application_name(&format!("{app}:listen")),
+            acquire_timeout: self.acquire_timeout,
+            check: self.listen_check,
+        });
         let quoted = format!("\"{}\"", self.schema);
         let channel = format!("{}.dray", self.schema);
         let notifier = Arc::new(Notifier::default());
@@ -221,7 +247,7 @@ impl PgStoreBuilder {
                 schema: self.schema,
                 pool,
                 worker_pool,
-                listen_pool,
+                listen,
                 hub: Arc::new(WakeHub::new()),
                 listener: tokio::sync::OnceCell::new(),
                 notifier,
@@ -287,7 +313,7 @@ struct Inner {
     /// Connections for worker-side transitions (index-only plans; `synchronous_commit = off`
     /// unless `synchronous_worker_commits`).
     worker_pool: PgPool,
-    listen_pool: PgPool,
+    listen: Arc<Listen>,
     sql: Sql,
     hub: Arc<WakeHub>,
     listener: tokio::sync::OnceCell<ListenerTask>,
@@ -312,13 +338,20 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// [`PING_IF_IDLE_FOR`] or longer is checked now (a dead one is dropped and another taken): a
 /// connection that breaks while in use, or within that second, fails its statement, as it
 /// would have between a check and the statement.
-fn pool_options(max_connections: u32) -> PgPoolOptions {
+///
+/// A connection opened before the database last refused a write is closed instead of handed
+/// out (see [`dray_core::error::opened_before_read_only_refusal`]): a session keeps the
+/// read-only setting it began with, so only new connections see that the condition cleared.
+fn pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
+        .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
+                if dray_core::error::opened_before_read_only_refusal(meta.age) {
+                    return Ok(false);
+                }
                 if meta.idle_for >= PING_IF_IDLE_FOR {
                     sqlx::Connection::ping(conn).await?;
                 }
@@ -532,6 +565,8 @@ impl PgStore {
             poll_interval: DEFAULT_POLL_INTERVAL,
             application_name: None,
             synchronous_worker_commits: false,
+            acquire_timeout: dray_core::error::POOL_ACQUIRE_TIMEOUT,
+            listen_check: DEFAULT_LISTEN_CHECK,
         }
     }
 
@@ -575,7 +610,6 @@ impl PgStore {
         self.inner.notifier_task.0.abort();
         self.inner.pool.close().await;
         self.inner.worker_pool.close().await;
-        self.inner.listen_pool.close().await;
     }
 
     /// [`PgStore::insert`] for a batch that [`dray_core::batch::uniform`] accepts: one statement carrying only
@@ -927,16 +961,42 @@ fn decode_row(row: &PgRow, tail: impl FnOnce(&Uuid) -> Result<RowTail>) -> Resul
     .with(tail))
 }
 
+/// How the LISTEN connection is opened and watched.
+struct Listen {
+    options: PgConnectOptions,
+    acquire_timeout: Duration,
+    /// See [`PgStoreBuilder::listen_check_interval`].
+    check: Duration,
+}
+
+impl Listen {
+    /// Opens a listener on `channel`, on a one-connection pool of its own: a listener given up
+    /// for dead may leave its connection hanging (sqlx pings a connection it takes back, and
+    /// a half-open one never answers), and that must not hold up the next one.
+    async fn open(&self, channel: &str) -> std::result::Result<PgListener, sqlx::Error> {
+        let pool = pool_options(1, self.acquire_timeout).connect_lazy_with(self.options.clone());
+        let mut l = PgListener::connect_with(&pool).await?;
+        l.listen(channel).await?;
+        Ok(l)
+    }
+
+    /// How long a ping of a quiet listener may take.
+    fn ping_timeout(&self) -> Duration {
+        self.check.min(Duration::from_secs(10))
+    }
+}
+
 /// Runs the LISTEN loop: every NOTIFY wakes its queue's receivers; a lost connection wakes
-/// everyone (notifications may have been missed) and is re-established with backoff.
-async fn listen_loop(listener: PgListener, pool: PgPool, channel: String, hub: Arc<WakeHub>) {
+/// everyone (notifications may have been missed) and is re-established with backoff. A
+/// connection silent for [`Listen::check`] is pinged, and replaced when the ping does not
+/// come back in time (until then waiting receivers poll).
+async fn listen_loop(listener: PgListener, listen: Arc<Listen>, channel: String, hub: Arc<WakeHub>) {
     let mut listener = Some(listener);
     let mut backoff = Duration::from_millis(50);
     loop {
         let Some(l) = listener.as_mut() else {
-            // Reconnecting: the broken listener was dropped, so its connection went back.
             tokio::time::sleep(backoff).await;
-            match open_listener(&pool, &channel).await {
+            match listen.open(&channel).await {
                 Ok(l) => {
                     listener = Some(l);
                     backoff = Duration::from_millis(50);
@@ -951,26 +1011,37 @@ async fn listen_loop(listener: PgListener, pool: PgPool, channel: String, hub: A
             }
             continue;
         };
-        match l.try_recv().await {
-            Ok(Some(n)) => hub.wake(n.payload()),
-            Ok(None) => hub.wake_all(),
-            Err(sqlx::Error::PoolClosed) => return,
-            Err(err) => {
-                tracing::warn!(%err, "dray: LISTEN connection lost; reconnecting");
-                listener = None;
-                hub.wake_all();
+        // `try_recv` is cancel-safe: a timeout loses no notification.
+        let lost = match tokio::time::timeout(listen.check, l.try_recv()).await {
+            Ok(Ok(Some(n))) => {
+                hub.wake(n.payload());
+                None
             }
+            Ok(Ok(None)) => {
+                hub.wake_all();
+                None
+            }
+            Ok(Err(sqlx::Error::PoolClosed)) => return,
+            Ok(Err(err)) => Some(format!("LISTEN connection lost ({err})")),
+            Err(_quiet) => {
+                let ping = sqlx::query("SELECT 1").execute(&mut *l);
+                match tokio::time::timeout(listen.ping_timeout(), ping).await {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(sqlx::Error::PoolClosed)) => return,
+                    Ok(Err(err)) => Some(format!("LISTEN connection failed its ping ({err})")),
+                    Err(_) => Some(format!(
+                        "LISTEN connection did not answer a ping within {:?} (half-open?)",
+                        listen.ping_timeout()
+                    )),
+                }
+            }
+        };
+        if let Some(why) = lost {
+            tracing::warn!("dray: {why}; polling meanwhile, reconnecting");
+            listener = None;
+            hub.wake_all();
         }
     }
-}
-
-async fn open_listener(
-    pool: &PgPool,
-    channel: &str,
-) -> std::result::Result<PgListener, sqlx::Error> {
-    let mut l = PgListener::connect_with(pool).await?;
-    l.listen(channel).await?;
-    Ok(l)
 }
 
 impl Store for PgStore {
@@ -996,12 +1067,15 @@ impl Store for PgStore {
         self.inner
             .listener
             .get_or_try_init(|| async {
-                let l = open_listener(&self.inner.listen_pool, &self.inner.channel)
+                let l = self
+                    .inner
+                    .listen
+                    .open(&self.inner.channel)
                     .await
                     .map_err(Error::db("listen"))?;
                 let task = tokio::spawn(listen_loop(
                     l,
-                    self.inner.listen_pool.clone(),
+                    self.inner.listen.clone(),
                     self.inner.channel.clone(),
                     self.inner.hub.clone(),
                 ));

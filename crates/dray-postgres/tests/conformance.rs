@@ -486,35 +486,40 @@ async fn an_enqueue_in_a_transaction_wakes_other_processes_at_commit() {
     .await
 }
 
-/// The builder's poll interval is checked when the store connects: zero, one nanosecond and
-/// beyond 100 years are refused naming it; 1 ms and 100 years are accepted.
+/// The builder's durations (poll interval, acquire timeout, LISTEN check) are checked when the
+/// store connects: zero, one nanosecond and beyond 100 years are refused naming the setting;
+/// 1 ms and 100 years are accepted.
 #[tokio::test]
 async fn builder_durations_are_checked() {
     use dray_core::duration::MAX_SPAN;
-    for d in [
-        Duration::ZERO,
-        Duration::from_nanos(1),
-        MAX_SPAN + Duration::from_secs(1),
-        Duration::MAX,
-    ] {
-        let err = PgStore::builder(url())
-            .schema(fresh_schema())
-            .poll_interval(d)
-            .connect()
-            .await
-            .unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { .. }), "{d:?}: {err}");
-        assert!(err.to_string().contains("poll_interval"), "{err}");
-    }
-    for d in [Duration::from_millis(1), MAX_SPAN] {
-        let store = PgStore::builder(url())
-            .schema(fresh_schema())
-            .schema_mode(SchemaMode::Migrate)
-            .poll_interval(d)
-            .connect()
-            .await
-            .unwrap();
-        store.drop_schema().await.unwrap();
-        store.close().await;
+    use dray_postgres::PgStoreBuilder;
+    type Set = fn(PgStoreBuilder, Duration) -> PgStoreBuilder;
+    let settings: [(&str, Set); 3] = [
+        ("poll_interval", |b, d| b.poll_interval(d)),
+        ("acquire_timeout", |b, d| b.acquire_timeout(d)),
+        ("listen_check_interval", |b, d| b.listen_check_interval(d)),
+    ];
+    for (what, set) in settings {
+        for d in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            MAX_SPAN + Duration::from_secs(1),
+            Duration::MAX,
+        ] {
+            let err = set(PgStore::builder(url()).schema(fresh_schema()), d)
+                .connect()
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument { .. }), "{d:?}: {err}");
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        for d in [Duration::from_millis(1), MAX_SPAN] {
+            let builder = PgStore::builder(url())
+                .schema(fresh_schema())
+                .schema_mode(SchemaMode::Migrate);
+            let store = set(builder, d).connect().await.unwrap();
+            store.drop_schema().await.unwrap();
+            store.close().await;
+        }
     }
 }

@@ -179,6 +179,7 @@ pub struct SqliteStoreBuilder {
     schema_mode: SchemaMode,
     poll_interval: Duration,
     busy_timeout: Duration,
+    acquire_timeout: Duration,
     readers: u32,
     create: bool,
     checkpoint_interval: Duration,
@@ -201,6 +202,15 @@ impl SqliteStoreBuilder {
     /// [`MAX_BUSY_TIMEOUT`], checked by [`open`](Self::open)).
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.busy_timeout = d;
+        self
+    }
+    /// How long an operation waits for the writer (or a reader) connection of this handle
+    /// before it fails with [`Error::PoolExhausted`]
+    /// ([`dray_core::error::POOL_ACQUIRE_TIMEOUT`]; 1 ms to 100 years, checked by
+    /// [`open`](Self::open)). The writer is held by a transaction begun on
+    /// [`SqliteStore::pool`] until it ends.
+    pub fn acquire_timeout(mut self, d: Duration) -> Self {
+        self.acquire_timeout = d;
         self
     }
     /// Reader connections ([`DEFAULT_READERS`]).
@@ -258,6 +268,7 @@ impl SqliteStoreBuilder {
         use dray_core::duration::check_span;
         let ms = Duration::from_millis(1);
         check_span("poll_interval", self.poll_interval, ms)?;
+        check_span("acquire_timeout", self.acquire_timeout, ms)?;
         if self.busy_timeout > MAX_BUSY_TIMEOUT {
             return Err(Error::invalid(
                 "busy_timeout",
@@ -333,7 +344,7 @@ impl SqliteStoreBuilder {
             .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
-            .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
+            .acquire_timeout(self.acquire_timeout)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options.clone())
@@ -345,7 +356,7 @@ impl SqliteStoreBuilder {
             SqlitePoolOptions::new()
                 .test_before_acquire(false)
                 .max_connections(self.readers)
-                .acquire_timeout(dray_core::error::POOL_ACQUIRE_TIMEOUT)
+                .acquire_timeout(self.acquire_timeout)
                 .connect_lazy_with(options.create_if_missing(false))
         };
         let store = SqliteStore {
@@ -527,6 +538,7 @@ impl SqliteStore {
             schema_mode: SchemaMode::Migrate,
             poll_interval: DEFAULT_POLL_INTERVAL,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            acquire_timeout: dray_core::error::POOL_ACQUIRE_TIMEOUT,
             readers: DEFAULT_READERS,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             watch_interval: DEFAULT_WATCH_INTERVAL,

@@ -443,11 +443,16 @@ async fn builder_durations_are_checked() {
     let url = path.to_str().unwrap();
     let ns = Duration::from_nanos(1);
     type Set = fn(dray_sqlite::SqliteStoreBuilder, Duration) -> dray_sqlite::SqliteStoreBuilder;
-    let settings: [(&str, Set, &[Duration]); 4] = [
+    let settings: [(&str, Set, &[Duration]); 5] = [
         (
             "poll_interval",
             |b, d| b.poll_interval(d),
             &[Duration::ZERO, ns, Duration::MAX],
+        ),
+        (
+            "acquire_timeout",
+            |b, d| b.acquire_timeout(d),
+            &[Duration::ZERO, ns, MAX_SPAN + Duration::from_secs(1)],
         ),
         (
             "busy_timeout",
@@ -482,6 +487,7 @@ async fn builder_durations_are_checked() {
     // At the bounds (and zero where it means off), it opens.
     let store = SqliteStore::builder(url)
         .poll_interval(Duration::from_millis(1))
+        .acquire_timeout(Duration::from_millis(1))
         .busy_timeout(dray_sqlite::MAX_BUSY_TIMEOUT)
         .checkpoint_interval(Duration::ZERO)
         .watch_interval(MAX_SPAN)
@@ -491,6 +497,7 @@ async fn builder_durations_are_checked() {
     store.close().await;
     SqliteStore::builder(url)
         .poll_interval(MAX_SPAN)
+        .acquire_timeout(MAX_SPAN)
         .busy_timeout(Duration::ZERO)
         .checkpoint_interval(MAX_SPAN)
         .watch_interval(Duration::ZERO)
