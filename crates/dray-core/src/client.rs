@@ -189,7 +189,8 @@ impl<S: Store> Client<S> {
     /// On SQLite the transaction is begun on the store's one writer connection
     /// (`store.pool()`), so while it is open every other write of that handle waits, the
     /// worker's claims and completions included: keep it short. A write that waits longer
-    /// than 30 s fails with [`Error::PoolExhausted`].
+    /// than the store's acquire timeout (30 s by default) fails with
+    /// [`Error::PoolExhausted`].
     pub async fn enqueue_in<J: Job>(
         &self,
         conn: &mut StoreConnection<S>,

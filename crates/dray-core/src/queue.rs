@@ -439,8 +439,8 @@ impl<S: Store> Queue<S> {
     /// [`Queue::enqueue`] inside your transaction: the message exists if and only if it
     /// commits. Pass `&mut *tx` for a `sqlx::Transaction` begun on the same database (for
     /// SQLite, on [`Store::pool`]: the one writer connection, which every other write of the
-    /// handle then waits for until the transaction ends, at most 30 s before
-    /// [`Error::PoolExhausted`]; keep it short).
+    /// handle then waits for until the transaction ends, at most the store's acquire timeout
+    /// (30 s by default) before [`Error::PoolExhausted`]; keep it short).
     pub async fn enqueue_in(
         &self,
         conn: &mut StoreConnection<S>,

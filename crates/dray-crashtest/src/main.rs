@@ -74,7 +74,11 @@ async fn serve<S: Store>(store: S, mode: Mode, lease: Duration) -> dray::Result<
             c.maintenance_interval = Duration::from_millis(100);
         })
         .start()?;
-    println!("ready {}", worker.id());
+    // The process's own wall clock, so a test can check that a faked clock took effect.
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!("ready {} {clock}", worker.id());
     // Runs until killed, or until stdin closes (the test's way of stopping it gently).
     tokio::task::spawn_blocking(|| {
         let mut sink = String::new();

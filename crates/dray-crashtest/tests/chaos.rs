@@ -6,89 +6,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{Effect, Proc, pg_store, spawn, spawn_with, sqlite_store, wait_for};
-use dray::{
-    Backoff, Client, FailureKind, Job, JobContext, JobError, JobOptions, MessageState, PgStore,
-    RetryPolicy, SqliteStore, Store, Worker,
+use common::{
+    DRAIN, Proc, drained, enqueue, no_job_lost, pg_done_per_job, pg_store, spawn, spawn_with,
+    sqlite_done_per_job, sqlite_store, wait_for,
 };
-
-const DRAIN: Duration = Duration::from_secs(180);
-
-/// How many `done` effects each job recorded (PostgreSQL).
-async fn pg_done_per_job(store: &PgStore) -> HashMap<String, i64> {
-    let q = format!(
-        "SELECT job_id, count(*) FROM \"{}\".crash_effects WHERE phase = 'done' GROUP BY job_id",
-        store.schema()
-    );
-    dray::sqlx::query_as::<_, (String, i64)>(dray::sqlx::AssertSqlSafe(q))
-        .fetch_all(store.pool())
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-/// How many `done` effects each job recorded (SQLite).
-async fn sqlite_done_per_job(store: &SqliteStore) -> HashMap<String, i64> {
-    dray::sqlx::query_as::<_, (String, i64)>(
-        "SELECT job_id, count(*) FROM crash_effects WHERE phase = 'done' GROUP BY job_id",
-    )
-    .fetch_all(store.pool())
-    .await
-    .unwrap()
-    .into_iter()
-    .collect()
-}
-
-/// Enqueues `n` effect jobs in batches of 1,000.
-async fn enqueue<S: Store>(client: &Client<S>, from: i64, n: i64) {
-    let mut i = from;
-    while i < from + n {
-        let chunk: Vec<i64> = (i..(i + 1000).min(from + n)).collect();
-        client.enqueue_many::<Effect>(chunk.iter()).await.unwrap();
-        i += 1000;
-    }
-}
-
-/// The end of every scenario: all `n` jobs completed (none dead, none left), each effect
-/// happened, and each job whose effect happened more than once ran again because its lease
-/// expired (a kill or a lost connection made that run unavoidable). Returns how many did.
-async fn no_job_lost<S: Store>(client: &Client<S>, n: i64, done: HashMap<String, i64>) -> usize {
-    let stats = client.queue().stats("default").await.unwrap();
-    assert_eq!(
-        (
-            stats.completed,
-            stats.dead,
-            stats.available + stats.scheduled + stats.leased
-        ),
-        (n, 0, 0),
-        "every job completed: {stats:?}"
-    );
-    assert_eq!(done.len() as i64, n, "every job's effect happened");
-    let mut twice = 0;
-    for (id, times) in done {
-        if times > 1 {
-            twice += 1;
-            let m = client.get(id.parse().unwrap()).await.unwrap().unwrap();
-            assert!(
-                m.attempt >= 2 && m.errors.iter().any(|e| e.kind == FailureKind::LeaseExpired),
-                "{id} ran {times} times without a rescued lease: {m:?}"
-            );
-        }
-    }
-    twice
-}
-
-/// Waits until `n` jobs are completed.
-async fn drained<S: Store>(client: &Client<S>, n: i64, what: &str) {
-    wait_for(what, DRAIN, async || {
-        client.queue().stats("default").await.unwrap().completed == n
-    })
-    .await;
-}
+use dray::{
+    Backoff, Client, FailureKind, Job, JobContext, JobError, JobOptions, MessageState, RetryPolicy,
+    Store, Worker,
+};
 
 /// Scenario 1: three worker processes drain 20,000 jobs; one is SIGKILLed a quarter of the way
 /// in. The other two finish; the killed one's jobs are rescued once their leases end.

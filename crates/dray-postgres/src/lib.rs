@@ -990,7 +990,12 @@ impl Listen {
 /// everyone (notifications may have been missed) and is re-established with backoff. A
 /// connection silent for [`Listen::check`] is pinged, and replaced when the ping does not
 /// come back in time (until then waiting receivers poll).
-async fn listen_loop(listener: PgListener, listen: Arc<Listen>, channel: String, hub: Arc<WakeHub>) {
+async fn listen_loop(
+    listener: PgListener,
+    listen: Arc<Listen>,
+    channel: String,
+    hub: Arc<WakeHub>,
+) {
     let mut listener = Some(listener);
     let mut backoff = Duration::from_millis(50);
     loop {

@@ -557,7 +557,8 @@ impl SqliteStore {
     /// Everything this handle writes (enqueues, claims, completions, the worker's too) goes
     /// through this one writer connection, so a transaction begun on it holds all of them
     /// until it commits or rolls back: keep such transactions short. A write that cannot get
-    /// the connection within 30 s fails with [`Error::PoolExhausted`] rather than waiting on.
+    /// the connection within [`SqliteStoreBuilder::acquire_timeout`] (30 s by default) fails
+    /// with [`Error::PoolExhausted`] rather than waiting on.
     pub fn pool(&self) -> &SqlitePool {
         &self.inner.writer
     }
