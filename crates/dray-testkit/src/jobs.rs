@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dray_core::{
-    Backoff, CancelOutcome, Client, Completion, Error, FailTo, FailureKind, Job, JobContext,
-    JobError, JobFilter, JobOptions, LeaseRef, MessageState, Queue, ReceiveOptions, RetryPolicy,
-    Store, Worker, WorkerEvent, WorkerHandle,
+    Backoff, CallbackSettle, CancelOutcome, Client, Completion, Error, FailTo, FailureKind, Job,
+    JobContext, JobError, JobFilter, JobOptions, LeaseRef, MessageState, Queue, ReceiveOptions,
+    RetryPolicy, Store, Worker, WorkerEvent, WorkerHandle,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -1472,6 +1472,65 @@ pub async fn an_unreadable_row_costs_only_itself<F: Fixture>(fx: Arc<F>, store: 
     assert_eq!(out.state, MessageState::Completed);
     assert_eq!(out.output::<i64>().unwrap(), 10);
     w.shutdown().await.unwrap();
+}
+
+/// A finished job whose row cannot be read, among others whose completion callbacks are due:
+/// the callback claim hands out the healthy deliveries and settles the unreadable one as a
+/// failed try that names the column, to be tried again after
+/// [`dray_core::batch::UNREADABLE_CALLBACK_PAUSE`] (the row may be mended by then).
+pub async fn an_unreadable_row_costs_only_its_callback<F: Fixture>(fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let url = "http://127.0.0.1:9/hook";
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let e = client
+            .enqueue_with_callback_url::<Flaky>(&FlakyIn { n, succeed_on: 1 }, url)
+            .await
+            .unwrap();
+        ids.push(e.id);
+    }
+    // Run them with a worker that delivers no callbacks (it has no secret).
+    let w = worker(&store, |w| w.register(Flaky));
+    for id in &ids {
+        let out = client.wait(*id, WAIT).await.unwrap();
+        assert_eq!(out.state, MessageState::Completed);
+    }
+    w.shutdown().await.unwrap();
+    let bad = ids[1];
+    fx.set_columns(&store, bad, r#"headers = '{"n": 1}'"#).await;
+    let claimed = store
+        .callback_claim(10, Duration::from_secs(30))
+        .await
+        .expect("one unreadable row does not fail the claim");
+    let mut got: Vec<Uuid> = claimed.iter().map(|m| m.id).collect();
+    got.sort();
+    let mut want = vec![ids[0], ids[2]];
+    want.sort();
+    assert_eq!(got, want, "the healthy deliveries, and only those");
+    for m in &claimed {
+        store
+            .callback_settle(
+                m.id,
+                m.callback.as_ref().unwrap().attempts,
+                &CallbackSettle::Delivered,
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .callback_claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the unreadable row's delivery waits for its pause"
+    );
+    fx.set_columns(&store, bad, "headers = '{}'").await;
+    let mended = client.get(bad).await.unwrap().unwrap();
+    let cb = mended.callback.expect("a callback");
+    assert_eq!((cb.attempts, cb.delivered_at), (1, None), "{cb:?}");
+    let why = cb.last_error.expect("the failed try says why");
+    assert!(why.contains("headers"), "{why}");
 }
 
 /// Fails every attempt; retried after a delay that only the cut to 100 years keeps storable.

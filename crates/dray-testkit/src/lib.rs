@@ -135,6 +135,7 @@ macro_rules! conformance_tests {
             a_cancel_reaches_a_job_claimed_ahead,
             claimed_rows_read_as_stored,
             an_unreadable_row_costs_only_itself,
+            an_unreadable_row_costs_only_its_callback,
             every_duration_parameter_is_clamped_or_refused,
             a_worker_gives_back_kinds_it_does_not_run,
             enqueue_options_and_errors_say_what_they_mean,
