@@ -42,6 +42,12 @@ pub enum Workload {
     W3Scheduled,
     /// 2,000 runs of a 3-step workflow (needs the workflow layer).
     W4,
+    /// A steady 800 jobs/s (one enqueue per job, from a second handle) into a worker running 32
+    /// at a time, in three phases: clean ([`BenchConfig::phase`]), then twice as long while
+    /// another connection holds a transaction open (`BEGIN; SELECT txid_current();`, which
+    /// holds back the xmin horizon, so VACUUM can remove nothing), then recovery. Pick-up
+    /// latency p50/p99 per phase, and table sizes and dead rows at the end of each.
+    W6,
     /// The raw-SQL floor: claim 500 with SKIP LOCKED then complete them, 2 connections.
     Floor,
     /// A plain one-row autocommit INSERT through the same driver.
@@ -54,7 +60,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 11] = [
+    pub const ALL: [Workload; 12] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
@@ -66,6 +72,7 @@ impl Workload {
         Workload::W3Remote,
         Workload::W3Scheduled,
         Workload::W4,
+        Workload::W6,
     ];
 
     /// The name printed and accepted on the command line.
@@ -79,6 +86,7 @@ impl Workload {
             Workload::W3Remote => "W3-remote",
             Workload::W3Scheduled => "W3-scheduled",
             Workload::W4 => "W4",
+            Workload::W6 => "W6",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
             Workload::PacedInsert => "paced-insert",
@@ -131,6 +139,9 @@ pub struct BenchConfig {
     pub n: usize,
     /// Repetitions (default 3).
     pub reps: usize,
+    /// W6's unit of time (default 60 s): the clean and recovery phases last one, the phase with
+    /// the held transaction two.
+    pub phase: Duration,
 }
 
 /// The tuned worker configuration for W2-tuned (documented in `bench/README.md`): claim and
@@ -259,7 +270,7 @@ pub async fn run(
         for _ in 0..cfg.reps.max(1) {
             let rep = if pg {
                 let store = fresh_pg(&cfg.url).await?;
-                let r = one(&store, &cfg.url, w, cfg.n).await;
+                let r = one(&store, cfg, w).await;
                 if std::env::var_os("DRAY_BENCH_KEEP").is_none() {
                     store.drop_schema().await?;
                 }
@@ -267,7 +278,7 @@ pub async fn run(
                 r
             } else {
                 let (store, dir) = fresh_sqlite().await?;
-                let r = one(&store, &cfg.url, w, cfg.n).await;
+                let r = one(&store, cfg, w).await;
                 store.close().await;
                 let _ = std::fs::remove_dir_all(dir);
                 r
@@ -295,6 +306,10 @@ pub async fn run(
             Workload::W3 | Workload::W3Remote | Workload::PacedInsert => ("ms", PACED),
             Workload::W3Scheduled => ("ms", SCHEDULED),
             Workload::W4 => ("runs/s", 2000),
+            Workload::W6 => (
+                "ms",
+                (W6_RATE as f64 * 4.0 * cfg.phase.as_secs_f64()) as usize,
+            ),
             _ => ("jobs/s", cfg.n),
         };
         let m = Measurement {
@@ -326,7 +341,8 @@ pub async fn run(
     Ok(out)
 }
 
-async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchResult<Option<Rep>> {
+async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchResult<Option<Rep>> {
+    let (url, n) = (cfg.url.as_str(), cfg.n);
     let mut extra = serde_json::Map::new();
     let wal0 = store.wal_position().await?;
     let value = match w {
@@ -415,6 +431,9 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             if let Some(rss) = peak_rss_mib() {
                 extra.insert("peak_rss_mib".into(), rss.round().into());
             }
+            if let Some(sizes) = store.table_sizes().await? {
+                extra.insert("tables_after".into(), sizes);
+            }
             n as f64 / secs
         }
         Workload::W3 => pickup_latency(store, store, &mut extra).await?,
@@ -431,6 +450,12 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             p50?
         }
         Workload::W4 => return Ok(None),
+        Workload::W6 => {
+            let producer = store.reopen(url).await?;
+            let p99 = held_xmin_latency(store, &producer, cfg.phase, &mut extra).await;
+            producer.close_handle().await;
+            p99?
+        }
     };
     if !matches!(
         w,
@@ -439,6 +464,7 @@ async fn one<S: RawStore>(store: &S, url: &str, w: Workload, n: usize) -> BenchR
             | Workload::W3
             | Workload::W3Remote
             | Workload::W3Scheduled
+            | Workload::W6
             | Workload::PacedInsert
     ) && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
     {
@@ -680,6 +706,119 @@ async fn scheduled_latency<S: RawStore>(
         extra,
     )
     .await
+}
+
+/// W6's steady rate, jobs per second.
+pub const W6_RATE: usize = 800;
+/// W6's worker concurrency.
+pub const W6_CONCURRENCY: usize = 32;
+
+/// W6's job: records (enqueue time, handler start − enqueue time) in µs, the enqueue time
+/// travelling in the payload, so each sample can be put in the phase it was enqueued in.
+struct Phased {
+    samples: Arc<Mutex<Vec<(i64, u64)>>>,
+}
+
+impl Job for Phased {
+    const NAME: &'static str = "bench_phased";
+    type Input = i64;
+    type Output = ();
+    async fn run(&self, _ctx: &JobContext, sent_us: i64) -> Result<(), JobError> {
+        let now = chrono::Utc::now().timestamp_micros();
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((sent_us, (now - sent_us).max(0) as u64));
+        Ok(())
+    }
+}
+
+/// W6: a worker on `store` running [`W6_CONCURRENCY`] at a time; [`W6_RATE`] jobs/s enqueued
+/// one per call through `producer` for four `phase`s: one clean, two while a transaction of
+/// another connection stays open, one after it ends. Returns the held phase's p99 in ms; the
+/// p50 and p99 of every phase, their ratio to the clean phase's, and the tables' sizes and
+/// dead rows at the end of each phase go in `extra`.
+async fn held_xmin_latency<S: RawStore>(
+    store: &S,
+    producer: &S,
+    phase: Duration,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let handle = Worker::new(store.clone())
+        .register(Phased {
+            samples: samples.clone(),
+        })
+        .queue(QUEUE, W6_CONCURRENCY)?
+        .start()?;
+    let client = Client::new(producer.clone());
+    // 8 jobs every 10 ms, each its own enqueue (its own transaction), as requests would.
+    let per_tick = W6_RATE / 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0usize;
+    let mut bounds = Vec::new();
+    let mut sizes = serde_json::Map::new();
+    let mut hold = None;
+    for (name, length) in [("clean", 1), ("held", 2), ("recovery", 1)] {
+        if name == "held" {
+            hold = Some(store.hold_xmin().await?);
+        }
+        if name == "recovery" {
+            drop(hold.take());
+        }
+        let start_us = chrono::Utc::now().timestamp_micros();
+        let end = Instant::now() + phase * length;
+        while Instant::now() < end {
+            tick.tick().await;
+            for _ in 0..per_tick {
+                client
+                    .enqueue::<Phased>(&chrono::Utc::now().timestamp_micros())
+                    .await?;
+                sent += 1;
+            }
+        }
+        bounds.push((name, start_us, chrono::Utc::now().timestamp_micros()));
+        if let Some(s) = store.table_sizes().await? {
+            sizes.insert(name.into(), s);
+        }
+    }
+    let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
+    let all = wait_for_count(
+        "W6",
+        "picked up",
+        sent,
+        (Duration::from_millis(5), STALL),
+        picked,
+    )
+    .await;
+    handle.shutdown().await?;
+    all?;
+    let all = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut phases = serde_json::Map::new();
+    let mut p99s = Vec::new();
+    for (name, from, to) in bounds {
+        let mut lat: Vec<u64> = all
+            .iter()
+            .filter(|(sent, _)| (from..to).contains(sent))
+            .map(|(_, l)| *l)
+            .collect();
+        let (p50, p99) = (percentile_ms(&mut lat, 0.50), percentile_ms(&mut lat, 0.99));
+        p99s.push(p99);
+        phases.insert(
+            name.into(),
+            serde_json::json!({ "p50_ms": p50, "p99_ms": p99, "samples": lat.len() }),
+        );
+    }
+    extra.insert("phases".into(), phases.into());
+    extra.insert("tables".into(), sizes.into());
+    extra.insert("phase_secs".into(), phase.as_secs_f64().into());
+    extra.insert("rate".into(), W6_RATE.into());
+    extra.insert("concurrency".into(), W6_CONCURRENCY.into());
+    if p99s[0] > 0.0 {
+        extra.insert("held_p99_over_clean".into(), (p99s[1] / p99s[0]).into());
+    }
+    Ok(p99s[1])
 }
 
 /// How long a wait of the harness may see no progress before the run fails instead of

@@ -33,6 +33,14 @@ pub trait RawStore: Store {
     fn reopen(&self, url: &str) -> impl Future<Output = BenchResult<Self>> + Send;
     /// Closes this handle's connections.
     fn close_handle(&self) -> impl Future<Output = ()> + Send;
+    /// Opens a transaction on a connection of its own and keeps it open until the returned
+    /// value is dropped (W6). PostgreSQL: `BEGIN; SELECT txid_current();`, a write transaction
+    /// that holds back the xmin horizon, so VACUUM can remove no row version deleted after it
+    /// began. SQLite: a read transaction, which keeps checkpoints from recycling the WAL.
+    fn hold_xmin(&self) -> impl Future<Output = BenchResult<Box<dyn Send>>> + Send;
+    /// Sizes of Dray's job tables (bytes, indexes and TOAST included) and their dead row
+    /// versions, as one JSON object; `None` where the database cannot tell (SQLite).
+    fn table_sizes(&self) -> impl Future<Output = BenchResult<Option<serde_json::Value>>> + Send;
 }
 
 const PG_CLAIM: &str = "
@@ -52,6 +60,47 @@ WHERE id = ANY($1)";
 impl RawStore for PgStore {
     async fn close_handle(&self) {
         self.close().await
+    }
+
+    async fn hold_xmin(&self) -> BenchResult<Box<dyn Send>> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SELECT txid_current()")
+            .execute(&mut *tx)
+            .await?;
+        Ok(Box::new(tx))
+    }
+
+    async fn table_sizes(&self) -> BenchResult<Option<serde_json::Value>> {
+        // Every table of the schema named dray_jobs*, partitions included; the hot table is
+        // dray_jobs itself, everything else is history.
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_total_relation_size(c.oid),
+                    COALESCE(s.n_live_tup, 0), COALESCE(s.n_dead_tup, 0)
+             FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+             WHERE n.nspname = $1 AND c.relkind = 'r' AND left(c.relname, 9) = 'dray_jobs'",
+        )
+        .bind(self.schema())
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = serde_json::json!({
+            "hot_bytes": 0, "hot_live_rows": 0, "hot_dead_rows": 0,
+            "history_bytes": 0, "history_live_rows": 0, "history_dead_rows": 0,
+        });
+        for (name, bytes, live, dead) in rows {
+            let side = if name == "dray_jobs" {
+                "hot"
+            } else {
+                "history"
+            };
+            for (what, v) in [("bytes", bytes), ("live_rows", live), ("dead_rows", dead)] {
+                let key = format!("{side}_{what}");
+                let sum = out[&key].as_i64().unwrap_or(0) + v;
+                out[&key] = sum.into();
+            }
+        }
+        Ok(Some(out))
     }
 
     async fn reopen(&self, url: &str) -> BenchResult<Self> {
@@ -160,6 +209,20 @@ impl RawStore for PgStore {
 impl RawStore for SqliteStore {
     async fn close_handle(&self) {
         self.close().await
+    }
+
+    async fn hold_xmin(&self) -> BenchResult<Box<dyn Send>> {
+        // A read transaction on a connection of its own (not the store's writer).
+        let pool = sqlx::SqlitePool::connect(self.url()).await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT count(*) FROM dray_jobs")
+            .execute(&mut *tx)
+            .await?;
+        Ok(Box::new((tx, pool)))
+    }
+
+    async fn table_sizes(&self) -> BenchResult<Option<serde_json::Value>> {
+        Ok(None)
     }
 
     async fn reopen(&self, _url: &str) -> BenchResult<Self> {

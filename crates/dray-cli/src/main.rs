@@ -97,6 +97,9 @@ struct BenchArgs {
     /// Repetitions per workload (the median is reported, with min and max).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// W6's phase length in seconds: clean and recovery last one, the held transaction two.
+    #[arg(long, default_value_t = 60)]
+    phase_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -523,13 +526,16 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(CliError::Bench)?
     };
-    if args.n == 0 || args.reps == 0 {
-        return Err(CliError::Bench("--n and --reps must be at least 1".into()));
+    if args.n == 0 || args.reps == 0 || args.phase_secs == 0 {
+        return Err(CliError::Bench(
+            "--n, --reps and --phase-secs must be at least 1".into(),
+        ));
     }
     let cfg = dray_bench::BenchConfig {
         url: cli.url().to_owned(),
         n: args.n,
         reps: args.reps,
+        phase: std::time::Duration::from_secs(args.phase_secs.min(24 * 3600)),
     };
     let meta = dray_bench::meta(&cfg.url).await;
     if cli.json {

@@ -648,11 +648,12 @@ fn bench_json(url: &str, args: &[&str]) -> Vec<Value> {
 
 /// Every workload of the harness on PostgreSQL, as `compare.sh` runs them (small `n`): each
 /// one's line with a real figure, W2's drain checked complete with its peak RSS and WAL bytes,
-/// W3, W3-remote and W3-scheduled with every job picked up, the ratios, and W4 reported as not available
-/// rather than as a figure.
+/// W3, W3-remote and W3-scheduled with every job picked up, W6's three phases (one second
+/// each, two for the held transaction), the ratios, and W4 reported as not available rather
+/// than as a figure.
 #[test]
 fn bench_runs_every_workload_on_postgres() {
-    let lines = bench_json(&pg_url(), &["--n", "300"]);
+    let lines = bench_json(&pg_url(), &["--n", "300", "--phase-secs", "1"]);
     assert_eq!(lines[0]["system"], "meta");
     assert!(
         lines[0]["database"]
@@ -679,6 +680,7 @@ fn bench_runs_every_workload_on_postgres() {
         ("W3", "dray", "ms", 1000),
         ("W3-remote", "dray", "ms", 1000),
         ("W3-scheduled", "dray", "ms", 200),
+        ("W6", "dray", "ms", 3200),
     ] {
         let l = line(w);
         assert_eq!(
@@ -710,6 +712,26 @@ fn bench_runs_every_workload_on_postgres() {
         );
         assert!(p99 >= p50, "{w}: p50 {p50} ms, p99 {p99} ms");
     }
+    // W6: every phase has its samples and percentiles, and the tables were measured after each.
+    let w6 = &line("W6")["extra"];
+    for phase in ["clean", "held", "recovery"] {
+        let p = &w6["phases"][phase];
+        assert!(p["samples"].as_u64().unwrap() > 100, "{phase}: {w6}");
+        assert!(
+            p["p99_ms"].as_f64().unwrap() >= p["p50_ms"].as_f64().unwrap(),
+            "{phase}: {w6}"
+        );
+        assert!(
+            w6["tables"][phase]["hot_bytes"].as_i64().unwrap() > 0,
+            "{w6}"
+        );
+    }
+    assert!(
+        line("W2")["extra"]["tables_after"]["hot_bytes"]
+            .as_i64()
+            .unwrap()
+            > 0
+    );
     let w4 = line("W4");
     assert_eq!(w4["reps"], 0, "no figure without the workflow layer: {w4}");
     assert!(

@@ -497,7 +497,8 @@ const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 /// behind drain 1,000 jobs and 100 scheduled a second ahead; the one ahead is SIGKILLed a
 /// quarter of the way in. Every lease, rescue and due time is decided by the database clock,
 /// so nothing runs twice but what the kill made run again, the behind worker rescues the
-/// killed one's jobs in time, and no scheduled job starts early or hours late.
+/// killed one's jobs in time, and no scheduled job starts early or hours late (a few seconds
+/// late at most, when it waits its turn behind the backlog).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_clocks_hours_off() {
     assert!(
@@ -579,9 +580,11 @@ async fn worker_clocks_hours_off() {
         last as f64 / 1000.0
     );
     assert!(first >= 0, "no scheduled job started early: {first} µs");
+    // Behind a backlog a due job waits its turn (the backlog's jobs were due earlier), so the
+    // bound is loose; a due time read off either worker's clock would be 5 h off.
     assert!(
-        last < 1_500_000,
-        "no scheduled job started more than a poll interval late: {last} µs"
+        last < 30_000_000,
+        "no scheduled job started hours late: {last} µs"
     );
     drop(behind);
     store.drop_schema().await.unwrap();
