@@ -716,7 +716,7 @@ fn bench_runs_every_workload_on_postgres() {
     let w6 = &line("W6")["extra"];
     for phase in ["clean", "held", "recovery"] {
         let p = &w6["phases"][phase];
-        assert!(p["samples"].as_u64().unwrap() > 100, "{phase}: {w6}");
+        assert!(p["samples"].as_u64().unwrap() > 10, "{phase}: {w6}");
         assert!(
             p["p99_ms"].as_f64().unwrap() >= p["p50_ms"].as_f64().unwrap(),
             "{phase}: {w6}"

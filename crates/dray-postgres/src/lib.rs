@@ -83,7 +83,18 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claim_room",
         sql: include_str!("../migrations/0008_claim_room.sql"),
     },
+    Migration {
+        version: 9,
+        name: "history",
+        sql: include_str!("../migrations/0009_history.sql"),
+    },
 ];
+
+/// The span of one partition of the history of finished jobs (schema version 9): a partition
+/// is dropped once all of its hour is past the retention, so a finished job is kept for at
+/// least the retention and at most an hour more. A retention shorter than this is kept by
+/// deleting rows one by one instead.
+pub const HISTORY_PARTITION: Duration = Duration::from_secs(3600);
 
 /// Default schema for Dray's tables.
 pub const DEFAULT_SCHEMA: &str = "dray";
@@ -1538,14 +1549,42 @@ impl Store for PgStore {
             .collect()
     }
 
+    /// Prunes the history by dropping its hourly partitions past the retention (never row by
+    /// row), after making sure the next hours have theirs. Row by row only where whole
+    /// partitions cannot serve: rows in the default partition (their hour had no partition
+    /// yet), rows of a history whose retention is shorter than an hour, and rows that finished
+    /// before schema version 9, still in the hot table. Answers how many rows went (the
+    /// dropped partitions' count is the planner's estimate).
     async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
-        let r = sqlx::query(AssertSqlSafe(self.inner.sql.prune.clone()))
-            .bind(micros(older_than))
-            .bind(i64::from(limit))
-            .execute(&self.inner.pool)
+        let op = "job_prune";
+        let sql = &self.inner.sql;
+        let pool = &self.inner.pool;
+        let older = micros(older_than);
+        sqlx::query(AssertSqlSafe(sql.prepare_history.clone()))
+            .execute(pool)
             .await
-            .map_err(Error::db("job_prune"))?;
-        Ok(r.rows_affected())
+            .map_err(Error::db(op))?;
+        let dropped: i64 = sqlx::query_scalar(AssertSqlSafe(sql.prune_history.clone()))
+            .bind(older)
+            .fetch_one(pool)
+            .await
+            .map_err(Error::db(op))?;
+        let rows = if older_than < HISTORY_PARTITION {
+            &sql.prune_history_rows
+        } else {
+            &sql.prune_history_default
+        };
+        let mut pruned = dropped.max(0) as u64;
+        for text in [rows, &sql.prune] {
+            let r = sqlx::query(AssertSqlSafe(text.clone()))
+                .bind(older)
+                .bind(i64::from(limit))
+                .execute(pool)
+                .await
+                .map_err(Error::db(op))?;
+            pruned += r.rows_affected();
+        }
+        Ok(pruned)
     }
 
     async fn leader_acquire(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
@@ -1600,10 +1639,11 @@ impl Store for PgStore {
             .bind(delivered)
             .bind(after)
             .bind(error)
-            .execute(&self.inner.worker_pool)
+            .fetch_one(&self.inner.worker_pool)
             .await
             .map_err(Error::db("callback_settle"))?;
-        Ok(r.rows_affected() == 1)
+        let settled: i64 = r.try_get(0).map_err(Error::db("callback_settle"))?;
+        Ok(settled == 1)
     }
 }
 

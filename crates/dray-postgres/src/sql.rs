@@ -20,6 +20,64 @@ const CLAIM_COLS: &str = "j.id, j.kind, j.key, j.payload, NULLIF(j.headers, '{}'
 const TAIL_COLS: &str = "j.queue, j.state, j.leased_by, j.finished_at, j.result, \
      j.callback_attempts, j.callback_done_at, j.callback_error";
 
+/// Every column of a job row, in the tables' order (`dray_jobs` and `dray_jobs_history` have the
+/// same columns, schema version 9).
+const ALL_COLS: [&str; 25] = [
+    "id",
+    "queue",
+    "kind",
+    "key",
+    "payload",
+    "headers",
+    "priority",
+    "state",
+    "attempt",
+    "max_attempts",
+    "enqueued_at",
+    "run_at",
+    "leased_until",
+    "leased_by",
+    "finished_at",
+    "result",
+    "errors",
+    "progress",
+    "progress_message",
+    "cancel_requested_at",
+    "callback_url",
+    "callback_attempts",
+    "callback_next_at",
+    "callback_done_at",
+    "callback_error",
+];
+
+/// The row `j` as it leaves for the other table: every column by name, those in `overrides`
+/// as the given expressions (for a `RETURNING` list whose rows an `INSERT … SELECT` then
+/// writes, see [`MOVE`]).
+fn moved(overrides: &[(&str, &str)]) -> String {
+    ALL_COLS
+        .iter()
+        .map(|c| match overrides.iter().find(|(o, _)| o == c) {
+            Some((_, expr)) => format!("{expr} AS {c}"),
+            None => format!("j.{c}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How a finished job leaves the hot table (schema version 9): a `gone` CTE deletes the rows and
+/// returns them in their final form (`moved`), and this CTE writes them to the history, in the
+/// same statement, so a job is always in exactly one of the two tables.
+const MOVE: &str = "moved AS (INSERT INTO {s}.dray_jobs_history ({all}) SELECT {all} FROM gone)";
+
+/// The overrides of a job that finishes now as `state` (an SQL expression).
+fn finishing(state: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("state", state),
+        ("finished_at", "now()"),
+        ("leased_until", "NULL::timestamptz"),
+    ]
+}
+
 /// What every fenced lease write returns: the row, its new state, and whether a cancel is
 /// pending (so a heartbeat tells a running handler to stop).
 const LEASE_RETURNING: &str = "RETURNING j.id, j.state, (j.cancel_requested_at IS NOT NULL)";
@@ -168,15 +226,24 @@ RETURNING {claim_cols}";
 /// every running row (the lease index), a cost that grows with the number of jobs in flight.
 /// `COMPLETE` does the same.
 const REFS: &str = "FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
-WHERE j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND {running}
-  AND (r.attempt IS NULL OR j.attempt = r.attempt)
+WHERE {refs_where}
 {lease_returning}";
 
-/// Ack: completes leased rows.
+/// The conditions of [`REFS`], for a `DELETE … USING` of the same rows.
+const REFS_WHERE: &str = "j.id = ANY($2) AND j.id = r.id AND j.queue = $1 AND {running}
+  AND (r.attempt IS NULL OR j.attempt = r.attempt)";
+
+/// The fenced lease write's answer from the rows a statement moved to the history.
+const GONE_RETURNING: &str = "SELECT id, state, (cancel_requested_at IS NOT NULL) FROM gone";
+
+/// Ack: completes leased rows (they move to the history).
 const ACK: &str = "
-UPDATE {s}.dray_jobs j
-SET state = 'completed', finished_at = now(), leased_until = NULL
-{refs}";
+WITH gone AS (
+    DELETE FROM {s}.dray_jobs j USING UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+    WHERE {refs_where}
+    RETURNING {moved_completed}),
+{move}
+{gone_returning}";
 
 /// Nack, by mode `$4`:
 /// * `'requeue'`: deliverable again after `$5` µs; a row that has used all its attempts goes
@@ -184,21 +251,30 @@ SET state = 'completed', finished_at = now(), leased_until = NULL
 /// * `'dead'`: dead at once;
 /// * `'release'`: the delivery never started: available at once at its old due time (so in
 ///   its old place in the queue), its attempt uncounted (`attempt - 1`; the claim counted it).
+///
+/// The rows that die (`'dead'`, or out of attempts) move to the history; the others stay.
 const NACK: &str = "
-UPDATE {s}.dray_jobs j
-SET state = CASE WHEN $4 = 'release' THEN 'available'
-                 WHEN $4 = 'defer' THEN CASE WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END
-                 WHEN $4 = 'dead' OR j.attempt >= j.max_attempts THEN 'dead'
-                 WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END,
-    attempt = CASE WHEN $4 IN ('release', 'defer') THEN j.attempt - 1 ELSE j.attempt END,
-    run_at = CASE WHEN $4 = 'defer' THEN now() + $5 * interval '1 microsecond'
-                  WHEN $4 = 'release' OR $4 = 'dead' OR j.attempt >= j.max_attempts THEN j.run_at
-                  ELSE now() + $5 * interval '1 microsecond' END,
-    finished_at = CASE WHEN $4 NOT IN ('release', 'defer')
-                            AND ($4 = 'dead' OR j.attempt >= j.max_attempts)
-                       THEN now() END,
-    leased_until = NULL
-{refs}";
+WITH kept AS (
+    UPDATE {s}.dray_jobs j
+    SET state = CASE WHEN $4 = 'release' THEN 'available'
+                     WHEN $5 > 0 THEN 'scheduled' ELSE 'available' END,
+        attempt = CASE WHEN $4 IN ('release', 'defer') THEN j.attempt - 1 ELSE j.attempt END,
+        run_at = CASE WHEN $4 = 'release' THEN j.run_at
+                      ELSE now() + $5 * interval '1 microsecond' END,
+        leased_until = NULL
+    FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+    WHERE {refs_where} AND NOT {nack_dies}
+    {lease_returning}),
+gone AS (
+    DELETE FROM {s}.dray_jobs j USING UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt)
+    WHERE {refs_where} AND {nack_dies}
+    RETURNING {moved_dead}),
+{move}
+SELECT * FROM kept UNION ALL {gone_returning}";
+
+/// Whether a nack (mode `$4`) ends the row: a `'dead'` nack, or a requeue of a row that has
+/// used all its attempts.
+const NACK_DIES: &str = "($4 NOT IN ('release', 'defer') AND ($4 = 'dead' OR j.attempt >= j.max_attempts))";
 
 /// Extend (heartbeat): the lease now ends `$4` microseconds after the database's now().
 const EXTEND: &str = "
@@ -234,21 +310,32 @@ LEFT JOIN LATERAL (SELECT queue, np, run_at, id FROM w
 /// attempts). The lease is checked again under the row lock, and `SKIP LOCKED` keeps the sweep
 /// from waiting on (or racing) a receiver that is acking the same row right now: whichever
 /// commits first wins, the other matches nothing.
+///
+/// A row out of attempts dies and moves to the history; the others become available again.
 const RESCUE: &str = "
-UPDATE {s}.dray_jobs j
-SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'dead' ELSE 'available' END,
-    finished_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
-    leased_until = NULL,
-    errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
-        'at', now(), 'kind', 'lease_expired',
-        'message', 'the lease ended without a result (worker died, stalled or was cut off)'))
-WHERE j.ctid = ANY(ARRAY(
-    SELECT ctid FROM {s}.dray_jobs
+WITH l AS MATERIALIZED (
+    SELECT ctid, attempt >= max_attempts AS dies FROM {s}.dray_jobs
     WHERE id = ANY($1) AND state = 'running' AND leased_until <= now()
-    FOR UPDATE SKIP LOCKED))
-RETURNING j.queue, j.state";
+    FOR UPDATE SKIP LOCKED),
+kept AS (
+    UPDATE {s}.dray_jobs j
+    SET state = 'available', leased_until = NULL, errors = {lease_expired}
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM l WHERE NOT dies))
+    RETURNING j.queue, j.state),
+gone AS (
+    DELETE FROM {s}.dray_jobs j
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM l WHERE dies))
+    RETURNING {moved_expired}),
+{move}
+SELECT * FROM kept UNION ALL SELECT queue, state FROM gone";
 
-const GET: &str = "SELECT {cols} FROM {s}.dray_jobs j WHERE j.id = $1";
+/// The attempt error a rescue records.
+const LEASE_EXPIRED: &str = "j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
+        'at', now(), 'kind', 'lease_expired',
+        'message', 'the lease ended without a result (worker died, stalled or was cut off)'))";
+
+/// Reads go through `dray_jobs_all`, the hot table and the history as one (schema version 9).
+const GET: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = $1";
 
 /// Stats: one scan of the queue's rows, every count at the same now().
 const STATS: &str = "
@@ -259,7 +346,7 @@ SELECT
     count(*) FILTER (WHERE state = 'completed') AS completed,
     count(*) FILTER (WHERE state = 'dead')      AS dead,
     count(*) FILTER (WHERE state = 'cancelled') AS cancelled
-FROM {s}.dray_jobs WHERE queue = $1";
+FROM {s}.dray_jobs_all WHERE queue = $1";
 
 /// Time until the queue's earliest pending row is due, in microseconds (NULL: none; zero or
 /// less: one is due already). Rows already due count: a row that came due between a claim that
@@ -277,17 +364,19 @@ WHERE queue = $1 AND finished_at IS NULL AND state IN {pending}";
 /// completed only when that is fewer than it was given (a lease was lost: the caller needs to
 /// know which). A batch of 1,000 then costs PostgreSQL one result row instead of 1,000, and the
 /// client one row to read.
+///
+/// The completed rows move to the history (see [`MOVE`]).
 const COMPLETE: &str = "
-WITH done AS (
-    UPDATE {s}.dray_jobs j
-    SET state = 'completed', finished_at = now(), leased_until = NULL, result = r.result::jsonb
-    FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
+WITH gone AS (
+    DELETE FROM {s}.dray_jobs j
+    USING UNNEST($1::uuid[], $2::int4[], $3::text[]) AS r(id, attempt, result)
     WHERE j.id = ANY($1) AND j.id = r.id AND {running}
       AND (r.attempt IS NULL OR j.attempt = r.attempt)
-    RETURNING j.id)
+    RETURNING {moved_with_result}),
+{move}
 SELECT count(*),
        CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END
-FROM done";
+FROM gone";
 
 /// [`COMPLETE`] for the usual batch: every attempt the same (`$2`; NULL: unfenced) and no
 /// output (jobs returning `()`). The rows are found by the primary key alone and fenced by
@@ -295,29 +384,37 @@ FROM done";
 /// on this machine, this statement ran the drain at ~65k jobs/s where `COMPLETE` ran it at
 /// ~50k (back to back).
 const COMPLETE_UNIFORM: &str = "
-WITH done AS (
-    UPDATE {s}.dray_jobs j
-    SET state = 'completed', finished_at = now(), leased_until = NULL, result = NULL
+WITH gone AS (
+    DELETE FROM {s}.dray_jobs j
     WHERE j.id = ANY($1) AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
-    RETURNING j.id)
+    RETURNING {moved_completed}),
+{move}
 SELECT count(*),
        CASE WHEN count(*) < cardinality($1) THEN COALESCE(array_agg(id), '{}') END
-FROM done";
+FROM gone";
 
 /// Fail: record the attempt's error and move on: retryable after a delay (dead when out of
-/// attempts), dead, or cancelled. $5 is 'retry', 'dead' or 'cancelled'. Fenced.
+/// attempts), dead, or cancelled. $5 is 'retry', 'dead' or 'cancelled'. Fenced. A row that ends
+/// (dead or cancelled) moves to the history.
 const FAIL: &str = "
-UPDATE {s}.dray_jobs j
-SET state = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts THEN 'retryable'
-                 WHEN $5 = 'cancelled' THEN 'cancelled' ELSE 'dead' END,
-    run_at = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts
-                  THEN now() + $6 * interval '1 microsecond' ELSE j.run_at END,
-    finished_at = CASE WHEN $5 = 'retry' AND j.attempt < j.max_attempts THEN NULL ELSE now() END,
-    leased_until = NULL,
-    errors = j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
-        'at', now(), 'kind', $3::text, 'message', $4::text))
-WHERE j.id = $1 AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
-{lease_returning}";
+WITH kept AS (
+    UPDATE {s}.dray_jobs j
+    SET state = 'retryable', run_at = now() + $6 * interval '1 microsecond',
+        leased_until = NULL, errors = {fail_error}
+    WHERE j.id = $1 AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
+      AND $5::text = 'retry' AND j.attempt < j.max_attempts
+    {lease_returning}),
+gone AS (
+    DELETE FROM {s}.dray_jobs j
+    WHERE j.id = $1 AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
+      AND NOT ($5::text = 'retry' AND j.attempt < j.max_attempts)
+    RETURNING {moved_failed}),
+{move}
+SELECT * FROM kept UNION ALL {gone_returning}";
+
+/// The attempt error a failure records (`$3` kind, `$4` message).
+const FAIL_ERROR: &str = "j.errors || jsonb_build_array(jsonb_build_object('attempt', j.attempt,
+        'at', now(), 'kind', $3::text, 'message', $4::text))";
 
 /// Progress of a running attempt. Fenced.
 const PROGRESS: &str = "
@@ -325,38 +422,56 @@ UPDATE {s}.dray_jobs j SET progress = $3, progress_message = $4
 WHERE j.id = $1 AND {running} AND ($2::int4 IS NULL OR j.attempt = $2)
 {lease_returning}";
 
-/// Cancel: a pending job is cancelled at once; a running one gets a cancel request that its
-/// worker sees at the next heartbeat. The locked subquery reads the state before the change.
+/// Cancel: a pending job is cancelled at once (and moves to the history); a running one gets a
+/// cancel request that its worker sees at the next heartbeat. Answers the state before the
+/// change: read under the row lock for a hot row, as stored for a finished one.
 const CANCEL: &str = "
-UPDATE {s}.dray_jobs j
-SET state = CASE WHEN o.state IN {pending} THEN 'cancelled' ELSE j.state END,
-    finished_at = CASE WHEN o.state IN {pending} THEN now() ELSE j.finished_at END,
-    cancel_requested_at = CASE WHEN o.state IN {pending} OR o.state = 'running'
-                               THEN COALESCE(j.cancel_requested_at, now())
-                               ELSE j.cancel_requested_at END
-FROM (SELECT id, state FROM {s}.dray_jobs WHERE id = $1 FOR UPDATE) o
-WHERE j.id = o.id
-RETURNING o.state, j.state";
+WITH o AS MATERIALIZED (SELECT state FROM {s}.dray_jobs WHERE id = $1 FOR UPDATE),
+gone AS (
+    DELETE FROM {s}.dray_jobs j
+    WHERE j.id = $1 AND (SELECT state FROM o) IN {pending}
+    RETURNING {moved_cancelled}),
+{move},
+asked AS (
+    UPDATE {s}.dray_jobs j SET cancel_requested_at = COALESCE(j.cancel_requested_at, now())
+    WHERE j.id = $1 AND (SELECT state FROM o) = 'running'
+    RETURNING j.id)
+SELECT state FROM o
+UNION ALL
+SELECT h.state FROM {s}.dray_jobs_history h WHERE h.id = $1 AND NOT EXISTS (SELECT 1 FROM o)
+LIMIT 1";
 
-/// Re-drive a dead or cancelled job with fresh attempts; its error history stays.
+/// Re-drive a dead or cancelled job with fresh attempts; its error history stays. The row moves
+/// back from the history to the hot table; one that finished before schema version 9 (still in
+/// the hot table) is reset where it is.
 const REDRIVE: &str = "
-UPDATE {s}.dray_jobs j
-SET state = 'available', attempt = 0, run_at = now(), finished_at = NULL, leased_until = NULL,
-    leased_by = NULL, cancel_requested_at = NULL, result = NULL, progress = NULL,
-    progress_message = NULL, callback_attempts = 0, callback_next_at = NULL,
-    callback_done_at = NULL, callback_error = NULL
-WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
-RETURNING {cols}";
+WITH gone AS (
+    DELETE FROM {s}.dray_jobs_history j
+    WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
+    RETURNING {moved_redriven}),
+back AS (
+    INSERT INTO {s}.dray_jobs AS j ({all}) SELECT {all} FROM gone
+    RETURNING {cols}),
+legacy AS (
+    UPDATE {s}.dray_jobs j
+    SET state = 'available', attempt = 0, run_at = now(), finished_at = NULL,
+        leased_until = NULL, leased_by = NULL, cancel_requested_at = NULL, result = NULL,
+        progress = NULL, progress_message = NULL, callback_attempts = 0,
+        callback_next_at = NULL, callback_done_at = NULL, callback_error = NULL
+    WHERE j.id = $1 AND j.state IN ('dead', 'cancelled')
+    RETURNING {cols})
+SELECT * FROM back UNION ALL SELECT * FROM legacy";
 
 const LIST: &str = "
-SELECT {cols} FROM {s}.dray_jobs j
+SELECT {cols} FROM {s}.dray_jobs_all j
 WHERE ($1::text IS NULL OR j.queue = $1) AND ($2::text IS NULL OR j.kind = $2)
   AND ($3::text IS NULL OR j.state = $3) AND ($4::uuid IS NULL OR j.id < $4)
 ORDER BY j.id DESC
 LIMIT $5";
 
-/// Prune finished rows in bounded batches, oldest first (walks dray_jobs_finished_at_idx: a
-/// row is finished exactly when it has a `finished_at`, a constraint since schema version 5).
+/// Prune finished rows still in the hot table (they finished before schema version 9) in bounded
+/// batches, oldest first (walks dray_jobs_finished_at_idx: a row is finished exactly when it
+/// has a `finished_at`, a constraint since schema version 5).
 const PRUNE: &str = "
 DELETE FROM {s}.dray_jobs WHERE id IN (
     SELECT id FROM {s}.dray_jobs
@@ -366,6 +481,23 @@ DELETE FROM {s}.dray_jobs WHERE id IN (
 
 /// Take or renew a leadership lease: the upsert's WHERE lets it through only for the current
 /// holder or once the lease has expired (database clock); no row back means someone else leads.
+/// Prune the history: drop the hourly partitions past the retention `$1` (whole tables, no
+/// row-by-row delete); answers how many rows they held.
+const PRUNE_HISTORY: &str = "SELECT {s}.dray_history_drop($1 * interval '1 microsecond')";
+
+/// Prune history rows one by one, in bounded batches, oldest first, from `{from}`: the default
+/// partition (rows whose hour had no partition yet), or the whole history when the retention
+/// is shorter than a partition's hour.
+const PRUNE_HISTORY_ROWS: &str = "
+DELETE FROM {s}.{from} WHERE id IN (
+    SELECT id FROM {s}.{from}
+    WHERE finished_at < now() - $1 * interval '1 microsecond'
+    ORDER BY finished_at
+    LIMIT $2)";
+
+/// Make the history's partitions for the next hours (see migration 0009).
+const PREPARE_HISTORY: &str = "SELECT {s}.dray_history_prepare(3)";
+
 const LEADER_ACQUIRE: &str = "
 INSERT INTO {s}.dray_leaders AS l (name, holder, expires_at)
 VALUES ($1, $2, now() + $3 * interval '1 microsecond')
@@ -377,40 +509,66 @@ const LEADER_RELEASE: &str = "DELETE FROM {s}.dray_leaders WHERE name = $1 AND h
 
 /// Claim due callback deliveries: finished jobs with a URL not yet delivered, whose next try
 /// is due. Leased by pushing callback_next_at out, so a dispatcher that dies mid-try is
-/// retried after the lease; SKIP LOCKED keeps concurrent dispatchers apart.
+/// retried after the lease; SKIP LOCKED keeps concurrent dispatchers apart. From the history,
+/// and from rows that finished before schema version 9 (in the hot table).
 const CALLBACK_CLAIM: &str = "
-UPDATE {s}.dray_jobs j
-SET callback_attempts = j.callback_attempts + 1,
-    callback_next_at = now() + $2 * interval '1 microsecond'
-WHERE j.ctid = ANY(ARRAY(
-    SELECT ctid FROM {s}.dray_jobs
-    WHERE callback_url IS NOT NULL AND callback_done_at IS NULL AND finished_at IS NOT NULL
-      AND (callback_next_at IS NULL OR callback_next_at <= now())
-    ORDER BY callback_next_at NULLS FIRST
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED))
-RETURNING {cols}";
+WITH h AS (
+    UPDATE {s}.dray_jobs_history j
+    SET callback_attempts = j.callback_attempts + 1,
+        callback_next_at = now() + $2 * interval '1 microsecond'
+    WHERE j.id = ANY(ARRAY(
+        SELECT id FROM {s}.dray_jobs_history
+        WHERE callback_url IS NOT NULL AND callback_done_at IS NULL
+          AND (callback_next_at IS NULL OR callback_next_at <= now())
+        ORDER BY callback_next_at NULLS FIRST
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED))
+    RETURNING {cols}),
+legacy AS (
+    UPDATE {s}.dray_jobs j
+    SET callback_attempts = j.callback_attempts + 1,
+        callback_next_at = now() + $2 * interval '1 microsecond'
+    WHERE j.ctid = ANY(ARRAY(
+        SELECT ctid FROM {s}.dray_jobs
+        WHERE callback_url IS NOT NULL AND callback_done_at IS NULL AND finished_at IS NOT NULL
+          AND (callback_next_at IS NULL OR callback_next_at <= now())
+        ORDER BY callback_next_at NULLS FIRST
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED))
+    RETURNING {cols})
+SELECT * FROM h UNION ALL SELECT * FROM legacy";
 
 /// Quarantine rows a claim leased but could not decode (`$1` ids, `$2` the error to record):
 /// dead at once, with an `unreadable` attempt error naming the column and what it held, so
 /// that the claim's other rows go on as if these were not there. An error list that is itself
 /// the unreadable column starts afresh (the recorded message says what it held).
 const QUARANTINE: &str = "
-UPDATE {s}.dray_jobs j
-SET state = 'dead', finished_at = now(), leased_until = NULL,
-    errors = CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors ELSE '[]'::jsonb END
-        || jsonb_build_array(jsonb_build_object('attempt', j.attempt, 'at', now(),
-               'kind', 'unreadable', 'message', q.message))
-FROM UNNEST($1::uuid[], $2::text[]) AS q(id, message)
-WHERE j.id = ANY($1) AND j.id = q.id AND j.state = 'running'";
+WITH gone AS (
+    DELETE FROM {s}.dray_jobs j USING UNNEST($1::uuid[], $2::text[]) AS q(id, message)
+    WHERE j.id = ANY($1) AND j.id = q.id AND j.state = 'running'
+    RETURNING {moved_quarantined}),
+{move}
+SELECT count(*) FROM gone";
 
-/// Settle a callback try ($3: delivered?), fenced by the try number.
+/// The attempt error a quarantine records: an error list that is itself the unreadable column
+/// starts afresh.
+const QUARANTINE_ERROR: &str = "CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors ELSE '[]'::jsonb END
+        || jsonb_build_array(jsonb_build_object('attempt', j.attempt, 'at', now(),
+               'kind', 'unreadable', 'message', q.message))";
+
+/// Settle a callback try ($3: delivered?), fenced by the try number; answers how many rows it
+/// settled (the row is in the history, or in the hot table if it finished before version 9).
 const CALLBACK_SETTLE: &str = "
-UPDATE {s}.dray_jobs
+WITH h AS ({settle_in_history} RETURNING 1), legacy AS ({settle_in_hot} RETURNING 1)
+SELECT (SELECT count(*) FROM h) + (SELECT count(*) FROM legacy)";
+
+/// One table's half of [`CALLBACK_SETTLE`] (`{table}`).
+const SETTLE_IN: &str = "
+UPDATE {s}.{table}
 SET callback_done_at = CASE WHEN $3 THEN now() END,
     callback_next_at = CASE WHEN $3 THEN callback_next_at
                             ELSE now() + $4 * interval '1 microsecond' END,
-    callback_error = CASE WHEN $3 THEN NULL ELSE $5 END
+    callback_error = CASE WHEN $3 THEN NULL ELSE $5::text END
 WHERE id = $1 AND callback_attempts = $2 AND callback_done_at IS NULL";
 
 /// Wakes receivers in other processes: after enqueues (from the store's notifier once they
@@ -481,6 +639,10 @@ pub struct Sql {
     pub redrive: Arc<str>,
     pub list: Arc<str>,
     pub prune: Arc<str>,
+    pub prune_history: Arc<str>,
+    pub prune_history_default: Arc<str>,
+    pub prune_history_rows: Arc<str>,
+    pub prepare_history: Arc<str>,
     pub leader_acquire: Arc<str>,
     pub leader_release: Arc<str>,
     pub callback_claim: Arc<str>,
@@ -491,8 +653,54 @@ pub struct Sql {
 impl Sql {
     /// Fills in the quoted schema name.
     pub fn new(quoted_schema: &str) -> Sql {
+        let all = ALL_COLS.join(", ");
+        let mut with_result = finishing("'completed'");
+        with_result.push(("result", "r.result::jsonb"));
+        let mut completed = finishing("'completed'");
+        completed.push(("result", "NULL::jsonb"));
+        let mut expired = finishing("'dead'");
+        expired.push(("errors", LEASE_EXPIRED));
+        let mut failed = finishing("CASE WHEN $5::text = 'cancelled' THEN 'cancelled' ELSE 'dead' END");
+        failed.push(("errors", FAIL_ERROR));
+        let mut cancelled = finishing("'cancelled'");
+        cancelled.push(("cancel_requested_at", "COALESCE(j.cancel_requested_at, now())"));
+        let mut quarantined = finishing("'dead'");
+        quarantined.push(("errors", QUARANTINE_ERROR));
+        let redriven: Vec<(&str, &str)> = vec![
+            ("state", "'available'"),
+            ("attempt", "0"),
+            ("run_at", "now()"),
+            ("finished_at", "NULL::timestamptz"),
+            ("leased_until", "NULL::timestamptz"),
+            ("leased_by", "NULL::text"),
+            ("cancel_requested_at", "NULL::timestamptz"),
+            ("result", "NULL::jsonb"),
+            ("progress", "NULL::int2"),
+            ("progress_message", "NULL::text"),
+            ("callback_attempts", "0"),
+            ("callback_next_at", "NULL::timestamptz"),
+            ("callback_done_at", "NULL::timestamptz"),
+            ("callback_error", "NULL::text"),
+        ];
         let f = |t: &str| -> Arc<str> {
-            t.replace("{refs}", REFS)
+            t.replace("{settle_in_history}", &SETTLE_IN.replace("{table}", "dray_jobs_history"))
+                .replace("{settle_in_hot}", &SETTLE_IN.replace("{table}", "dray_jobs"))
+                .replace("{refs}", REFS)
+                .replace("{refs_where}", REFS_WHERE)
+                .replace("{nack_dies}", NACK_DIES)
+                .replace("{move}", MOVE)
+                .replace("{gone_returning}", GONE_RETURNING)
+                .replace("{moved_with_result}", &moved(&with_result))
+                .replace("{moved_completed}", &moved(&completed))
+                .replace("{moved_dead}", &moved(&finishing("'dead'")))
+                .replace("{moved_expired}", &moved(&expired))
+                .replace("{moved_failed}", &moved(&failed))
+                .replace("{moved_cancelled}", &moved(&cancelled))
+                .replace("{moved_quarantined}", &moved(&quarantined))
+                .replace("{moved_redriven}", &moved(&redriven))
+                .replace("{lease_expired}", LEASE_EXPIRED)
+                .replace("{fail_error}", FAIL_ERROR)
+                .replace("{all}", &all)
                 .replace("{running}", RUNNING)
                 .replace("{lease_returning}", LEASE_RETURNING)
                 .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
@@ -531,6 +739,10 @@ impl Sql {
             redrive: f(REDRIVE),
             list: f(LIST),
             prune: f(PRUNE),
+            prune_history: f(PRUNE_HISTORY),
+            prune_history_default: f(&PRUNE_HISTORY_ROWS.replace("{from}", "dray_jobs_history_default")),
+            prune_history_rows: f(&PRUNE_HISTORY_ROWS.replace("{from}", "dray_jobs_history")),
+            prepare_history: f(PREPARE_HISTORY),
             leader_acquire: f(LEADER_ACQUIRE),
             leader_release: f(LEADER_RELEASE),
             callback_claim: f(CALLBACK_CLAIM),

@@ -43,14 +43,17 @@ impl Fixture for Pg {
     }
 
     async fn set_columns(&self, store: &PgStore, id: uuid::Uuid, set: &str) {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE \"{}\".dray_jobs SET {set} WHERE id = $1",
-            store.schema()
-        )))
-        .bind(id)
-        .execute(store.pool())
-        .await
-        .unwrap();
+        // The job is in the hot table or, finished, in the history.
+        for table in ["dray_jobs", "dray_jobs_history"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE \"{}\".{table} SET {set} WHERE id = $1",
+                store.schema()
+            )))
+            .bind(id)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
     }
 
     async fn cleanup(&self, store: PgStore) {
