@@ -1249,7 +1249,7 @@ impl Store for PgStore {
         // One row that does not decode costs only itself: the others are handed out, it is
         // quarantined.
         let (out, bad) = claimed_in_order(&rows, |r| decode_claimed(r, p), row_id);
-        round.finish(p.limit, &out, |m| Some(claim_key(m)));
+        round.finish(&out, |m| Some(claim_key(m)));
         if !bad.is_empty() {
             self.quarantine(&bad).await?;
         }
@@ -1397,11 +1397,18 @@ impl Store for PgStore {
     }
 
     async fn queue_next_due(&self, queue: &QueueName) -> Result<Option<Duration>> {
-        let us: Option<i64> = sqlx::query_scalar(AssertSqlSafe(self.inner.sql.next_due.clone()))
-            .bind(queue.as_str())
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(Error::db("queue_next_due"))?;
+        let sql = &self.inner.sql;
+        let us: Option<i64> = match self.inner.cursors.peek(queue.as_str()) {
+            Some((np, run_at, id)) => sqlx::query_scalar(AssertSqlSafe(sql.next_due_after.clone()))
+                .bind(queue.as_str())
+                .bind(np)
+                .bind(run_at)
+                .bind(id),
+            None => sqlx::query_scalar(AssertSqlSafe(sql.next_due.clone())).bind(queue.as_str()),
+        }
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(Error::db("queue_next_due"))?;
         Ok(us.map(|us| Duration::from_micros(us.max(0) as u64)))
     }
 

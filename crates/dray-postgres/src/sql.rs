@@ -274,7 +274,8 @@ SELECT * FROM kept UNION ALL {gone_returning}";
 
 /// Whether a nack (mode `$4`) ends the row: a `'dead'` nack, or a requeue of a row that has
 /// used all its attempts.
-const NACK_DIES: &str = "($4 NOT IN ('release', 'defer') AND ($4 = 'dead' OR j.attempt >= j.max_attempts))";
+const NACK_DIES: &str =
+    "($4 NOT IN ('release', 'defer') AND ($4 = 'dead' OR j.attempt >= j.max_attempts))";
 
 /// Extend (heartbeat): the lease now ends `$4` microseconds after the database's now().
 const EXTEND: &str = "
@@ -356,6 +357,22 @@ const NEXT_DUE: &str = "
 SELECT (EXTRACT(EPOCH FROM min(run_at) - now()) * 1000000)::int8
 FROM {s}.dray_jobs
 WHERE queue = $1 AND finished_at IS NULL AND state IN {pending}";
+
+/// [`NEXT_DUE`] for a handle that has claimed from the queue: the rows after its claim
+/// cursor `($2, $3, $4)` = (−priority, run_at, id), the ones enqueued since in delivery order,
+/// and the rows of a higher priority than the cursor's. It does not walk the rows before the
+/// cursor at the cursor's priority: the finished ones among them are dead index entries, which
+/// VACUUM cannot remove while another transaction holds the xmin horizon back, and walking them
+/// cost every idle look tens of milliseconds then. A pending row among them (released or
+/// rescued by another process) is found by the next head scan.
+const NEXT_DUE_AFTER: &str = "
+SELECT (EXTRACT(EPOCH FROM least(
+    (SELECT min(run_at) FROM {s}.dray_jobs
+     WHERE (queue, -(priority::int4), run_at, id) > ($1, $2, $3, $4) AND queue <= $1
+       AND finished_at IS NULL AND state IN {pending}),
+    (SELECT min(run_at) FROM {s}.dray_jobs
+     WHERE queue = $1 AND -(priority::int4) < $2 AND finished_at IS NULL AND state IN {pending})
+) - now()) * 1000000)::int8";
 
 /// Complete: finished attempts with their outputs, one statement for the whole batch (the
 /// worker's completer buffers them for a few milliseconds). Fenced like ack.
@@ -552,7 +569,8 @@ SELECT count(*) FROM gone";
 
 /// The attempt error a quarantine records: an error list that is itself the unreadable column
 /// starts afresh.
-const QUARANTINE_ERROR: &str = "CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors ELSE '[]'::jsonb END
+const QUARANTINE_ERROR: &str =
+    "CASE WHEN jsonb_typeof(j.errors) = 'array' THEN j.errors ELSE '[]'::jsonb END
         || jsonb_build_array(jsonb_build_object('attempt', j.attempt, 'at', now(),
                'kind', 'unreadable', 'message', q.message))";
 
@@ -631,6 +649,7 @@ pub struct Sql {
     pub get: Arc<str>,
     pub stats: Arc<str>,
     pub next_due: Arc<str>,
+    pub next_due_after: Arc<str>,
     pub complete: Batched,
     pub complete_uniform: Batched,
     pub fail: Arc<str>,
@@ -660,10 +679,14 @@ impl Sql {
         completed.push(("result", "NULL::jsonb"));
         let mut expired = finishing("'dead'");
         expired.push(("errors", LEASE_EXPIRED));
-        let mut failed = finishing("CASE WHEN $5::text = 'cancelled' THEN 'cancelled' ELSE 'dead' END");
+        let mut failed =
+            finishing("CASE WHEN $5::text = 'cancelled' THEN 'cancelled' ELSE 'dead' END");
         failed.push(("errors", FAIL_ERROR));
         let mut cancelled = finishing("'cancelled'");
-        cancelled.push(("cancel_requested_at", "COALESCE(j.cancel_requested_at, now())"));
+        cancelled.push((
+            "cancel_requested_at",
+            "COALESCE(j.cancel_requested_at, now())",
+        ));
         let mut quarantined = finishing("'dead'");
         quarantined.push(("errors", QUARANTINE_ERROR));
         let redriven: Vec<(&str, &str)> = vec![
@@ -683,31 +706,37 @@ impl Sql {
             ("callback_error", "NULL::text"),
         ];
         let f = |t: &str| -> Arc<str> {
-            t.replace("{settle_in_history}", &SETTLE_IN.replace("{table}", "dray_jobs_history"))
-                .replace("{settle_in_hot}", &SETTLE_IN.replace("{table}", "dray_jobs"))
-                .replace("{refs}", REFS)
-                .replace("{refs_where}", REFS_WHERE)
-                .replace("{nack_dies}", NACK_DIES)
-                .replace("{move}", MOVE)
-                .replace("{gone_returning}", GONE_RETURNING)
-                .replace("{moved_with_result}", &moved(&with_result))
-                .replace("{moved_completed}", &moved(&completed))
-                .replace("{moved_dead}", &moved(&finishing("'dead'")))
-                .replace("{moved_expired}", &moved(&expired))
-                .replace("{moved_failed}", &moved(&failed))
-                .replace("{moved_cancelled}", &moved(&cancelled))
-                .replace("{moved_quarantined}", &moved(&quarantined))
-                .replace("{moved_redriven}", &moved(&redriven))
-                .replace("{lease_expired}", LEASE_EXPIRED)
-                .replace("{fail_error}", FAIL_ERROR)
-                .replace("{all}", &all)
-                .replace("{running}", RUNNING)
-                .replace("{lease_returning}", LEASE_RETURNING)
-                .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
-                .replace("{claim_cols}", CLAIM_COLS)
-                .replace("{pending}", PENDING)
-                .replace("{s}", quoted_schema)
-                .into()
+            t.replace(
+                "{settle_in_history}",
+                &SETTLE_IN.replace("{table}", "dray_jobs_history"),
+            )
+            .replace(
+                "{settle_in_hot}",
+                &SETTLE_IN.replace("{table}", "dray_jobs"),
+            )
+            .replace("{refs}", REFS)
+            .replace("{refs_where}", REFS_WHERE)
+            .replace("{nack_dies}", NACK_DIES)
+            .replace("{move}", MOVE)
+            .replace("{gone_returning}", GONE_RETURNING)
+            .replace("{moved_with_result}", &moved(&with_result))
+            .replace("{moved_completed}", &moved(&completed))
+            .replace("{moved_dead}", &moved(&finishing("'dead'")))
+            .replace("{moved_expired}", &moved(&expired))
+            .replace("{moved_failed}", &moved(&failed))
+            .replace("{moved_cancelled}", &moved(&cancelled))
+            .replace("{moved_quarantined}", &moved(&quarantined))
+            .replace("{moved_redriven}", &moved(&redriven))
+            .replace("{lease_expired}", LEASE_EXPIRED)
+            .replace("{fail_error}", FAIL_ERROR)
+            .replace("{all}", &all)
+            .replace("{running}", RUNNING)
+            .replace("{lease_returning}", LEASE_RETURNING)
+            .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
+            .replace("{claim_cols}", CLAIM_COLS)
+            .replace("{pending}", PENDING)
+            .replace("{s}", quoted_schema)
+            .into()
         };
         let insert = |rows: &str, keyed: bool| {
             f(&INSERT
@@ -731,6 +760,7 @@ impl Sql {
             get: f(GET),
             stats: f(STATS),
             next_due: f(NEXT_DUE),
+            next_due_after: f(NEXT_DUE_AFTER),
             complete: Batched::new(f(COMPLETE)),
             complete_uniform: Batched::new(f(COMPLETE_UNIFORM)),
             fail: f(FAIL),
@@ -740,7 +770,9 @@ impl Sql {
             list: f(LIST),
             prune: f(PRUNE),
             prune_history: f(PRUNE_HISTORY),
-            prune_history_default: f(&PRUNE_HISTORY_ROWS.replace("{from}", "dray_jobs_history_default")),
+            prune_history_default: f(
+                &PRUNE_HISTORY_ROWS.replace("{from}", "dray_jobs_history_default")
+            ),
             prune_history_rows: f(&PRUNE_HISTORY_ROWS.replace("{from}", "dray_jobs_history")),
             prepare_history: f(PREPARE_HISTORY),
             leader_acquire: f(LEADER_ACQUIRE),

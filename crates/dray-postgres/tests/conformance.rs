@@ -183,6 +183,180 @@ async fn upgrade_from_schema_4_keeps_every_row() {
     store.drop_schema().await.unwrap();
 }
 
+/// A schema built by the migrations up to `version` (`dray_schema_version` as `migrate` keeps
+/// it), with `rows` run after them; returns a handle that neither checks nor migrates.
+async fn schema_at(version: i64, rows: &str) -> (PgStore, String) {
+    let schema = fresh_schema();
+    let skip = open(&schema, SchemaMode::Skip).await.unwrap();
+    let mut setup = format!(
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+         CREATE TABLE dray_schema_version (version bigint PRIMARY KEY, name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());"
+    );
+    for m in dray_postgres::MIGRATIONS
+        .iter()
+        .filter(|m| m.version <= version)
+    {
+        setup.push_str(m.sql);
+        setup.push_str(&format!(
+            "\n;INSERT INTO dray_schema_version (version, name) VALUES ({}, '{}');",
+            m.version, m.name
+        ));
+    }
+    setup.push_str(rows);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
+        .execute(skip.pool())
+        .await
+        .unwrap();
+    (skip, schema)
+}
+
+/// The upgrade to schema version 9 (finished jobs in a history of their own) from version 8,
+/// with rows in every state: it runs while other sessions hold a row lock and an open insert
+/// on the job table (it takes no lock that would wait for them), moves no row, and afterwards
+/// every row reads as before; the finished ones, left in the hot table, are still re-driven,
+/// have their callbacks delivered and are pruned; a job finished after the upgrade lands in
+/// the history.
+#[tokio::test]
+async fn upgrade_from_schema_8_moves_nothing_and_keeps_every_row() {
+    let id = |n: u128| uuid::Uuid::from_u128(0x0190a000_0000_7000_8000_000000000100 + n);
+    let rows = format!(
+        "INSERT INTO dray_jobs (id, queue, key, payload, state, attempt, max_attempts,
+             enqueued_at, run_at, leased_until, leased_by, finished_at, callback_url) VALUES
+         ('{}', 'up', NULL, '1', 'available', 0, 5, now(), now() - interval '1 s', NULL, NULL, NULL, NULL),
+         ('{}', 'up', NULL, '2', 'scheduled', 0, 5, now(), now() + interval '1 h', NULL, NULL, NULL, NULL),
+         ('{}', 'up', 'k', '3', 'running', 1, 5, now(), now() - interval '2 s', now() + interval '1 h', 'old-worker', NULL, NULL),
+         ('{}', 'up', NULL, '4', 'retryable', 1, 5, now(), now() + interval '1 h', NULL, NULL, NULL, NULL),
+         ('{}', 'up', 'k', '5', 'completed', 1, 5, now(), now() - interval '3 s', NULL, NULL, now(), 'http://127.0.0.1:9/hook'),
+         ('{}', 'up', NULL, '6', 'dead', 5, 5, now(), now() - interval '4 s', NULL, NULL, now(), NULL),
+         ('{}', 'up', NULL, '7', 'cancelled', 0, 5, now(), now() - interval '5 s', NULL, NULL, now(), NULL),
+         ('{}', 'up', NULL, '8', 'completed', 1, 5, now() - interval '3 days', now() - interval '3 days', NULL, NULL, now() - interval '2 days', NULL);",
+        id(1), id(2), id(3), id(4), id(5), id(6), id(7), id(8)
+    );
+    let (skip, schema) = schema_at(8, &rows).await;
+    // Other sessions at work on the table: one holds a row lock, one an uncommitted insert.
+    let mut locker = skip.pool().begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM \"{schema}\".dray_jobs WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(id(3))
+    .execute(&mut *locker)
+    .await
+    .unwrap();
+    let mut writer = skip.pool().begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO \"{schema}\".dray_jobs (id, queue, payload, state, max_attempts, enqueued_at, run_at)
+         VALUES ($1, 'other', '0', 'available', 1, now(), now())"
+    )))
+    .bind(id(9))
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(20), skip.migrate())
+        .await
+        .expect("the upgrade waits for no other session")
+        .unwrap();
+    assert_eq!((report.from, report.to), (8, 9));
+    writer.rollback().await.unwrap();
+    locker.rollback().await.unwrap();
+
+    let store = open(&schema, SchemaMode::Check).await.unwrap();
+    let count = |sql: String| {
+        let store = store.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+        }
+    };
+    let hot = format!("SELECT count(*) FROM \"{schema}\".dray_jobs");
+    let history = format!("SELECT count(*) FROM \"{schema}\".dray_jobs_history");
+    assert_eq!(
+        (count(hot.clone()).await, count(history.clone()).await),
+        (8, 0),
+        "nothing moved"
+    );
+
+    // Every row reads as it was.
+    let client = dray_core::Client::new(store.clone());
+    let want = [
+        "available",
+        "scheduled",
+        "running",
+        "retryable",
+        "completed",
+        "dead",
+        "cancelled",
+        "completed",
+    ];
+    for (n, state) in want.iter().enumerate() {
+        let m = client.get(id(n as u128 + 1)).await.unwrap().unwrap();
+        assert_eq!(m.state.as_str(), *state, "row {}", n + 1);
+    }
+    let q = Queue::new(store.clone());
+    let s = q.stats("up").await.unwrap();
+    assert_eq!(
+        (
+            s.available,
+            s.scheduled,
+            s.leased,
+            s.completed,
+            s.dead,
+            s.cancelled
+        ),
+        (1, 2, 1, 2, 1, 1)
+    );
+    // The finished rows left behind are still served: a callback delivery, a re-drive, a
+    // cancel that finds the job already ended.
+    let due = store
+        .callback_claim(10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(due.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id(5)]);
+    assert!(
+        store
+            .callback_settle(id(5), 1, &dray_core::CallbackSettle::Delivered)
+            .await
+            .unwrap()
+    );
+    let cancelled = client.cancel(id(7)).await.unwrap();
+    assert_eq!(
+        cancelled,
+        dray_core::CancelOutcome::AlreadyFinished(dray_core::MessageState::Cancelled)
+    );
+    client.retry(id(6)).await.unwrap();
+    // The re-driven row and the due one run; finished now, they land in the history.
+    let got = q.receive("up", 10, Duration::ZERO).await.unwrap();
+    let mut ids: Vec<_> = got.iter().map(|m| m.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![id(1), id(6)]);
+    let refs: Vec<_> = got.iter().map(|m| m.lease()).collect();
+    store
+        .message_ack_many(&dray_core::QueueName::new("up").unwrap(), &refs)
+        .await
+        .unwrap();
+    assert_eq!(
+        (count(hot.clone()).await, count(history.clone()).await),
+        (6, 2),
+        "the two finished jobs moved to the history"
+    );
+    for n in [1, 6] {
+        let m = client.get(id(n)).await.unwrap().unwrap();
+        assert_eq!(m.state.as_str(), "completed");
+    }
+    // Pruning with a day's retention removes the finished row two days old, left behind in
+    // the hot table, and nothing younger.
+    let pruned = store
+        .job_prune(Duration::from_secs(24 * 3600), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    assert!(client.get(id(8)).await.unwrap().is_none());
+    assert_eq!(count(hot).await, 5);
+    store.drop_schema().await.unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_migrations_apply_once() {
     let schema = fresh_schema();
