@@ -21,8 +21,10 @@
 //! finished jobs' index entries are until VACUUM removes them, and while another transaction
 //! holds the database's xmin horizon back, VACUUM removes none: on PostgreSQL a head scan then
 //! walks every job finished since (52 ms for 100,000 of them), where a claim from the cursor
-//! walks only what came after it. A drained queue keeps its cursor for the same reason: the
-//! jobs enqueued next sort after it.
+//! walks only what came after it. While head scans are slow, a drained queue keeps its cursor
+//! for the same reason (the jobs enqueued next sort after it); while they are cheap, a claim
+//! that comes back short drops it, and the next starts at the head, one statement instead of
+//! a claim from the cursor and another from the head.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -118,13 +120,31 @@ impl ClaimCursors {
         self.lock().get(queue).map(|c| c.key)
     }
 
-    /// After a claim: the cursor moves past its greatest row (a full batch or not: the rows
-    /// enqueued next sort after it). A head scan restarts the window and sets the head-scan
-    /// interval from what it `cost`; one that found nothing leaves the cursor where it was.
-    fn advance(&self, queue: &str, from_head: bool, last: Option<ClaimKey>, cost: Duration) {
+    /// After a claim: the cursor moves past its greatest row. A head scan restarts the window
+    /// and sets the head-scan interval from what it `cost`; one that found nothing leaves the
+    /// cursor where it was. A `short` claim (the queue is drained) drops the cursor while head
+    /// scans are cheap, so that the next claim starts at the head; while they are slow the
+    /// cursor stays (the rows enqueued next sort after it).
+    fn advance(
+        &self,
+        queue: &str,
+        from_head: bool,
+        short: bool,
+        last: Option<ClaimKey>,
+        cost: Duration,
+    ) {
         let mut cursors = self.lock();
+        let head_every = (cost * HEAD_SCAN_SHARE).clamp(HEAD_SCAN_EVERY, HEAD_SCAN_MAX);
+        let cheap = match (from_head, cursors.get(queue)) {
+            (true, _) => head_every <= HEAD_SCAN_EVERY,
+            (false, Some(c)) => c.head_every <= HEAD_SCAN_EVERY,
+            (false, None) => true,
+        };
+        if short && cheap {
+            cursors.remove(queue);
+            return;
+        }
         if from_head {
-            let head_every = (cost * HEAD_SCAN_SHARE).clamp(HEAD_SCAN_EVERY, HEAD_SCAN_MAX);
             let now = Instant::now();
             match (cursors.get_mut(queue), last) {
                 (_, Some(key)) => {
@@ -203,14 +223,21 @@ impl ClaimRound<'_> {
         })
     }
 
-    /// Moves the cursor past the greatest key (`key_of`) of the rows claimed (in any order). A
-    /// row whose key does not read (an unreadable row, which the store sets aside) does not
-    /// move it. After a head scan, the time since [`ClaimCursors::begin`] sets the next
-    /// head-scan interval.
-    pub fn finish<R>(self, rows: &[R], key_of: impl Fn(&R) -> Option<ClaimKey>) {
+    /// Moves the cursor past the greatest key (`key_of`) of the rows claimed (in any order), of
+    /// a claim of at most `limit` (see [`ClaimCursors`] for what a short claim does). A row
+    /// whose key does not read (an unreadable row, which the store sets aside) does not move
+    /// it. After a head scan, the time since [`ClaimCursors::begin`] sets the next head-scan
+    /// interval.
+    pub fn finish<R>(self, limit: u32, rows: &[R], key_of: impl Fn(&R) -> Option<ClaimKey>) {
         let last = rows.iter().filter_map(key_of).max();
-        self.cursors
-            .advance(self.queue, self.from_head, last, self.started.elapsed());
+        let short = rows.len() < limit as usize;
+        self.cursors.advance(
+            self.queue,
+            self.from_head,
+            short,
+            last,
+            self.started.elapsed(),
+        );
     }
 }
 
@@ -249,42 +276,77 @@ mod tests {
     fn a_claim_from_the_head_sets_the_cursor_and_later_ones_only_move_it_forward() {
         let c = ClaimCursors::default();
         assert_eq!(c.start("q"), None, "no cursor: from the head");
-        c.advance("q", true, Some(key(0, 10, 5)), CHEAP);
+        c.advance("q", true, false, Some(key(0, 10, 5)), CHEAP);
         assert_eq!(c.start("q"), Some(key(0, 10, 5)));
-        c.advance("q", false, Some(key(0, 10, 9)), CHEAP);
+        c.advance("q", false, false, Some(key(0, 10, 9)), CHEAP);
         assert_eq!(c.start("q"), Some(key(0, 10, 9)));
         // A concurrent claim that started from an older cursor ends behind: no step back.
-        c.advance("q", false, Some(key(0, 10, 7)), CHEAP);
+        c.advance("q", false, false, Some(key(0, 10, 7)), CHEAP);
         assert_eq!(c.start("q"), Some(key(0, 10, 9)));
         assert_eq!(c.start("other"), None, "cursors are per queue");
     }
 
     #[test]
-    fn a_drained_queue_keeps_its_cursor() {
+    fn a_short_claim_drops_the_cursor_while_head_scans_are_cheap() {
         let c = ClaimCursors::default();
-        c.advance("q", true, Some(key(0, 10, 5)), CHEAP);
+        c.advance("q", true, false, Some(key(0, 10, 5)), CHEAP);
+        c.advance("q", false, true, Some(key(0, 10, 6)), CHEAP);
+        assert_eq!(
+            c.peek("q"),
+            None,
+            "drained: the next claim starts at the head"
+        );
+        // While head scans are slow, a short claim keeps it.
+        c.advance(
+            "q",
+            true,
+            false,
+            Some(key(0, 10, 5)),
+            Duration::from_millis(50),
+        );
+        c.advance("q", false, true, Some(key(0, 10, 6)), CHEAP);
+        assert_eq!(c.peek("q"), Some(key(0, 10, 6)));
+        c.advance("q", true, true, None, Duration::from_millis(50));
+        assert_eq!(
+            c.peek("q"),
+            Some(key(0, 10, 6)),
+            "a slow head scan that found nothing"
+        );
+    }
+
+    #[test]
+    fn while_head_scans_are_slow_a_claim_that_finds_nothing_keeps_the_cursor() {
+        let c = ClaimCursors::default();
+        let slow = Duration::from_millis(50);
+        c.advance("q", true, false, Some(key(0, 10, 5)), slow);
         // Nothing claimed from the cursor: it stays.
-        c.advance("q", false, None, CHEAP);
+        c.advance("q", false, true, None, CHEAP);
         assert_eq!(c.start("q"), Some(key(0, 10, 5)));
-        // A head scan that finds nothing keeps it too.
-        c.advance("q", true, None, CHEAP);
+        // A slow head scan that finds nothing keeps it too.
+        c.advance("q", true, true, None, slow);
         assert_eq!(c.peek("q"), Some(key(0, 10, 5)));
         // With no cursor, a head scan that finds nothing makes none.
-        c.advance("r", true, None, CHEAP);
+        c.advance("r", true, true, None, slow);
         assert_eq!(c.peek("r"), None);
         // A claim from a cursor that is gone (rewound meanwhile) does not make one.
-        c.advance("r", false, Some(key(0, 10, 5)), CHEAP);
+        c.advance("r", false, false, Some(key(0, 10, 5)), CHEAP);
         assert_eq!(c.peek("r"), None);
     }
 
     #[test]
     fn slow_head_scans_come_less_often() {
         let c = ClaimCursors::default();
-        c.advance("q", true, Some(key(0, 10, 5)), CHEAP);
+        c.advance("q", true, false, Some(key(0, 10, 5)), CHEAP);
         assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_EVERY);
-        c.advance("q", true, Some(key(0, 10, 5)), Duration::from_millis(10));
+        c.advance(
+            "q",
+            true,
+            false,
+            Some(key(0, 10, 5)),
+            Duration::from_millis(10),
+        );
         assert_eq!(c.lock()["q"].head_every, Duration::from_millis(500));
-        c.advance("q", true, None, Duration::from_secs(1));
+        c.advance("q", true, false, None, Duration::from_secs(1));
         assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_MAX);
         // While they are slow, an empty claim from the cursor does not retry from the head.
         c.lock().get_mut("q").unwrap().head_scan_at = Instant::now();
@@ -301,7 +363,7 @@ mod tests {
         assert_eq!(round.retry(), None, "already at the head");
         // Rows in any order: the cursor goes past the greatest.
         let rows = [key(0, 10, 7), key(0, 10, 9), key(0, 10, 8)];
-        round.finish(&rows, |k| Some(*k));
+        round.finish(3, &rows, |k| Some(*k));
         assert_eq!(c.start("q"), Some(key(0, 10, 9)));
         let (mut round, after) = c.begin("q");
         assert_eq!(after, key(0, 10, 9));
@@ -313,7 +375,7 @@ mod tests {
         assert_eq!(round.retry(), None);
         // A row whose key does not read does not move it.
         let rows = [key(0, 10, 12), key(0, 10, 10)];
-        round.finish(&rows, |k| (k.2 != Uuid::from_u128(12)).then_some(*k));
+        round.finish(2, &rows, |k| (k.2 != Uuid::from_u128(12)).then_some(*k));
         assert_eq!(c.start("q"), Some(key(0, 10, 10)));
     }
 
@@ -321,7 +383,7 @@ mod tests {
     fn inserts_that_may_sort_before_the_cursor_rewind_it() {
         let c = ClaimCursors::default();
         let t = |secs| DateTime::from_timestamp(secs, 0).unwrap();
-        let set = || c.advance("q", true, Some(key(-5, 10, 5)), CHEAP);
+        let set = || c.advance("q", true, false, Some(key(-5, 10, 5)), CHEAP);
         set();
         // Due now, or after a delay, at the cursor's priority or lower: after every claimed row.
         c.rewind_for(&[

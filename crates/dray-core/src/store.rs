@@ -185,8 +185,11 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Lists jobs, newest first.
     fn job_list(&self, filter: &JobFilter) -> impl Future<Output = Result<Vec<Message>>> + Send;
 
-    /// Deletes up to `limit` finished (completed, dead, cancelled) jobs that finished more than
-    /// `older_than` ago; returns how many.
+    /// Deletes finished (completed, dead, cancelled) jobs that finished more than `older_than`
+    /// ago, up to `limit` where it deletes row by row; returns how many. A store may keep its
+    /// history in time partitions and drop whole ones instead (PostgreSQL: hourly), keeping a
+    /// job up to one partition's span longer, and reporting the dropped partitions' row counts
+    /// as its statistics estimate them.
     fn job_prune(
         &self,
         older_than: Duration,

@@ -91,7 +91,10 @@ pub struct WorkerConfig {
     pub maintenance: bool,
     /// How often maintenance runs on the leader (default 1 s).
     pub maintenance_interval: Duration,
-    /// Finished jobs older than this are pruned (default 24 h).
+    /// Finished jobs older than this are pruned (default 24 h). On PostgreSQL, finished jobs
+    /// live in a history partitioned by the hour, and pruning drops whole hours: a job is kept
+    /// at least this long and at most an hour more (a retention under an hour is kept row by
+    /// row).
     pub retention: Duration,
     /// Key that signs HTTP completion callbacks. A worker with a secret delivers callbacks
     /// (see [`crate::callback`]); without one it leaves them to workers that have one.

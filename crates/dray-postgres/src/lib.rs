@@ -1249,7 +1249,7 @@ impl Store for PgStore {
         // One row that does not decode costs only itself: the others are handed out, it is
         // quarantined.
         let (out, bad) = claimed_in_order(&rows, |r| decode_claimed(r, p), row_id);
-        round.finish(&out, |m| Some(claim_key(m)));
+        round.finish(p.limit, &out, |m| Some(claim_key(m)));
         if !bad.is_empty() {
             self.quarantine(&bad).await?;
         }

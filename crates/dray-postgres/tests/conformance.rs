@@ -696,7 +696,10 @@ async fn builder_durations_are_checked() {
                 .schema_mode(SchemaMode::Migrate);
             match set(builder, d).connect().await {
                 Ok(store) => {
-                    store.drop_schema().await.unwrap();
+                    // Through a handle with the default acquire timeout (1 ms may be too short).
+                    let admin = open(store.schema(), SchemaMode::Skip).await.unwrap();
+                    admin.drop_schema().await.unwrap();
+                    admin.close().await;
                     store.close().await;
                 }
                 // Accepted, yet too short to wait for a connection of a busy server.

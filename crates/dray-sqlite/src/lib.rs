@@ -1297,7 +1297,7 @@ impl Store for SqliteStore {
         {
             rows = claim_after(&mut conn, p, head).await?;
         }
-        round.finish(&rows, |r| claimed_key(r).ok());
+        round.finish(p.limit, &rows, |r| claimed_key(r).ok());
         // The cursor has moved: the next claim may have the connection while these decode.
         release(conn).await;
         // One row that does not decode costs only itself: the others are handed out, it is
