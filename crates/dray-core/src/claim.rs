@@ -48,10 +48,10 @@ pub const HEAD_SCAN_EVERY: Duration = Duration::from_millis(100);
 
 /// The share of the time that head scans may take: the interval between them is at least
 /// the last one's duration divided by this.
-pub const HEAD_SCAN_SHARE: u32 = 50;
+pub const HEAD_SCAN_SHARE: u32 = 200;
 
 /// The longest head-scan interval, however slow a head scan is.
-pub const HEAD_SCAN_MAX: Duration = Duration::from_secs(5);
+pub const HEAD_SCAN_MAX: Duration = Duration::from_secs(10);
 
 /// A message's position in its queue's delivery order.
 pub fn claim_key(m: &Message) -> ClaimKey {
@@ -345,7 +345,10 @@ mod tests {
             Some(key(0, 10, 5)),
             Duration::from_millis(10),
         );
-        assert_eq!(c.lock()["q"].head_every, Duration::from_millis(500));
+        assert_eq!(
+            c.lock()["q"].head_every,
+            Duration::from_millis(10) * HEAD_SCAN_SHARE
+        );
         c.advance("q", true, false, None, Duration::from_secs(1));
         assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_MAX);
         // While they are slow, an empty claim from the cursor does not retry from the head.
