@@ -182,9 +182,10 @@ impl Job for Counted {
     }
 }
 
-/// W3's job: records (handler start − enqueue time), the enqueue time travelling in the payload.
+/// The latency workloads' job: records (enqueue time, handler start − enqueue time) in µs, the
+/// enqueue time travelling in the payload (W6 puts each sample in the phase it was enqueued in).
 struct Latency {
-    samples: Arc<Mutex<Vec<u64>>>,
+    samples: Arc<Mutex<Vec<(i64, u64)>>>,
 }
 
 impl Job for Latency {
@@ -196,7 +197,7 @@ impl Job for Latency {
         self.samples
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((now - sent_us).max(0) as u64);
+            .push((sent_us, (now - sent_us).max(0) as u64));
         Ok(())
     }
 }
@@ -644,14 +645,17 @@ async fn latency_percentiles(
     what: &str,
     n: usize,
     handle: dray::WorkerHandle,
-    samples: &Mutex<Vec<u64>>,
+    samples: &Mutex<Vec<(i64, u64)>>,
     extra: &mut serde_json::Map<String, serde_json::Value>,
 ) -> BenchResult<f64> {
     let picked = || samples.lock().map(|s| s.len()).unwrap_or(0);
     let all = wait_for_count(workload, what, n, (Duration::from_millis(5), STALL), picked).await;
     handle.shutdown().await?;
     all?;
-    let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut s: Vec<u64> = samples
+        .lock()
+        .map(|s| s.iter().map(|(_, l)| *l).collect())
+        .unwrap_or_default();
     extra.insert("p99_ms".into(), percentile_ms(&mut s, 0.99).into());
     extra.insert("max_ms".into(), percentile_ms(&mut s, 1.0).into());
     extra.insert("samples".into(), s.len().into());
@@ -713,26 +717,6 @@ pub const W6_RATE: usize = 800;
 /// W6's worker concurrency.
 pub const W6_CONCURRENCY: usize = 32;
 
-/// W6's job: records (enqueue time, handler start − enqueue time) in µs, the enqueue time
-/// travelling in the payload, so each sample can be put in the phase it was enqueued in.
-struct Phased {
-    samples: Arc<Mutex<Vec<(i64, u64)>>>,
-}
-
-impl Job for Phased {
-    const NAME: &'static str = "bench_phased";
-    type Input = i64;
-    type Output = ();
-    async fn run(&self, _ctx: &JobContext, sent_us: i64) -> Result<(), JobError> {
-        let now = chrono::Utc::now().timestamp_micros();
-        self.samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((sent_us, (now - sent_us).max(0) as u64));
-        Ok(())
-    }
-}
-
 /// W6: a worker on `store` running [`W6_CONCURRENCY`] at a time; [`W6_RATE`] jobs/s enqueued
 /// one per call through `producer` for four `phase`s: one clean, two while a transaction of
 /// another connection stays open, one after it ends. Returns the held phase's p99 in ms; the
@@ -746,7 +730,7 @@ async fn held_xmin_latency<S: RawStore>(
 ) -> BenchResult<f64> {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let handle = Worker::new(store.clone())
-        .register(Phased {
+        .register(Latency {
             samples: samples.clone(),
         })
         .queue(QUEUE, W6_CONCURRENCY)?
@@ -773,7 +757,7 @@ async fn held_xmin_latency<S: RawStore>(
             tick.tick().await;
             for _ in 0..per_tick {
                 client
-                    .enqueue::<Phased>(&chrono::Utc::now().timestamp_micros())
+                    .enqueue::<Latency>(&chrono::Utc::now().timestamp_micros())
                     .await?;
                 sent += 1;
             }

@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    DRAIN, Proc, drained, enqueue, no_job_lost, pg_done_per_job, pg_store, spawn, spawn_with,
+    DRAIN, Fine, Proc, drained, enqueue, no_job_lost, pg_done_per_job, pg_store, spawn, spawn_with,
     sqlite_done_per_job, sqlite_store, wait_for,
 };
 use dray::{
@@ -158,8 +158,6 @@ struct Panics;
 struct Hangs;
 /// Allocates 1 MiB after another until its timeout drops it.
 struct Hogs;
-/// Does nothing.
-struct Fine;
 
 fn poison_options(timeout: Option<Duration>) -> JobOptions {
     JobOptions {
@@ -213,15 +211,6 @@ impl Job for Hogs {
             tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    }
-}
-
-impl Job for Fine {
-    const NAME: &'static str = "fine";
-    type Input = i64;
-    type Output = i64;
-    async fn run(&self, _ctx: &JobContext, n: i64) -> Result<i64, JobError> {
-        Ok(n)
     }
 }
 

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    DRAIN, Effect, drained, enqueue, no_job_lost, pg_done_per_job, pg_store, pg_store_at, pg_url,
-    spawn, spawn_env, suffix, wait_for,
+    DRAIN, Effect, Fine, drained, enqueue, no_job_lost, pg_done_per_job, pg_store, pg_store_at,
+    pg_url, spawn, spawn_env, suffix, wait_for,
 };
 use dray::{Client, Job, JobContext, JobError, MessageState, PgStore, SqliteStore, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,17 +238,6 @@ impl Job for HoldsConnection {
         release.wait_for(|r| *r).await.ok();
         dray::sqlx::query("SELECT 1").execute(&mut *conn).await?;
         Ok(())
-    }
-}
-
-/// Does nothing.
-struct Fine;
-impl Job for Fine {
-    const NAME: &'static str = "fine";
-    type Input = i64;
-    type Output = i64;
-    async fn run(&self, _ctx: &JobContext, n: i64) -> Result<i64, JobError> {
-        Ok(n)
     }
 }
 

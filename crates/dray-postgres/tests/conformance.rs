@@ -141,23 +141,9 @@ async fn missing_schema_is_refused_until_migrated() {
 /// holds it, and the running row's lease still works.
 #[tokio::test]
 async fn upgrade_from_schema_4_keeps_every_row() {
-    let schema = fresh_schema();
-    let skip = open(&schema, SchemaMode::Skip).await.unwrap();
-    let mut setup = format!(
-        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
-         CREATE TABLE dray_schema_version (version bigint PRIMARY KEY, name text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now());"
-    );
-    for m in dray_postgres::MIGRATIONS.iter().filter(|m| m.version <= 4) {
-        setup.push_str(m.sql);
-        setup.push_str(&format!(
-            "\n;INSERT INTO dray_schema_version (version, name) VALUES ({}, '{}');",
-            m.version, m.name
-        ));
-    }
     // Rows as version 4 left them: due, not yet due, running (with a key), and the three
     // finished states.
-    setup.push_str(&format!(
+    let rows = format!(
         "INSERT INTO dray_jobs (id, queue, key, payload, state, attempt, max_attempts,
              enqueued_at, run_at, leased_until, leased_by, finished_at) VALUES
          (gen_random_uuid(), 'up', NULL, '1', 'available', 0, 5, now(), now() - interval '1 s', NULL, NULL, NULL),
@@ -167,11 +153,8 @@ async fn upgrade_from_schema_4_keeps_every_row() {
          (gen_random_uuid(), 'up', NULL, '5', 'dead', 5, 5, now(), now() - interval '4 s', NULL, NULL, now()),
          (gen_random_uuid(), 'up', NULL, '6', 'cancelled', 0, 5, now(), now() - interval '5 s', NULL, NULL, now());",
         running = dray_testkit::queue::UPGRADED_RUNNING_ID
-    ));
-    sqlx::raw_sql(sqlx::AssertSqlSafe(setup))
-        .execute(skip.pool())
-        .await
-        .unwrap();
+    );
+    let (skip, schema) = schema_at(4, &rows).await;
     let report = skip.migrate().await.unwrap();
     assert_eq!(
         (report.from, report.to),

@@ -23,6 +23,17 @@ impl Job for Effect {
     }
 }
 
+/// Does nothing (for in-process workers).
+pub struct Fine;
+impl Job for Fine {
+    const NAME: &'static str = "fine";
+    type Input = i64;
+    type Output = i64;
+    async fn run(&self, _ctx: &JobContext, n: i64) -> Result<i64, JobError> {
+        Ok(n)
+    }
+}
+
 /// A running `dray-crash-worker`; dropping it kills the process.
 pub struct Proc {
     pub child: Child,
