@@ -42,6 +42,8 @@ def when_and_rev(meta, path):
 def main(directory):
     pg, lite = [], []
     for path in sorted(glob.glob(os.path.join(directory, "*.jsonl"))):
+        if path.endswith("-w6.jsonl"):
+            continue  # W6 alone: its runs are tabled in README.md, "Latency while VACUUM is held back"
         meta, runs, extras, _, _ = load(path)
         at, rev = when_and_rev(meta, path)
         if path.endswith("-sqlite.jsonl"):
