@@ -38,6 +38,10 @@ pub trait RawStore: Store {
     /// that holds back the xmin horizon, so VACUUM can remove no row version deleted after it
     /// began. SQLite: a read transaction, which keeps checkpoints from recycling the WAL.
     fn hold_xmin(&self) -> impl Future<Output = BenchResult<Box<dyn Send>>> + Send;
+    /// Stores `n` jobs that finished an hour ago, where this store keeps finished jobs
+    /// (PostgreSQL: the history; SQLite: the job table itself), as a day of history would
+    /// stand beside the live jobs (`DRAY_BENCH_HISTORY`, an experiment knob of W2).
+    fn fill_history(&self, n: usize) -> impl Future<Output = BenchResult<()>> + Send;
     /// Sizes of Dray's job tables (bytes, indexes and TOAST included) and their dead row
     /// versions, as one JSON object; `None` where the database cannot tell (SQLite).
     fn table_sizes(&self) -> impl Future<Output = BenchResult<Option<serde_json::Value>>> + Send;
@@ -68,6 +72,23 @@ impl RawStore for PgStore {
             .execute(&mut *tx)
             .await?;
         Ok(Box::new(tx))
+    }
+
+    async fn fill_history(&self, n: usize) -> BenchResult<()> {
+        let sql = format!(
+            "INSERT INTO \"{}\".dray_jobs_history (id, queue, kind, payload, state, attempt,
+                 max_attempts, enqueued_at, run_at, finished_at)
+             SELECT gen_random_uuid(), 'default', 'bench_noop', jsonb_build_object('i', i),
+                    'completed', 1, 25, now() - interval '61 minutes',
+                    now() - interval '61 minutes', now() - interval '1 hour'
+             FROM generate_series(1, $1) AS i",
+            self.schema()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(n as i64)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     async fn table_sizes(&self) -> BenchResult<Option<serde_json::Value>> {
@@ -219,6 +240,21 @@ impl RawStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         Ok(Box::new((tx, pool)))
+    }
+
+    async fn fill_history(&self, n: usize) -> BenchResult<()> {
+        sqlx::query(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < ?1)
+             INSERT INTO dray_jobs (id, queue, kind, payload, state, attempt, max_attempts,
+                 enqueued_at, run_at, finished_at)
+             SELECT randomblob(16), 'default', 'bench_noop', json_object('i', i), 'completed',
+                    1, 25, t - 3660000, t - 3660000, t - 3600000
+             FROM c, (SELECT CAST(unixepoch('subsec') * 1000 AS INTEGER) AS t)",
+        )
+        .bind(n as i64)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     async fn table_sizes(&self) -> BenchResult<Option<serde_json::Value>> {

@@ -1133,8 +1133,22 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                 Ok(_) => {}
                 Err(err) => tracing::warn!(%err, "dray: rescuing expired leases failed"),
             }
-            if let Err(err) = shared.store.job_prune(shared.config.retention, 1000).await {
-                tracing::warn!(%err, "dray: pruning finished jobs failed");
+            // Batches of PRUNE_BATCH, until one comes back short or PRUNE_ROUNDS have run: a
+            // single batch per round could not keep up with more than PRUNE_BATCH jobs
+            // finishing per maintenance interval, where a store prunes row by row.
+            for _ in 0..PRUNE_ROUNDS {
+                match shared
+                    .store
+                    .job_prune(shared.config.retention, PRUNE_BATCH)
+                    .await
+                {
+                    Ok(n) if n >= u64::from(PRUNE_BATCH) => {}
+                    Ok(_) => break,
+                    Err(err) => {
+                        tracing::warn!(%err, "dray: pruning finished jobs failed");
+                        break;
+                    }
+                }
             }
         }
         tokio::select! {
@@ -1143,6 +1157,12 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
         }
     }
 }
+
+/// Finished jobs pruned per statement where a store prunes row by row.
+const PRUNE_BATCH: u32 = 1000;
+/// Most prune statements per maintenance round (so at most `PRUNE_BATCH × PRUNE_ROUNDS` rows
+/// per round: 10,000 per second at the default interval).
+const PRUNE_ROUNDS: usize = 10;
 
 /// Callback deliveries claimed per round, and how long a claimed delivery is ours.
 const CALLBACK_BATCH: u32 = 16;
