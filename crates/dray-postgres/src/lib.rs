@@ -96,6 +96,11 @@ pub const MIGRATIONS: &[Migration] = &[
 /// deleting rows one by one instead.
 pub const HISTORY_PARTITION: Duration = Duration::from_secs(3600);
 
+/// How often a handle makes the history's coming partitions: they are made three hours
+/// ahead, so every few minutes is ample, and a prune round (every maintenance interval) need
+/// not ask each time.
+const HISTORY_PREPARE_EVERY: Duration = Duration::from_secs(600);
+
 /// Default schema for Dray's tables.
 pub const DEFAULT_SCHEMA: &str = "dray";
 /// Default pool size.
@@ -266,6 +271,7 @@ impl PgStoreBuilder {
                 poll_interval: self.poll_interval,
                 cursors: ClaimCursors::default(),
                 sweep: SweepCursor::default(),
+                history_prepared: std::sync::Mutex::new(None),
             }),
         };
         match self.schema_mode {
@@ -336,6 +342,8 @@ struct Inner {
     cursors: ClaimCursors,
     /// Where this handle's next expired-lease sweep starts.
     sweep: SweepCursor<SweepKey>,
+    /// When this handle last made the history's coming partitions (see `job_prune`).
+    history_prepared: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 pub use dray_core::batch::SWEEP_WINDOW;
@@ -1557,7 +1565,7 @@ impl Store for PgStore {
     }
 
     /// Prunes the history by dropping its hourly partitions past the retention (never row by
-    /// row), after making sure the next hours have theirs. Row by row only where whole
+    /// row), after making sure the next hours have theirs (every [`HISTORY_PREPARE_EVERY`]). Row by row only where whole
     /// partitions cannot serve: rows in the default partition (their hour had no partition
     /// yet), rows of a history whose retention is shorter than an hour, and rows that finished
     /// before schema version 9, still in the hot table. Answers how many rows went (the
@@ -1567,10 +1575,23 @@ impl Store for PgStore {
         let sql = &self.inner.sql;
         let pool = &self.inner.pool;
         let older = micros(older_than);
-        sqlx::query(AssertSqlSafe(sql.prepare_history.clone()))
-            .execute(pool)
-            .await
-            .map_err(Error::db(op))?;
+        let prepare = self
+            .inner
+            .history_prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| at.elapsed() >= HISTORY_PREPARE_EVERY);
+        if prepare {
+            sqlx::query(AssertSqlSafe(sql.prepare_history.clone()))
+                .execute(pool)
+                .await
+                .map_err(Error::db(op))?;
+            *self
+                .inner
+                .history_prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
         let dropped: i64 = sqlx::query_scalar(AssertSqlSafe(sql.prune_history.clone()))
             .bind(older)
             .fetch_one(pool)
