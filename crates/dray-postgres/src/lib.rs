@@ -1565,7 +1565,7 @@ impl Store for PgStore {
     }
 
     /// Prunes the history by dropping its hourly partitions past the retention (never row by
-    /// row), after making sure the next hours have theirs (every [`HISTORY_PREPARE_EVERY`]). Row by row only where whole
+    /// row), after making sure the next hours have theirs (every 10 minutes). Row by row only where whole
     /// partitions cannot serve: rows in the default partition (their hour had no partition
     /// yet), rows of a history whose retention is shorter than an hour, and rows that finished
     /// before schema version 9, still in the hot table. Answers how many rows went (the
