@@ -258,6 +258,51 @@ pub enum Error {
         /// The last attempt's error.
         message: String,
     },
+
+    /// No workflow run has this id (or this workflow id).
+    #[error(
+        "no workflow run {run}; check the id (`dray workflows list` lists runs, newest first)"
+    )]
+    RunNotFound {
+        /// The run id or workflow id looked up.
+        run: String,
+    },
+
+    /// A start named a workflow id that a run of the workflow already has, and asked to be
+    /// told (Forze's `raise_on_already_started`).
+    #[error(
+        "workflow {name:?} already has a run with workflow id {workflow_id:?}: run {run}; use another workflow id, or start without raise_on_already_started to get that run"
+    )]
+    AlreadyStarted {
+        /// The workflow.
+        name: String,
+        /// The workflow id.
+        workflow_id: String,
+        /// The run that has it.
+        run: uuid::Uuid,
+    },
+
+    /// A signal (or another change) was sent to a run that has ended.
+    #[error("workflow run {run} has ended ({status}); it takes no more signals")]
+    RunFinished {
+        /// The run.
+        run: uuid::Uuid,
+        /// How it ended.
+        status: crate::workflow::RunStatus,
+    },
+
+    /// A workflow run ended without an output.
+    #[error(
+        "workflow run {run} ended {status}: {message}; see its steps with `dray workflows describe {run}`"
+    )]
+    WorkflowFailed {
+        /// The run.
+        run: uuid::Uuid,
+        /// `failed`, `cancelled`, `timed_out` or `compensated`.
+        status: crate::workflow::RunStatus,
+        /// Its error.
+        message: String,
+    },
 }
 
 impl Error {
@@ -282,6 +327,10 @@ impl Error {
             Error::Database { .. } => "database",
             Error::Timeout(_) => "timeout",
             Error::JobFailed { .. } => "job_failed",
+            Error::RunNotFound { .. } => "run_not_found",
+            Error::AlreadyStarted { .. } => "already_started",
+            Error::RunFinished { .. } => "run_finished",
+            Error::WorkflowFailed { .. } => "workflow_failed",
         }
     }
 

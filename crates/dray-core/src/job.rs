@@ -298,6 +298,8 @@ pub(crate) struct ContextInner {
     pub(crate) cancel: CancelToken,
     pub(crate) ops: Arc<dyn ContextOps>,
     pub(crate) span: tracing::Span,
+    /// The database clock minus this machine's, as of the claim.
+    pub(crate) db_offset: chrono::TimeDelta,
 }
 
 impl fmt::Debug for JobContext {

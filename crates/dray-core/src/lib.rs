@@ -19,6 +19,7 @@ pub mod store;
 pub mod types;
 pub mod wake;
 pub mod worker;
+pub mod workflow;
 
 pub use client::{Client, JobOutcome, JobStatus};
 pub use duration::{format_duration, parse_duration};
@@ -34,6 +35,10 @@ pub use types::{
 };
 pub use wake::WakeHub;
 pub use worker::{Secret, Worker, WorkerConfig, WorkerEvent, WorkerHandle};
+pub use workflow::{
+    RunStatus, StartOptions, StepOptions, Workflow, WorkflowContext, WorkflowError,
+    WorkflowHandle, WorkflowOptions, WorkflowStore,
+};
 
 /// Re-exported so callers name the same versions Dray uses.
 pub use {chrono, serde_json, sqlx, uuid};

@@ -36,6 +36,9 @@ use crate::job::{CancelToken, ContextInner, ContextOps, Job, JobContext, JobErro
 use crate::queue::{Queue, QueueConfig, ReceiveOptions};
 use crate::store::Store;
 use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Message, QueueName};
+use crate::workflow::Workflow;
+use crate::workflow::engine::{EngineOps, ErasedWorkflow, TypedWorkflow, WorkflowHandler};
+use crate::workflow::WorkflowEngine;
 
 /// Default concurrency of a queue whose concurrency is not given (handlers are async: a
 /// hundred waiting on I/O cost little).
@@ -167,14 +170,28 @@ pub enum WorkerEvent {
     },
 }
 
+/// How a handler's attempt ended when it did not fail.
+pub(crate) enum Handled {
+    /// Completed with this output (serialized JSON), for the completer to write.
+    Output(Option<String>),
+    /// The handler wrote the job's fate itself (a workflow run that suspended or ended);
+    /// `recorded` is false when its write was refused because the lease was lost.
+    Settled { recorded: bool },
+}
+
 /// A type-erased handler.
-trait Erased: Send + Sync {
+pub(crate) trait Erased: Send + Sync {
     fn options(&self) -> &JobOptions;
+    /// True when the handler acts on cancel requests itself (a workflow run compensates):
+    /// the worker then neither cancels its job before it starts nor after it fails.
+    fn handles_cancel(&self) -> bool {
+        false
+    }
     fn call(
         &self,
         ctx: JobContext,
         payload: serde_json::Value,
-    ) -> BoxFuture<'static, std::result::Result<Option<String>, JobError>>;
+    ) -> BoxFuture<'static, std::result::Result<Handled, JobError>>;
 }
 
 struct Typed<J: Job> {
@@ -191,7 +208,7 @@ impl<J: Job> Erased for Typed<J> {
         &self,
         ctx: JobContext,
         payload: serde_json::Value,
-    ) -> BoxFuture<'static, std::result::Result<Option<String>, JobError>> {
+    ) -> BoxFuture<'static, std::result::Result<Handled, JobError>> {
         let job = self.job.clone();
         async move {
             let input: J::Input = serde_json::from_value(payload).map_err(|e| {
@@ -203,7 +220,7 @@ impl<J: Job> Erased for Typed<J> {
             })?;
             // No output (`()`, `None`) is stored as no result: a completed job without one
             // reads back as JSON null (see `JobOutcome::output`), and the row stays narrower.
-            Ok((out != "null").then_some(out))
+            Ok(Handled::Output((out != "null").then_some(out)))
         }
         .boxed()
     }
@@ -259,6 +276,8 @@ struct Shared<S: Store> {
     ops: Arc<Ops<S>>,
     /// Kinds without a handler already logged (once each).
     unknown_kinds: Mutex<std::collections::HashSet<String>>,
+    /// The workflow engine, when workflows are registered (maintenance prunes ended runs).
+    workflows: Option<Arc<dyn EngineOps>>,
 }
 
 impl<S: Store> Shared<S> {
@@ -276,6 +295,14 @@ pub struct Worker<S: Store> {
     config: WorkerConfig,
     handlers: HashMap<String, Arc<dyn Erased>>,
     queues: Vec<(QueueName, usize)>,
+    workflows: Workflows,
+}
+
+/// The workflows a worker registered: per name, every version, and the engine they share.
+#[derive(Default)]
+struct Workflows {
+    versions: HashMap<&'static str, std::collections::BTreeMap<i32, Arc<dyn ErasedWorkflow>>>,
+    engine: Option<Arc<dyn EngineOps>>,
 }
 
 impl<S: Store> std::fmt::Debug for Worker<S> {
@@ -284,6 +311,7 @@ impl<S: Store> std::fmt::Debug for Worker<S> {
             .field("config", &self.config)
             .field("jobs", &self.handlers.keys().collect::<Vec<_>>())
             .field("queues", &self.queues)
+            .field("workflows", &self.workflows.versions.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -296,6 +324,7 @@ impl<S: Store> Worker<S> {
             config: WorkerConfig::default(),
             handlers: HashMap::new(),
             queues: Vec::new(),
+            workflows: Workflows::default(),
         }
     }
 
@@ -393,6 +422,7 @@ impl<S: Store> Worker<S> {
             handlers: self.handlers,
             running: Mutex::new(HashMap::new()),
             unknown_kinds: Mutex::new(Default::default()),
+            workflows: self.workflows.engine,
             events,
         });
         let stop = CancelToken::new();
@@ -403,6 +433,56 @@ impl<S: Store> Worker<S> {
             task,
             events: shared.events.clone(),
         })
+    }
+}
+
+impl<S: crate::workflow::WorkflowStore> Worker<S> {
+    /// Registers a workflow (one version of it: register each version whose runs may still
+    /// be going). Its runs are driven by jobs of kind `workflow:<name>` on its queue.
+    pub fn register_workflow<W: Workflow>(mut self, workflow: W) -> Self {
+        let engine = self
+            .workflows
+            .engine
+            .get_or_insert_with(|| Arc::new(WorkflowEngine::new(self.store.clone())))
+            .clone();
+        let versions = self.workflows.versions.entry(W::NAME).or_default();
+        versions.insert(
+            W::VERSION,
+            Arc::new(TypedWorkflow(Arc::new(workflow))) as Arc<dyn ErasedWorkflow>,
+        );
+        // The newest version's options serve the name's jobs (queue, retries).
+        let newest = *versions.keys().next_back().unwrap_or(&W::VERSION);
+        let o = if newest == W::VERSION {
+            W::options()
+        } else {
+            match self.handlers.get(&crate::workflow::job_kind(W::NAME)) {
+                Some(h) => {
+                    let o = h.options();
+                    crate::workflow::WorkflowOptions {
+                        queue: o.queue.clone(),
+                        priority: o.priority,
+                        timeout: None,
+                        retry: o.retry,
+                    }
+                }
+                None => W::options(),
+            }
+        };
+        let handler = WorkflowHandler {
+            name: W::NAME,
+            versions: versions.clone(),
+            options: JobOptions {
+                queue: o.queue,
+                priority: o.priority,
+                timeout: None,
+                retry: o.retry,
+                unique: false,
+            },
+            engine,
+        };
+        self.handlers
+            .insert(crate::workflow::job_kind(W::NAME), Arc::new(handler));
+        self
     }
 }
 
@@ -800,7 +880,7 @@ async fn release_running<S: Store>(shared: &Shared<S>, queue: &QueueName) {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -841,7 +921,7 @@ async fn run_one<S: Store>(
         tracing::warn!(id = %m.id, "dray: lease lost before the job started; not running it");
         return;
     }
-    if cancel_requested {
+    if cancel_requested && !handler.handles_cancel() {
         shared.running().remove(&m.id);
         Box::pin(fail(
             &shared,
@@ -854,6 +934,16 @@ async fn run_one<S: Store>(
         return;
     }
     let span = tracing::info_span!("dray.job", id = %m.id, kind = %kind, attempt = m.attempt, queue = %m.queue);
+    // The database clock minus this machine's, as of the claim (which set the lease from the
+    // database's now()): workflows keep their times on the database clock with it. Never
+    // ahead of the database, since the claim's answer took time to arrive.
+    let db_offset = m
+        .leased_until
+        .and_then(|until| {
+            let lease = chrono::TimeDelta::from_std(shared.config.lease).ok()?;
+            Some(until - lease - chrono::Utc::now())
+        })
+        .unwrap_or_default();
     let ctx = JobContext {
         inner: Arc::new(ContextInner {
             id: m.id,
@@ -864,6 +954,7 @@ async fn run_one<S: Store>(
             cancel: cancel.clone(),
             ops: shared.ops.clone(),
             span: span.clone(),
+            db_offset,
         }),
     };
     shared.emit(WorkerEvent::Started {
@@ -884,6 +975,7 @@ async fn run_one<S: Store>(
         .remove(&m.id)
         .map(|r| r.cancel_requested)
         .unwrap_or(false);
+    let cancel_requested = cancel_requested && !handler.handles_cancel();
     let retry = |kind: FailureKind| {
         if cancel_requested {
             FailTo::Cancelled
@@ -894,10 +986,19 @@ async fn run_one<S: Store>(
         }
     };
     match outcome {
-        Some(Ok(Ok(result))) => {
+        Some(Ok(Ok(Handled::Output(result)))) => {
             // Handed to the completer; the slot is free as soon as it is queued there.
             let _ = done.send(Completion { lease, result });
             drop(permit);
+        }
+        Some(Ok(Ok(Handled::Settled { recorded }))) => {
+            drop(permit);
+            shared.emit(WorkerEvent::Finished {
+                id: m.id,
+                attempt: m.attempt,
+                failure: None,
+                recorded,
+            });
         }
         Some(Ok(Err(JobError::Transient(msg)))) => {
             Box::pin(fail(
@@ -1147,6 +1248,18 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                     Err(err) => {
                         tracing::warn!(%err, "dray: pruning finished jobs failed");
                         break;
+                    }
+                }
+            }
+            if let Some(wf) = &shared.workflows {
+                for _ in 0..PRUNE_ROUNDS {
+                    match wf.prune(shared.config.retention, PRUNE_BATCH).await {
+                        Ok(n) if n >= u64::from(PRUNE_BATCH) => {}
+                        Ok(_) => break,
+                        Err(err) => {
+                            tracing::warn!(%err, "dray: pruning ended workflow runs failed");
+                            break;
+                        }
                     }
                 }
             }
