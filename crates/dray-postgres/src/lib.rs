@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod sql;
+mod workflow;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -87,6 +88,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "history",
         sql: include_str!("../migrations/0009_history.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "workflows",
+        sql: include_str!("../migrations/0010_workflows.sql"),
     },
 ];
 
@@ -259,6 +265,7 @@ impl PgStoreBuilder {
         let store = PgStore {
             inner: Arc::new(Inner {
                 sql: Sql::new(&quoted),
+                wf: workflow::WfSql::new(&quoted),
                 channel,
                 schema: self.schema,
                 pool,
@@ -332,6 +339,8 @@ struct Inner {
     worker_pool: PgPool,
     listen: Arc<Listen>,
     sql: Sql,
+    /// The workflow layer's statements (`workflow`).
+    wf: workflow::WfSql,
     hub: Arc<WakeHub>,
     listener: tokio::sync::OnceCell<ListenerTask>,
     /// Sends the NOTIFYs of committed enqueues (see [`Notifier`]).

@@ -17,6 +17,7 @@
 
 mod hints;
 mod sql;
+mod workflow;
 
 use std::fmt::Write as _;
 use std::str::FromStr;
@@ -71,6 +72,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "lean_checks",
         sql: include_str!("../migrations/0005_lean_checks.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "workflows",
+        sql: include_str!("../migrations/0006_workflows.sql"),
     },
 ];
 

@@ -251,6 +251,11 @@ impl Erased for WorkflowHandler {
                 }
                 Err(e) => return Err(JobError::Transient(format!("could not load run {id}: {e}"))),
             };
+            if let Some(reason) = &loaded.run.unreadable {
+                return Err(JobError::Permanent(format!(
+                    "run {id} cannot be replayed: {reason}; fix the stored row, then re-drive job {id} (`dray jobs retry {id}`)"
+                )));
+            }
             let version = loaded.run.version;
             let Some(wf) = versions.get(&version).cloned() else {
                 let known: Vec<i32> = versions.keys().copied().collect();

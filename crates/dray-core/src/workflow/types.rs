@@ -300,6 +300,40 @@ pub struct RunRow {
     pub updated_at: DateTime<Utc>,
     /// When it ended.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Set when some stored columns of this run (or of its history) could not be read: which,
+    /// and what was found. Lists show such a run; a worker does not replay it (its job fails
+    /// with this reason) until the row is fixed and the job re-driven.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+}
+
+impl RunRow {
+    /// A run row that could not be read: its id, its name if it read, and why.
+    pub fn unreadable(id: Uuid, name: String, reason: String) -> RunRow {
+        RunRow {
+            id,
+            name,
+            version: 0,
+            workflow_id: String::new(),
+            queue: String::new(),
+            input: serde_json::Value::Null,
+            status: RunStatus::Failed,
+            end_reason: None,
+            output: None,
+            error: None,
+            wait_signal: None,
+            note: None,
+            deadline: None,
+            cancel_requested_at: None,
+            parent_id: None,
+            restarted_from: None,
+            superseded_by: None,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            updated_at: DateTime::<Utc>::UNIX_EPOCH,
+            finished_at: None,
+            unreadable: Some(reason),
+        }
+    }
 }
 
 /// A run with its history, as a worker loads it to replay it.
