@@ -260,9 +260,7 @@ pub enum Error {
     },
 
     /// No workflow run has this id (or this workflow id).
-    #[error(
-        "no workflow run {run}; check the id (`dray workflows list` lists runs, newest first)"
-    )]
+    #[error("no workflow run {run}; check the id (`dray workflows list` lists runs, newest first)")]
     RunNotFound {
         /// The run id or workflow id looked up.
         run: String,

@@ -36,8 +36,8 @@ pub use types::{
 pub use wake::WakeHub;
 pub use worker::{Secret, Worker, WorkerConfig, WorkerEvent, WorkerHandle};
 pub use workflow::{
-    RunStatus, StartOptions, StepOptions, Workflow, WorkflowContext, WorkflowError,
-    WorkflowHandle, WorkflowOptions, WorkflowStore,
+    RunStatus, StartOptions, StepOptions, Workflow, WorkflowContext, WorkflowError, WorkflowHandle,
+    WorkflowOptions, WorkflowStore,
 };
 
 /// Re-exported so callers name the same versions Dray uses.

@@ -37,8 +37,8 @@ use crate::queue::{Queue, QueueConfig, ReceiveOptions};
 use crate::store::Store;
 use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Message, QueueName};
 use crate::workflow::Workflow;
-use crate::workflow::engine::{EngineOps, ErasedWorkflow, TypedWorkflow, WorkflowHandler};
 use crate::workflow::WorkflowEngine;
+use crate::workflow::engine::{EngineOps, ErasedWorkflow, TypedWorkflow, WorkflowHandler};
 
 /// Default concurrency of a queue whose concurrency is not given (handlers are async: a
 /// hundred waiting on I/O cost little).
@@ -311,7 +311,10 @@ impl<S: Store> std::fmt::Debug for Worker<S> {
             .field("config", &self.config)
             .field("jobs", &self.handlers.keys().collect::<Vec<_>>())
             .field("queues", &self.queues)
-            .field("workflows", &self.workflows.versions.keys().collect::<Vec<_>>())
+            .field(
+                "workflows",
+                &self.workflows.versions.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -427,11 +430,13 @@ impl<S: Store> Worker<S> {
         });
         let stop = CancelToken::new();
         let task = tokio::spawn(run(shared.clone(), self.queues, stop.clone()));
+        let held = shared.clone();
         Ok(WorkerHandle {
             id: shared.config.id.clone(),
             stop,
             task,
             events: shared.events.clone(),
+            running: Arc::new(move || held.running().len()),
         })
     }
 }
@@ -487,18 +492,33 @@ impl<S: crate::workflow::WorkflowStore> Worker<S> {
 }
 
 /// A running worker.
-#[derive(Debug)]
 pub struct WorkerHandle {
     id: String,
     stop: CancelToken,
     task: tokio::task::JoinHandle<()>,
     events: broadcast::Sender<WorkerEvent>,
+    running: Arc<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("id", &self.id)
+            .field("running", &self.running())
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerHandle {
     /// The worker's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// How many jobs this worker holds now: running, or claimed and about to start. A
+    /// workflow run that sleeps or waits is not among them.
+    pub fn running(&self) -> usize {
+        (self.running)()
     }
 
     /// A stream of what the worker does, from now on.

@@ -301,7 +301,10 @@ impl WfSql {
     }
 }
 
-fn q(text: &Arc<str>, n: usize) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+fn q(
+    text: &Arc<str>,
+    n: usize,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(AssertSqlSafe(text.clone())).persistent(n <= CACHED_UP_TO)
 }
 
@@ -423,8 +426,16 @@ impl PgStore {
             .bind(runs.iter().map(|r| r.id).collect::<Vec<_>>())
             .bind(runs.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
             .bind(runs.iter().map(|r| r.version).collect::<Vec<_>>())
-            .bind(runs.iter().map(|r| r.workflow_id.as_str()).collect::<Vec<_>>())
-            .bind(runs.iter().map(|r| r.job.queue.as_str()).collect::<Vec<_>>())
+            .bind(
+                runs.iter()
+                    .map(|r| r.workflow_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                runs.iter()
+                    .map(|r| r.job.queue.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(runs.iter().map(|r| r.input.as_str()).collect::<Vec<_>>())
             .bind(runs.iter().map(|r| us(r.timeout)).collect::<Vec<_>>())
             .bind(runs.iter().map(|r| r.parent_id).collect::<Vec<_>>())
@@ -449,7 +460,12 @@ impl PgStore {
             let missing: Vec<&NewRun> = runs.iter().filter(|r| !inserted.contains(&r.id)).collect();
             let rows = q(&sql.find_many, missing.len())
                 .bind(missing.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
-                .bind(missing.iter().map(|r| r.workflow_id.as_str()).collect::<Vec<_>>())
+                .bind(
+                    missing
+                        .iter()
+                        .map(|r| r.workflow_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(Error::db(op))?;
@@ -516,7 +532,10 @@ impl WorkflowStore for PgStore {
         runs: &[NewRun],
     ) -> Result<Vec<RunStarted>> {
         let out = self.start_in(conn, runs).await?;
-        let mut queues: Vec<String> = runs.iter().map(|r| r.job.queue.as_str().to_owned()).collect();
+        let mut queues: Vec<String> = runs
+            .iter()
+            .map(|r| r.job.queue.as_str().to_owned())
+            .collect();
         queues.sort();
         queues.dedup();
         if !queues.is_empty() {
@@ -610,7 +629,9 @@ impl WorkflowStore for PgStore {
         }
         for row in &children {
             let parent: Uuid = row.try_get("parent_id").map_err(Error::db(op))?;
-            let Some(l) = out.get_mut(&parent) else { continue };
+            let Some(l) = out.get_mut(&parent) else {
+                continue;
+            };
             let child = (|| -> Result<ChildOutcome> {
                 let id: Uuid = row.try_get("id").map_err(Error::db(op))?;
                 let status: String = col(row, &id, "status")?;
@@ -646,7 +667,12 @@ impl WorkflowStore for PgStore {
         }
         lock_ids.sort();
         lock_ids.dedup();
-        let mut tx = self.inner.worker_pool.begin().await.map_err(Error::db(op))?;
+        let mut tx = self
+            .inner
+            .worker_pool
+            .begin()
+            .await
+            .map_err(Error::db(op))?;
         let held: HashMap<Uuid, (i32, String)> = q(&sql.lock, lock_ids.len())
             .bind(&lock_ids)
             .fetch_all(&mut *tx)
@@ -691,11 +717,36 @@ impl WorkflowStore for PgStore {
             q(&sql.upsert_steps, n)
                 .bind(steps.iter().map(|(r, _)| *r).collect::<Vec<_>>())
                 .bind(steps.iter().map(|(_, s)| s.seq).collect::<Vec<_>>())
-                .bind(steps.iter().map(|(_, s)| s.kind.as_str()).collect::<Vec<_>>())
-                .bind(steps.iter().map(|(_, s)| s.name.as_str()).collect::<Vec<_>>())
-                .bind(steps.iter().map(|(_, s)| s.status.as_str()).collect::<Vec<_>>())
-                .bind(steps.iter().map(|(_, s)| json(s.output.as_deref())).collect::<Vec<_>>())
-                .bind(steps.iter().map(|(_, s)| s.error.as_deref()).collect::<Vec<_>>())
+                .bind(
+                    steps
+                        .iter()
+                        .map(|(_, s)| s.kind.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    steps
+                        .iter()
+                        .map(|(_, s)| s.name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    steps
+                        .iter()
+                        .map(|(_, s)| s.status.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    steps
+                        .iter()
+                        .map(|(_, s)| json(s.output.as_deref()))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    steps
+                        .iter()
+                        .map(|(_, s)| s.error.as_deref())
+                        .collect::<Vec<_>>(),
+                )
                 .bind(steps.iter().map(|(_, s)| s.attempts).collect::<Vec<_>>())
                 .bind(steps.iter().map(|(_, s)| s.started_at).collect::<Vec<_>>())
                 .bind(steps.iter().map(|(_, s)| s.finished_at).collect::<Vec<_>>())
@@ -940,7 +991,9 @@ impl WorkflowStore for PgStore {
         for row in &rows {
             match decode_info(row, Vec::new()) {
                 Ok(i) => out.push(i),
-                Err(e) => tracing::warn!(err = %e, "dray: an unreadable workflow run was left out of a list"),
+                Err(e) => {
+                    tracing::warn!(err = %e, "dray: an unreadable workflow run was left out of a list")
+                }
             }
         }
         Ok(out)
@@ -1034,7 +1087,9 @@ impl WorkflowStore for PgStore {
         if took.is_none() {
             return Err(Error::invalid(
                 "run",
-                format!("run {from} has not ended (or was restarted meanwhile); only an ended run can be restarted"),
+                format!(
+                    "run {from} has not ended (or was restarted meanwhile); only an ended run can be restarted"
+                ),
             ));
         }
         q(&sql.restart_new, 1)
@@ -1087,5 +1142,6 @@ fn json(text: Option<&str>) -> Option<serde_json::Value> {
 }
 
 fn parse_json(run: &Uuid, text: &str) -> Result<serde_json::Value> {
-    serde_json::from_str(text).map_err(|e| Error::invalid("workflow value", format!("run {run}: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| Error::invalid("workflow value", format!("run {run}: {e}")))
 }

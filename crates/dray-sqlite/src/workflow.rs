@@ -117,7 +117,8 @@ WHERE id = ?1 AND state IN ('scheduled', 'retryable') RETURNING queue";
 const GET: &str = "
 SELECT {run_cols}, j.state AS job_state, j.attempt AS job_attempt
 FROM dray_workflow_runs r LEFT JOIN dray_jobs j ON j.id = r.id WHERE r.id = ?1";
-const GET_STEPS: &str = "SELECT {step_cols} FROM dray_workflow_steps WHERE run_id = ?1 ORDER BY seq";
+const GET_STEPS: &str =
+    "SELECT {step_cols} FROM dray_workflow_steps WHERE run_id = ?1 ORDER BY seq";
 const LIST: &str = "
 SELECT {run_cols}, j.state AS job_state, j.attempt AS job_attempt
 FROM dray_workflow_runs r LEFT JOIN dray_jobs j ON j.id = r.id
@@ -454,7 +455,9 @@ impl WorkflowStore for SqliteStore {
         }
         for row in &children {
             let parent: Uuid = row.try_get("parent_id").map_err(Error::db(op))?;
-            let Some(l) = out.get_mut(&parent) else { continue };
+            let Some(l) = out.get_mut(&parent) else {
+                continue;
+            };
             let child = (|| -> Result<ChildOutcome> {
                 let id: Uuid = row.try_get("id").map_err(Error::db(op))?;
                 let status: String = col(row, &id, "status")?;
@@ -743,7 +746,9 @@ impl WorkflowStore for SqliteStore {
         for row in &rows {
             match decode_info(row, Vec::new()) {
                 Ok(i) => out.push(i),
-                Err(e) => tracing::warn!(err = %e, "dray: an unreadable workflow run was left out of a list"),
+                Err(e) => {
+                    tracing::warn!(err = %e, "dray: an unreadable workflow run was left out of a list")
+                }
             }
         }
         Ok(out)
@@ -837,7 +842,9 @@ impl WorkflowStore for SqliteStore {
         if took.is_none() {
             return Err(Error::invalid(
                 "run",
-                format!("run {from} has not ended (or was restarted meanwhile); only an ended run can be restarted"),
+                format!(
+                    "run {from} has not ended (or was restarted meanwhile); only an ended run can be restarted"
+                ),
             ));
         }
         query(RESTART_NEW)

@@ -10,17 +10,18 @@
 
 pub mod jobs;
 pub mod queue;
+pub mod workflows;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dray_core::Store;
+use dray_core::WorkflowStore;
 
 /// How a store crate makes stores for the suite.
 pub trait Fixture: Send + Sync + Sized + 'static {
     /// The store under test.
-    type Store: Store;
+    type Store: WorkflowStore;
 
     /// True when a receiver on one handle is woken within milliseconds by an enqueue on another
     /// handle (another process): PostgreSQL's LISTEN/NOTIFY. False when it is woken by polling
@@ -141,6 +142,28 @@ macro_rules! conformance_tests {
             enqueue_options_and_errors_say_what_they_mean,
             scheduled_jobs_start_at_their_due_time,
         );
+        $crate::conformance_tests!(@workflows $fixture;
+            workflow_steps_run_once_and_replay,
+            a_sleeping_run_holds_no_slot_and_survives_a_restart,
+            signals_before_and_after_the_wait_in_order,
+            concurrent_starts_of_one_workflow_id_make_one_run,
+            compensations_run_newest_first_once,
+            a_renamed_step_is_a_non_determinism_error,
+            versions_run_side_by_side_and_an_unknown_version_waits,
+            child_results_and_cancel_cascades,
+            restart_from_a_step_reuses_the_steps_before_it,
+            bad_input_to_workflows_is_a_typed_error,
+            the_whole_run_timeout_ends_a_run,
+            forges_explicit_step_api_and_loops,
+        );
+    };
+    (@workflows $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run($fixture, |fx, store| $crate::workflows::$name(fx, store)).await
+            }
+        )*
     };
     (@jobs $fixture:expr; $($name:ident),* $(,)?) => {
         $(

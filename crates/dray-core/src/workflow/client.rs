@@ -50,12 +50,20 @@ impl StartOptions {
 }
 
 /// A started run: its ids, and the calls that observe and steer it.
-#[derive(Debug)]
 pub struct WorkflowHandle<S: WorkflowStore, W> {
     client: Client<S>,
     run_id: Uuid,
     existing: bool,
     _w: std::marker::PhantomData<fn() -> W>,
+}
+
+impl<S: WorkflowStore, W> std::fmt::Debug for WorkflowHandle<S, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowHandle")
+            .field("run_id", &self.run_id)
+            .field("existing", &self.existing)
+            .finish()
+    }
 }
 
 impl<S: WorkflowStore, W> Clone for WorkflowHandle<S, W> {
@@ -322,10 +330,7 @@ impl<S: WorkflowStore> Client<S> {
     /// [`Error::RunFinished`]. Returns the signal's id.
     pub async fn signal(&self, run: Uuid, name: &str, payload: &impl Serialize) -> Result<Uuid> {
         if name.is_empty() || name.len() > 256 {
-            return Err(Error::invalid(
-                "signal name",
-                "use 1 to 256 bytes of text",
-            ));
+            return Err(Error::invalid("signal name", "use 1 to 256 bytes of text"));
         }
         let payload = serde_json::to_string(payload)?;
         self.store()

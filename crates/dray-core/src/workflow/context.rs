@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use serde::Deserialize as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::Deserialize as _;
 use uuid::Uuid;
 
 use crate::job::{CancelToken, RetryPolicy};
@@ -114,7 +114,10 @@ impl fmt::Display for WorkflowError {
                 "non-determinism at history position {seq}: the code asks for {expected} where the run's history has {found}; the workflow's code changed under a running run: register the old code as its own version for such runs"
             ),
             WorkflowError::SignalPayload { name, reason } => {
-                write!(f, "signal {name:?} has a payload that does not fit: {reason}")
+                write!(
+                    f,
+                    "signal {name:?} has a payload that does not fit: {reason}"
+                )
             }
             WorkflowError::ChildFailed {
                 run,
@@ -588,7 +591,14 @@ impl WorkflowContext {
         }
     }
 
-    fn register(&self, seq: i32, name: &str, output: serde_json::Value, done: bool, run: CompensateFn) {
+    fn register(
+        &self,
+        seq: i32,
+        name: &str,
+        output: serde_json::Value,
+        done: bool,
+        run: CompensateFn,
+    ) {
         self.replay().compensations.push(Compensation {
             seq,
             name: name.to_owned(),
@@ -666,17 +676,24 @@ impl WorkflowContext {
                 .map(Some)
                 .map_err(|e| WorkflowError::SignalPayload {
                     name: name.to_owned(),
-                    reason: format!("{e} (the payload: {})", crate::error::excerpt(&payload.to_string())),
+                    reason: format!(
+                        "{e} (the payload: {})",
+                        crate::error::excerpt(&payload.to_string())
+                    ),
                 })
         };
-        if let Some(rec) = existing.as_ref().filter(|r| r.status == StepStatus::Completed) {
+        if let Some(rec) = existing
+            .as_ref()
+            .filter(|r| r.status == StepStatus::Completed)
+        {
             return decode(rec.output.as_ref().unwrap_or(&serde_json::Value::Null));
         }
         self.boundary()?;
         let deadline = existing.as_ref().and_then(|r| r.wake_at).or_else(|| {
             timeout.map(|t| {
                 self.now()
-                    + TimeDelta::from_std(t.min(crate::duration::MAX_SPAN)).unwrap_or(TimeDelta::MAX)
+                    + TimeDelta::from_std(t.min(crate::duration::MAX_SPAN))
+                        .unwrap_or(TimeDelta::MAX)
             })
         });
         let mut w = self.step_write(seq, StepKind::Signal, &full, StepStatus::Pending);
@@ -720,8 +737,9 @@ impl WorkflowContext {
     /// Stores in-flight state under `key`, which `Client::query` reads while the run goes on
     /// (Forze `query`).
     pub async fn set_state(&self, key: &str, value: &impl Serialize) -> Result<(), WorkflowError> {
-        let value = serde_json::to_string(value)
-            .map_err(|e| WorkflowError::Permanent(format!("state {key:?} does not serialize: {e}")))?;
+        let value = serde_json::to_string(value).map_err(|e| {
+            WorkflowError::Permanent(format!("state {key:?} does not serialize: {e}"))
+        })?;
         self.write(RunOp::State {
             key: key.to_owned(),
             value,
@@ -736,7 +754,10 @@ impl WorkflowContext {
         input: &W::Input,
     ) -> Result<ChildRun<W>, WorkflowError> {
         let (seq, full, existing) = self.next(StepKind::Child, W::NAME)?;
-        if let Some(rec) = existing.as_ref().filter(|r| r.status == StepStatus::Completed) {
+        if let Some(rec) = existing
+            .as_ref()
+            .filter(|r| r.status == StepStatus::Completed)
+        {
             let id = rec
                 .output
                 .as_ref()
@@ -750,19 +771,17 @@ impl WorkflowContext {
             return Ok(ChildRun::new(id));
         }
         self.boundary()?;
-        let input = serde_json::to_string(input)
-            .map_err(|e| WorkflowError::Permanent(format!("child input does not serialize: {e}")))?;
+        let input = serde_json::to_string(input).map_err(|e| {
+            WorkflowError::Permanent(format!("child input does not serialize: {e}"))
+        })?;
         let spec = NewRunSpec::of::<W>(
             input,
             format!("{}/{seq}", self.inner.run.id),
             Some(self.inner.run.id),
         );
-        let started = self
-            .inner
-            .ops
-            .start(spec)
-            .await
-            .map_err(|e| WorkflowError::Transient(format!("could not start child {full:?}: {e}")))?;
+        let started = self.inner.ops.start(spec).await.map_err(|e| {
+            WorkflowError::Transient(format!("could not start child {full:?}: {e}"))
+        })?;
         let mut w = self.step_write(seq, StepKind::Child, &full, StepStatus::Completed);
         w.attempts = 1;
         w.output = Some(serde_json::to_string(&started.id.to_string()).unwrap_or_default());
@@ -791,14 +810,15 @@ impl WorkflowContext {
                     message: rec.error.clone().unwrap_or_default(),
                 });
             }
-            W::Output::deserialize(rec.output.as_ref().unwrap_or(&serde_json::Value::Null))
-                .map_err(|e| {
+            W::Output::deserialize(rec.output.as_ref().unwrap_or(&serde_json::Value::Null)).map_err(
+                |e| {
                     WorkflowError::Permanent(format!(
                         "the output of child {} does not fit {}'s output type: {e}",
                         child.id,
                         W::NAME
                     ))
-                })
+                },
+            )
         };
         if let Some(rec) = existing
             .as_ref()
@@ -817,15 +837,14 @@ impl WorkflowContext {
             w.attempts = 1;
             if c.status == RunStatus::Completed {
                 w.status = StepStatus::Completed;
-                w.output = Some(
-                    c.output
-                        .unwrap_or(serde_json::Value::Null)
-                        .to_string(),
-                );
+                w.output = Some(c.output.unwrap_or(serde_json::Value::Null).to_string());
             } else {
                 w.status = StepStatus::Failed;
                 w.output = Some(serde_json::json!({ "status": c.status }).to_string());
-                w.error = Some(c.error.unwrap_or_else(|| format!("the child ended {}", c.status)));
+                w.error = Some(
+                    c.error
+                        .unwrap_or_else(|| format!("the child ended {}", c.status)),
+                );
             }
             self.record(w.clone()).await?;
             let rec = self.replay().steps[seq as usize].clone();
@@ -893,8 +912,9 @@ impl WorkflowContext {
         if rec.status == StepStatus::Completed {
             return Ok(());
         }
-        let json = serde_json::to_string(output)
-            .map_err(|e| WorkflowError::Permanent(format!("output of step {name:?} does not serialize: {e}")))?;
+        let json = serde_json::to_string(output).map_err(|e| {
+            WorkflowError::Permanent(format!("output of step {name:?} does not serialize: {e}"))
+        })?;
         let mut w = self.step_write(rec.seq, StepKind::Step, &rec.name, StepStatus::Completed);
         w.started_at = rec.started_at;
         w.attempts = rec.attempts.max(1);
@@ -904,7 +924,10 @@ impl WorkflowContext {
 
     /// The stored output of the completed step `name` (Forge `get_step_result`), `None` when
     /// it has not completed.
-    pub fn get_step_result<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, WorkflowError> {
+    pub fn get_step_result<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, WorkflowError> {
         let r = self.replay();
         match r
             .steps

@@ -115,8 +115,11 @@ impl<S: WorkflowStore> WorkflowEngine<S> {
             let writes = Batcher::spawn(move |writes: Vec<RunWrite>| {
                 let store = store.clone();
                 async move {
-                    let applied: HashSet<Uuid> =
-                        store.workflow_write_many(&writes).await?.into_iter().collect();
+                    let applied: HashSet<Uuid> = store
+                        .workflow_write_many(&writes)
+                        .await?
+                        .into_iter()
+                        .collect();
                     Ok(writes.iter().map(|w| applied.contains(&w.run)).collect())
                 }
                 .boxed()
@@ -156,10 +159,13 @@ impl<S: WorkflowStore> RunOps for WorkflowEngine<S> {
         async move {
             let run = spec.build()?;
             let started = self.store.workflow_start_many(&[run]).await?;
-            started.into_iter().next().ok_or_else(|| crate::Error::CorruptRow {
-                id: String::new(),
-                reason: "a start answered no run".to_owned(),
-            })
+            started
+                .into_iter()
+                .next()
+                .ok_or_else(|| crate::Error::CorruptRow {
+                    id: String::new(),
+                    reason: "a start answered no run".to_owned(),
+                })
         }
         .boxed()
     }
@@ -197,13 +203,18 @@ impl<S: WorkflowStore> EngineOps for WorkflowEngine<S> {
 
 /// One version of one workflow, type-erased.
 pub(crate) trait ErasedWorkflow: Send + Sync {
-    fn drive(&self, env: Drive, loaded: LoadedRun) -> BoxFuture<'static, Result<Handled, JobError>>;
+    fn drive(&self, env: Drive, loaded: LoadedRun)
+    -> BoxFuture<'static, Result<Handled, JobError>>;
 }
 
 pub(crate) struct TypedWorkflow<W: Workflow>(pub(crate) Arc<W>);
 
 impl<W: Workflow> ErasedWorkflow for TypedWorkflow<W> {
-    fn drive(&self, env: Drive, loaded: LoadedRun) -> BoxFuture<'static, Result<Handled, JobError>> {
+    fn drive(
+        &self,
+        env: Drive,
+        loaded: LoadedRun,
+    ) -> BoxFuture<'static, Result<Handled, JobError>> {
         drive(self.0.clone(), env, loaded).boxed()
     }
 }
@@ -345,13 +356,19 @@ impl Drive {
         msg: String,
     ) -> Result<Handled, JobError> {
         if self.job.attempt() >= self.max_attempts {
-            let msg = format!("{msg} (attempt {} of {})", self.job.attempt(), self.max_attempts);
+            let msg = format!(
+                "{msg} (attempt {} of {})",
+                self.job.attempt(),
+                self.max_attempts
+            );
             return self.end(ctx, loaded, RunStatus::Failed, Some(msg)).await;
         }
         match self.write(RunOp::Retrying { error: msg.clone() }).await {
             Ok(true) => Err(JobError::Transient(msg)),
             Ok(false) => Ok(Handled::Settled { recorded: false }),
-            Err(e) => Err(JobError::Transient(format!("{msg}; and recording it failed: {e}"))),
+            Err(e) => Err(JobError::Transient(format!(
+                "{msg}; and recording it failed: {e}"
+            ))),
         }
     }
 
@@ -389,32 +406,35 @@ impl Drive {
                 .catch_unwind()
                 .await;
             let failure = match outcome {
-                Ok(Ok(())) => {
-                    match self.write(RunOp::Compensated { seq }).await {
-                        Ok(true) => continue,
-                        other => return settled(other),
-                    }
-                }
+                Ok(Ok(())) => match self.write(RunOp::Compensated { seq }).await {
+                    Ok(true) => continue,
+                    other => return settled(other),
+                },
                 Ok(Err(WorkflowError::LeaseLost)) => {
                     return Ok(Handled::Settled { recorded: false });
                 }
                 Ok(Err(e)) if e.is_permanent() => {
                     let msg = format!("the compensation of step {name:?} failed: {e}");
-                    return self.finish(loaded, RunStatus::Failed, None, Some(msg)).await;
+                    return self
+                        .finish(loaded, RunStatus::Failed, None, Some(msg))
+                        .await;
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(panic) => format!("panicked: {}", panic_message(&*panic)),
             };
             let msg = format!("the compensation of step {name:?} failed: {failure}");
             if self.job.attempt() >= self.max_attempts {
-                return self.finish(loaded, RunStatus::Failed, None, Some(msg)).await;
+                return self
+                    .finish(loaded, RunStatus::Failed, None, Some(msg))
+                    .await;
             }
             return match self.write(RunOp::Retrying { error: msg.clone() }).await {
                 Ok(true) => Err(JobError::Transient(msg)),
                 other => settled(other),
             };
         }
-        self.finish(loaded, RunStatus::Compensated, None, error).await
+        self.finish(loaded, RunStatus::Compensated, None, error)
+            .await
     }
 
     async fn suspend(&self, s: Suspend) -> Result<Handled, JobError> {
@@ -481,7 +501,9 @@ async fn drive<W: Workflow>(
                     W::NAME,
                     W::VERSION
                 );
-                return env.finish(&loaded, RunStatus::Failed, None, Some(msg)).await;
+                return env
+                    .finish(&loaded, RunStatus::Failed, None, Some(msg))
+                    .await;
             }
         };
         let ctx = WorkflowContext::new(
@@ -548,8 +570,12 @@ async fn drive<W: Workflow>(
                             .await
                     }
                     Err(e) => {
-                        let msg = format!("the output of workflow {:?} does not serialize: {e}", W::NAME);
-                        env.finish(&loaded, RunStatus::Failed, None, Some(msg)).await
+                        let msg = format!(
+                            "the output of workflow {:?} does not serialize: {e}",
+                            W::NAME
+                        );
+                        env.finish(&loaded, RunStatus::Failed, None, Some(msg))
+                            .await
                     }
                 };
             }

@@ -129,7 +129,11 @@ pub(crate) struct NewRunSpec {
 }
 
 impl NewRunSpec {
-    pub(crate) fn of<W: Workflow>(input: String, workflow_id: String, parent: Option<Uuid>) -> Self {
+    pub(crate) fn of<W: Workflow>(
+        input: String,
+        workflow_id: String,
+        parent: Option<Uuid>,
+    ) -> Self {
         NewRunSpec {
             name: W::NAME,
             version: W::VERSION,

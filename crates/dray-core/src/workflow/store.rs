@@ -83,8 +83,7 @@ pub trait WorkflowStore: Store {
 
     /// Asks a run and its unfinished descendants to stop: suspended ones are due at once, and
     /// running ones see the request at their next heartbeat. `None` when no run has this id.
-    fn workflow_cancel(&self, run: Uuid)
-    -> impl Future<Output = Result<Option<RunCancel>>> + Send;
+    fn workflow_cancel(&self, run: Uuid) -> impl Future<Output = Result<Option<RunCancel>>> + Send;
 
     /// Starts `new` as a restart of the ended run `from`: copies the history records before
     /// position `keep` (so the new run's replay returns their results), links the two, and
