@@ -129,6 +129,142 @@ fn pascal(name: &str) -> String {
         .collect()
 }
 
+/// The options jobs and workflows share (their option structs have the same fields): `name`,
+/// `queue`, `timeout`, `priority` and `retry(...)`. Answers false for any other option.
+fn common_option(
+    meta: &Meta,
+    opts: &mut Vec<proc_macro2::TokenStream>,
+    name: &mut String,
+) -> syn::Result<bool> {
+    match path_name(meta).as_str() {
+        "name" => *name = lit_str(meta)?.value(),
+        "queue" => {
+            let q = lit_str(meta)?;
+            let v = q.value();
+            if v.is_empty()
+                || v.len() > 128
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+            {
+                return Err(Error::new_spanned(
+                    q,
+                    "a queue name is 1-128 characters from A-Z a-z 0-9 _ . : -",
+                ));
+            }
+            opts.push(quote!(o.queue = ::std::string::String::from(#v);));
+        }
+        "timeout" => {
+            let d = duration(meta)?;
+            opts.push(quote!(o.timeout = ::std::option::Option::Some(#d);));
+        }
+        "priority" => {
+            let p = lit_str(meta)?;
+            let level = match p.value().as_str() {
+                "background" => quote!(BACKGROUND),
+                "low" => quote!(LOW),
+                "normal" => quote!(NORMAL),
+                "high" => quote!(HIGH),
+                "critical" => quote!(CRITICAL),
+                _ => {
+                    return Err(Error::new_spanned(
+                        p,
+                        "priority is one of background, low, normal, high, critical",
+                    ));
+                }
+            };
+            opts.push(quote!(o.priority = ::dray::Priority::#level;));
+        }
+        "retry" => {
+            let Meta::List(list) = meta else {
+                return Err(Error::new_spanned(
+                    meta,
+                    "write retry(max_attempts = 3, backoff = \"exponential\", ...)",
+                ));
+            };
+            let inner: Args = list.parse_args()?;
+            for m in &inner.0 {
+                match path_name(m).as_str() {
+                    "max_attempts" => {
+                        let Meta::NameValue(nv) = m else {
+                            return Err(Error::new_spanned(m, "write max_attempts = 3"));
+                        };
+                        let n: i32 = match &nv.value {
+                            syn::Expr::Lit(syn::ExprLit {
+                                lit: syn::Lit::Int(i),
+                                ..
+                            }) => i.base10_parse()?,
+                            other => {
+                                return Err(Error::new_spanned(
+                                    other,
+                                    "max_attempts is a whole number, at least 1",
+                                ));
+                            }
+                        };
+                        if n < 1 {
+                            return Err(Error::new_spanned(
+                                &nv.value,
+                                "max_attempts is at least 1",
+                            ));
+                        }
+                        opts.push(quote!(o.retry.max_attempts = #n;));
+                    }
+                    "backoff" => {
+                        let b = lit_str(m)?;
+                        let v = match b.value().as_str() {
+                            "fixed" => quote!(Fixed),
+                            "linear" => quote!(Linear),
+                            "exponential" => quote!(Exponential),
+                            _ => {
+                                return Err(Error::new_spanned(
+                                    b,
+                                    "backoff is one of fixed, linear, exponential",
+                                ));
+                            }
+                        };
+                        opts.push(quote!(o.retry.backoff = ::dray::Backoff::#v;));
+                    }
+                    "base" => {
+                        let d = duration(m)?;
+                        opts.push(quote!(o.retry.base = #d;));
+                    }
+                    "max" => {
+                        let d = duration(m)?;
+                        opts.push(quote!(o.retry.max = #d;));
+                    }
+                    "jitter" => {
+                        let on = match m {
+                            Meta::Path(_) => true,
+                            Meta::NameValue(MetaNameValue {
+                                value:
+                                    Expr::Lit(ExprLit {
+                                        lit: Lit::Bool(b), ..
+                                    }),
+                                ..
+                            }) => b.value,
+                            other => {
+                                return Err(Error::new_spanned(
+                                    other,
+                                    "jitter is `jitter`, `jitter = true` or `jitter = false`",
+                                ));
+                            }
+                        };
+                        opts.push(quote!(o.retry.jitter = #on;))
+                    }
+                    _ => {
+                        return Err(Error::new_spanned(
+                            m,
+                            "retry takes max_attempts, backoff, base, max and jitter",
+                        ));
+                    }
+                }
+            }
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     if func.sig.asyncness.is_none() {
         return Err(Error::new_spanned(
@@ -160,45 +296,10 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let mut opts = Vec::new();
     let mut key_fn = quote!();
     for meta in &args.0 {
+        if common_option(meta, &mut opts, &mut name)? {
+            continue;
+        }
         match path_name(meta).as_str() {
-            "name" => name = lit_str(meta)?.value(),
-            "queue" => {
-                let q = lit_str(meta)?;
-                let v = q.value();
-                if v.is_empty()
-                    || v.len() > 128
-                    || !v
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
-                {
-                    return Err(Error::new_spanned(
-                        q,
-                        "a queue name is 1-128 characters from A-Z a-z 0-9 _ . : -",
-                    ));
-                }
-                opts.push(quote!(o.queue = ::std::string::String::from(#v);));
-            }
-            "timeout" => {
-                let d = duration(meta)?;
-                opts.push(quote!(o.timeout = ::std::option::Option::Some(#d);));
-            }
-            "priority" => {
-                let p = lit_str(meta)?;
-                let level = match p.value().as_str() {
-                    "background" => quote!(BACKGROUND),
-                    "low" => quote!(LOW),
-                    "normal" => quote!(NORMAL),
-                    "high" => quote!(HIGH),
-                    "critical" => quote!(CRITICAL),
-                    _ => {
-                        return Err(Error::new_spanned(
-                            p,
-                            "priority is one of background, low, normal, high, critical",
-                        ));
-                    }
-                };
-                opts.push(quote!(o.priority = ::dray::Priority::#level;));
-            }
             "idempotent" | "unique" if matches!(meta, Meta::Path(_)) => {
                 opts.push(quote!(o.unique = true;))
             }
@@ -226,91 +327,6 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                         ::std::option::Option::Some(::std::string::ToString::to_string(&input.#ident))
                     }
                 };
-            }
-            "retry" => {
-                let Meta::List(list) = meta else {
-                    return Err(Error::new_spanned(
-                        meta,
-                        "write retry(max_attempts = 3, backoff = \"exponential\", ...)",
-                    ));
-                };
-                let inner: Args = list.parse_args()?;
-                for m in &inner.0 {
-                    match path_name(m).as_str() {
-                        "max_attempts" => {
-                            let Meta::NameValue(nv) = m else {
-                                return Err(Error::new_spanned(m, "write max_attempts = 3"));
-                            };
-                            let n: i32 = match &nv.value {
-                                syn::Expr::Lit(syn::ExprLit {
-                                    lit: syn::Lit::Int(i),
-                                    ..
-                                }) => i.base10_parse()?,
-                                other => {
-                                    return Err(Error::new_spanned(
-                                        other,
-                                        "max_attempts is a whole number, at least 1",
-                                    ));
-                                }
-                            };
-                            if n < 1 {
-                                return Err(Error::new_spanned(
-                                    &nv.value,
-                                    "max_attempts is at least 1",
-                                ));
-                            }
-                            opts.push(quote!(o.retry.max_attempts = #n;));
-                        }
-                        "backoff" => {
-                            let b = lit_str(m)?;
-                            let v = match b.value().as_str() {
-                                "fixed" => quote!(Fixed),
-                                "linear" => quote!(Linear),
-                                "exponential" => quote!(Exponential),
-                                _ => {
-                                    return Err(Error::new_spanned(
-                                        b,
-                                        "backoff is one of fixed, linear, exponential",
-                                    ));
-                                }
-                            };
-                            opts.push(quote!(o.retry.backoff = ::dray::Backoff::#v;));
-                        }
-                        "base" => {
-                            let d = duration(m)?;
-                            opts.push(quote!(o.retry.base = #d;));
-                        }
-                        "max" => {
-                            let d = duration(m)?;
-                            opts.push(quote!(o.retry.max = #d;));
-                        }
-                        "jitter" => {
-                            let on = match m {
-                                Meta::Path(_) => true,
-                                Meta::NameValue(MetaNameValue {
-                                    value:
-                                        Expr::Lit(ExprLit {
-                                            lit: Lit::Bool(b), ..
-                                        }),
-                                    ..
-                                }) => b.value,
-                                other => {
-                                    return Err(Error::new_spanned(
-                                        other,
-                                        "jitter is `jitter`, `jitter = true` or `jitter = false`",
-                                    ));
-                                }
-                            };
-                            opts.push(quote!(o.retry.jitter = #on;))
-                        }
-                        _ => {
-                            return Err(Error::new_spanned(
-                                m,
-                                "retry takes max_attempts, backoff, base, max and jitter",
-                            ));
-                        }
-                    }
-                }
             }
             _ => {
                 return Err(Error::new_spanned(
@@ -359,6 +375,146 @@ fn expand(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
                 ctx: &::dray::JobContext,
                 input: Self::Input,
             ) -> ::std::result::Result<Self::Output, ::dray::JobError> {
+                ::std::result::Result::Ok(#fn_name(ctx, input).await?)
+            }
+        }
+    })
+}
+
+/// Declares a durable workflow from an async function.
+///
+/// ```ignore
+/// #[dray::workflow(name = "verify_account", version = 1, timeout = "48h")]
+/// async fn verify_account(ctx: &WorkflowContext, user: UserId) -> Result<Verified, WorkflowError> {
+///     let token = ctx.step("make_token", || async { Ok(new_token()) }).await?;
+///     ctx.sleep(Duration::from_secs(24 * 3600)).await?;
+///     Ok(Verified { token })
+/// }
+/// // Generates `pub struct VerifyAccountWorkflow;` implementing `dray::Workflow`:
+/// // client.start_workflow::<VerifyAccountWorkflow>(&user, "verify-42"),
+/// // Worker::register_workflow(VerifyAccountWorkflow).
+/// ```
+///
+/// Options: `name = "..."` (default: the function's name), `version = N` (default 1; at least
+/// 1), `timeout = "<duration>"` (the whole run's), `queue = "..."`,
+/// `priority = "background|low|normal|high|critical"`, and `retry(...)` as for `#[dray::job]`
+/// (retries of the run after transient failures).
+#[proc_macro_attribute]
+pub fn workflow(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as Args);
+    let func = syn::parse_macro_input!(item as ItemFn);
+    let original = quote!(#func);
+    match expand_workflow(args, func) {
+        Ok(ts) => ts.into(),
+        Err(e) => {
+            let mut ts = e.to_compile_error();
+            ts.extend(original);
+            ts.into()
+        }
+    }
+}
+
+fn expand_workflow(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    if func.sig.asyncness.is_none() {
+        return Err(Error::new_spanned(
+            func.sig.fn_token,
+            "#[dray::workflow] goes on an `async fn`",
+        ));
+    }
+    let params: Vec<&FnArg> = func.sig.inputs.iter().collect();
+    let input_ty = match params.as_slice() {
+        [_ctx, FnArg::Typed(input)] => (*input.ty).clone(),
+        _ => {
+            return Err(Error::new_spanned(
+                &func.sig.inputs,
+                "a workflow takes exactly (ctx: &WorkflowContext, input: YourInput)",
+            ));
+        }
+    };
+    let output_ty = output_type(&func.sig.output)
+        .map_err(|e| Error::new(e.span(), "a workflow returns Result<Output, WorkflowError>"))?;
+    let fn_name = &func.sig.ident;
+    let vis = &func.vis;
+    let mut name = fn_name.to_string();
+    let struct_name = if name.ends_with("_workflow") {
+        format_ident!("{}", pascal(&name))
+    } else {
+        format_ident!("{}Workflow", pascal(&name))
+    };
+    let mut opts = Vec::new();
+    let mut version = 1i32;
+    for meta in &args.0 {
+        if common_option(meta, &mut opts, &mut name)? {
+            continue;
+        }
+        match path_name(meta).as_str() {
+            "version" => {
+                let Meta::NameValue(nv) = meta else {
+                    return Err(Error::new_spanned(meta, "write version = 2"));
+                };
+                let v: i32 = match &nv.value {
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Int(i), ..
+                    }) => i.base10_parse()?,
+                    other => {
+                        return Err(Error::new_spanned(
+                            other,
+                            "version is a whole number, at least 1",
+                        ));
+                    }
+                };
+                if v < 1 {
+                    return Err(Error::new_spanned(&nv.value, "version is at least 1"));
+                }
+                version = v;
+            }
+            _ => {
+                return Err(Error::new_spanned(
+                    meta,
+                    "unknown #[dray::workflow] option; use name, version, timeout, queue, priority, retry(...)",
+                ));
+            }
+        }
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+    {
+        return Err(Error::new(
+            Span::call_site(),
+            "a workflow name is 1-256 characters from A-Z a-z 0-9 _ . : -",
+        ));
+    }
+    let doc = format!(
+        "The workflow `{name}` (version {version}), declared by `#[dray::workflow]` on [`{fn_name}`]."
+    );
+    Ok(quote! {
+        #func
+
+        #[doc = #doc]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #struct_name;
+
+        impl ::dray::Workflow for #struct_name {
+            const NAME: &'static str = #name;
+            const VERSION: i32 = #version;
+            type Input = #input_ty;
+            type Output = #output_ty;
+
+            fn options() -> ::dray::WorkflowOptions {
+                #[allow(unused_mut)]
+                let mut o = ::dray::WorkflowOptions::default();
+                #(#opts)*
+                o
+            }
+
+            #[allow(clippy::needless_question_mark)]
+            async fn run(
+                &self,
+                ctx: &::dray::WorkflowContext,
+                input: Self::Input,
+            ) -> ::std::result::Result<Self::Output, ::dray::WorkflowError> {
                 ::std::result::Result::Ok(#fn_name(ctx, input).await?)
             }
         }

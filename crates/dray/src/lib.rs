@@ -28,9 +28,10 @@
 
 pub use dray_core::*;
 
-/// `#[dray::job(...)]`: declare a job from an async function (feature `macros`, default).
+/// `#[dray::job(...)]` and `#[dray::workflow(...)]`: declare a job or a workflow from an async
+/// function (feature `macros`, default).
 #[cfg(feature = "macros")]
-pub use dray_macros::job;
+pub use dray_macros::{job, workflow};
 
 #[cfg(feature = "postgres")]
 pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};

@@ -151,6 +151,76 @@ fn tempfile_dir() -> std::path::PathBuf {
     d
 }
 
+#[dray::workflow(
+    name = "onboard",
+    version = 3,
+    timeout = "24h",
+    queue = "onboarding",
+    priority = "high",
+    retry(max_attempts = 4, backoff = "fixed", base = "1s", jitter = false)
+)]
+pub async fn onboard(
+    ctx: &dray::WorkflowContext,
+    user: String,
+) -> Result<String, dray::WorkflowError> {
+    let welcome: String = ctx
+        .step("welcome", || async { Ok(format!("welcome {user}")) })
+        .await?;
+    ctx.sleep(Duration::from_millis(10)).await?;
+    Ok(welcome)
+}
+
+#[dray::workflow]
+async fn plain_workflow(_ctx: &dray::WorkflowContext, n: u32) -> Result<u32, std::io::Error> {
+    Ok(n)
+}
+
+#[test]
+fn workflow_options_are_what_the_attribute_says() {
+    use dray::Workflow;
+    assert_eq!(OnboardWorkflow::NAME, "onboard");
+    assert_eq!(OnboardWorkflow::VERSION, 3);
+    let o = OnboardWorkflow::options();
+    assert_eq!(o.timeout, Some(Duration::from_secs(24 * 3600)));
+    assert_eq!(o.queue, "onboarding");
+    assert_eq!(o.priority, Priority::HIGH);
+    assert_eq!(o.retry.max_attempts, 4);
+    assert_eq!(o.retry.backoff, Backoff::Fixed);
+    assert!(!o.retry.jitter);
+    assert_eq!(PlainWorkflow::NAME, "plain_workflow");
+    assert_eq!(PlainWorkflow::VERSION, 1);
+    assert_eq!(PlainWorkflow::options().queue, "workflows");
+}
+
+#[tokio::test]
+async fn a_macro_workflow_runs() {
+    let dir = tempfile_dir();
+    let store = SqliteStore::open(&format!("sqlite://{}", dir.join("w.db").display()))
+        .await
+        .unwrap();
+    let worker = Worker::new(store.clone())
+        .register_workflow(OnboardWorkflow)
+        .register_workflow(PlainWorkflow)
+        .start()
+        .unwrap();
+    let client = Client::new(store.clone());
+    let run = client
+        .start_workflow::<OnboardWorkflow>(&"ann".to_owned(), "onboard-ann")
+        .await
+        .unwrap();
+    assert_eq!(
+        run.result(Duration::from_secs(20)).await.unwrap(),
+        "welcome ann"
+    );
+    let plain = client
+        .start_workflow::<PlainWorkflow>(&7, "p")
+        .await
+        .unwrap();
+    assert_eq!(plain.result(Duration::from_secs(20)).await.unwrap(), 7);
+    worker.shutdown().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn bad_attributes_are_compile_errors() {
     let t = trybuild::TestCases::new();
