@@ -5,12 +5,12 @@
 use std::time::Instant;
 
 use dray::sqlx::{self, AssertSqlSafe, Row};
-use dray::{PgStore, SqliteStore, Store};
+use dray::{PgStore, SqliteStore};
 
 use crate::BenchResult;
 
 /// What the harness needs from a store beyond [`Store`].
-pub trait RawStore: Store {
+pub trait RawStore: dray::WorkflowStore {
     /// The WAL position now (PostgreSQL), for WAL bytes per job.
     fn wal_position(&self) -> impl Future<Output = BenchResult<Option<String>>> + Send;
     /// Bytes of WAL between two positions.
