@@ -9,7 +9,7 @@ use dray::{PgStore, SqliteStore};
 
 use crate::BenchResult;
 
-/// What the harness needs from a store beyond [`Store`].
+/// What the harness needs from a store beyond [`dray::WorkflowStore`].
 pub trait RawStore: dray::WorkflowStore {
     /// The WAL position now (PostgreSQL), for WAL bytes per job.
     fn wal_position(&self) -> impl Future<Output = BenchResult<Option<String>>> + Send;

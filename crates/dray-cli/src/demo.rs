@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dray::{
     Backoff, Client, EnqueueOptions, FailureKind, Job, JobContext, JobError, JobOptions,
     MessageState, Priority, Queue, ReceiveOptions, RetryPolicy, SchemaMode, Store, Worker,
+    WorkflowContext, WorkflowError, WorkflowStore,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -60,9 +61,10 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
     }
 }
 
-async fn tour<S: Store>(store: S) -> CliResult<()> {
+async fn tour<S: WorkflowStore>(store: S) -> CliResult<()> {
     queue_section(store.clone()).await?;
-    jobs_section(store).await?;
+    jobs_section(store.clone()).await?;
+    workflows_section(store).await?;
     out!("\nAll demo checks passed.");
     Ok(())
 }
@@ -515,5 +517,159 @@ async fn jobs_section<S: Store>(store: S) -> CliResult<()> {
 
     worker.shutdown().await?;
     out!("  worker shut down gracefully");
+    Ok(())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Signup {
+    email: String,
+}
+
+/// Forge's account verification, shortened: a token, a durable sleep, a wait for the click.
+#[dray::workflow(name = "demo_verify_account", timeout = "1h")]
+async fn verify_account(ctx: &WorkflowContext, input: Signup) -> Result<bool, WorkflowError> {
+    let token: String = ctx
+        .step("make_token", || async {
+            Ok(format!(
+                "verify-{}",
+                &uuid::Uuid::now_v7().simple().to_string()[24..]
+            ))
+        })
+        .await?;
+    ctx.step("send_email", || async {
+        // A real workflow sends the link here; the demo sends the click itself.
+        Ok(format!("sent to {}", input.email))
+    })
+    .await?;
+    ctx.set_state("token", &token).await?;
+    ctx.sleep(Duration::from_millis(300)).await?;
+    let clicked: Option<String> = ctx
+        .wait_for_signal("clicked", Some(Duration::from_secs(60)))
+        .await?;
+    Ok(clicked.as_deref() == Some(token.as_str()))
+}
+
+/// A trip whose payment fails for good: the bookings before it are compensated, newest first.
+#[dray::workflow(name = "demo_book_trip")]
+async fn book_trip(ctx: &WorkflowContext, city: String) -> Result<(), WorkflowError> {
+    for what in ["flight", "hotel"] {
+        let booking = format!("{what} to {city}");
+        ctx.step(what, || async { Ok(booking.clone()) })
+            .compensate_with(|booking: String| async move {
+                out!("  compensation: cancelled the {booking}");
+                Ok(())
+            })
+            .await?;
+    }
+    ctx.step("pay", || async {
+        Err::<(), _>(WorkflowError::permanent("card declined"))
+    })
+    .await?;
+    Ok(())
+}
+
+async fn workflows_section<S: WorkflowStore>(store: S) -> CliResult<()> {
+    out!("\n== Workflows: durable steps, sleep, signals, queries, compensation");
+    let worker = Worker::new(store.clone())
+        .register_workflow(VerifyAccountWorkflow)
+        .register_workflow(BookTripWorkflow)
+        .configure(|c| {
+            c.heartbeat = Duration::from_millis(200);
+            c.maintenance_interval = Duration::from_millis(200);
+        })
+        .start()?;
+    let client = Client::new(store.clone());
+    let wid = format!(
+        "signup-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let run = client
+        .start_workflow::<VerifyAccountWorkflow>(
+            &Signup {
+                email: "ada@example.com".into(),
+            },
+            &wid,
+        )
+        .await?;
+    let again = client
+        .start_workflow::<VerifyAccountWorkflow>(
+            &Signup {
+                email: "ada@example.com".into(),
+            },
+            &wid,
+        )
+        .await?;
+    out!(
+        "  started demo_verify_account as run {} (workflow id {wid:?}); starting it again returns the same run: {}",
+        run.run_id(),
+        again.run_id() == run.run_id()
+    );
+    check(
+        again.run_id() == run.run_id(),
+        "a workflow id starts one run",
+    )?;
+    // It makes a token, sleeps (holding no worker slot), then waits for the click.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut saw_sleeping = false;
+    loop {
+        let info = run.describe().await?;
+        saw_sleeping |= info.status == dray::RunStatus::Sleeping;
+        if info.status == dray::RunStatus::Waiting {
+            break;
+        }
+        check(
+            Instant::now() < deadline,
+            "the run reaches its wait for the click",
+        )?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    out!(
+        "  it slept 300 ms{} and now waits for the signal \"clicked\" (running on the worker: {})",
+        if saw_sleeping { " (seen sleeping)" } else { "" },
+        worker.running()
+    );
+    let token: String = run
+        .query("token")
+        .await?
+        .ok_or_else(|| CliError::Demo("the run set no token".into()))?;
+    out!(
+        "  query \"token\" while it waits: {token:?}; the demo clicks the link: signal \"clicked\""
+    );
+    run.signal("clicked", &token).await?;
+    let verified = run.result(Duration::from_secs(30)).await?;
+    check(verified, "the run verified the token it was sent")?;
+    out!("  result: verified = {verified}; its timeline:");
+    crate::workflows::print_timeline(&run.describe().await?);
+
+    let trip = client
+        .start_workflow::<BookTripWorkflow>(&"Lisbon".to_owned(), &format!("{wid}-trip"))
+        .await?;
+    let err = trip.result(Duration::from_secs(30)).await;
+    let compensated = matches!(
+        &err,
+        Err(dray::Error::WorkflowFailed {
+            status: dray::RunStatus::Compensated,
+            ..
+        })
+    );
+    check(compensated, "the failed saga compensated")?;
+    let info = trip.describe().await?;
+    let undone: Vec<&str> = info
+        .steps
+        .iter()
+        .filter(|s| s.compensated_at.is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    check(
+        undone == ["flight", "hotel"],
+        "both bookings were compensated",
+    )?;
+    out!(
+        "\n  a saga whose payment failed: the hotel, then the flight, were cancelled ({}):",
+        info.status
+    );
+    crate::workflows::print_timeline(&info);
+    out!("  (`dray workflows list|describe|signal|cancel|result|restart` work on these runs)");
+    worker.shutdown().await?;
     Ok(())
 }

@@ -34,6 +34,7 @@ macro_rules! out_inline {
 }
 
 mod demo;
+mod workflows;
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -78,6 +79,9 @@ enum Command {
     /// Inspect and steer jobs: list, show, cancel, retry.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Inspect and steer workflow runs: list, describe, signal, cancel, result, restart.
+    #[command(subcommand)]
+    Workflows(workflows::WorkflowsCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
     /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W3-scheduled,
@@ -299,6 +303,10 @@ enum CliError {
     },
     #[error("{0:?} is not a message id (a UUID like 0190f6b4-5a2c-7cc1-9f53-2c7b5e0a4d11)")]
     BadId(String),
+    #[error(
+        "{0:?} names no run: give a run id (a UUID) or WORKFLOW_NAME/WORKFLOW_ID, e.g. onboard/user-42"
+    )]
+    BadRun(String),
     #[error("{0}")]
     NotLeased(String),
     #[error("cannot read payloads from stdin: {0}")]
@@ -317,6 +325,7 @@ impl CliError {
             CliError::Dray(e) => e.code(),
             CliError::Json { .. } => "invalid_json",
             CliError::BadId(_) => "invalid_id",
+            CliError::BadRun(_) => "invalid_run",
             CliError::NotLeased(_) => "not_leased",
             CliError::Stdin(_) => "stdin",
             CliError::NoPayloads => "no_payloads",
@@ -508,6 +517,19 @@ async fn run(cli: Cli) -> CliResult<()> {
                 Backend::Sqlite => {
                     let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
                     jobs_command(&c, cmd, cli.json).await
+                }
+            }
+        }
+        Command::Workflows(cmd) => {
+            let cmd = workflows::WorkflowsValidated::new(cmd)?;
+            match backend {
+                Backend::Postgres => {
+                    let c = Client::new(open_pg(&cli, SchemaMode::Check).await?);
+                    workflows::workflows_command(&c, cmd, cli.json).await
+                }
+                Backend::Sqlite => {
+                    let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
+                    workflows::workflows_command(&c, cmd, cli.json).await
                 }
             }
         }

@@ -132,7 +132,116 @@ both_stores!(
     unknown_and_unleased_ids_change_nothing,
     json_errors_are_machine_readable,
     jobs_list_show_cancel_retry,
+    workflows_list_describe_signal_cancel_restart,
 );
+
+/// The demo leaves two runs in the database (a verified signup, a compensated saga); the
+/// `workflows` commands read and steer them, and refuse bad input with one line.
+fn workflows_list_describe_signal_cancel_restart(db: Db) {
+    let demo = db.ok(&["demo"]);
+    assert!(demo.contains("All demo checks passed."), "{demo}");
+    let runs = db.json(&["workflows", "list"]);
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let find = |name: &str| {
+        runs.iter()
+            .find(|r| r["run"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} run: {runs:?}"))
+            .clone()
+    };
+    let verify = find("demo_verify_account");
+    let trip = find("demo_book_trip");
+    assert_eq!(verify["status"], "completed");
+    assert_eq!(trip["status"], "compensated");
+    let (vid, tid) = (
+        verify["run"]["id"].as_str().unwrap().to_owned(),
+        trip["run"]["id"].as_str().unwrap().to_owned(),
+    );
+    let only = db.json(&["workflows", "list", "--name", "demo_book_trip"]);
+    assert_eq!(only.as_array().unwrap().len(), 1);
+    let compensated = db.json(&["workflows", "list", "--status", "compensated"]);
+    assert_eq!(compensated[0]["run"]["id"], tid.as_str());
+
+    let d = db.json(&["workflows", "describe", &tid]);
+    assert_eq!(d["steps"].as_array().unwrap().len(), 3);
+    assert_eq!(d["run"]["end_reason"], "failed");
+    // By workflow name and id, in text: the step timeline.
+    let by_name = format!(
+        "demo_verify_account/{}",
+        verify["run"]["workflow_id"].as_str().unwrap()
+    );
+    let text = db.ok(&["workflows", "describe", &by_name]);
+    assert!(
+        text.contains("make_token") && text.contains("clicked"),
+        "{text}"
+    );
+    assert_eq!(db.json(&["workflows", "result", &vid])["output"], true);
+    let line = db.fails(&["workflows", "result", &tid]);
+    assert!(
+        line.contains("ended compensated") && line.contains("card declined"),
+        "{line}"
+    );
+    let line = db.fails(&["workflows", "signal", &vid, "clicked", "\"again\""]);
+    assert!(line.contains("has ended"), "{line}");
+
+    // Restart the saga from its hotel: the flight's record is reused, the rest is to run.
+    let restarted = db.json(&["workflows", "restart", &tid, "--from", "hotel"]);
+    let new = restarted["run"].as_str().unwrap().to_owned();
+    let d = db.json(&["workflows", "describe", &new]);
+    assert_eq!(d["run"]["restarted_from"], tid.as_str());
+    assert_eq!(d["steps"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["steps"][0]["name"], "flight");
+    assert_eq!(
+        db.json(&["workflows", "describe", &tid])["run"]["superseded_by"],
+        new.as_str()
+    );
+    assert!(
+        db.ok(&["workflows", "result", &new])
+            .contains("has not ended yet")
+    );
+    assert!(
+        db.ok(&["workflows", "signal", &new, "nudge"])
+            .contains("sent signal")
+    );
+    assert!(
+        db.ok(&["workflows", "cancel", &new])
+            .contains("cancel requested")
+    );
+
+    // Bad input: one line each, nothing changed.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    for (args, says) in [
+        (vec!["workflows", "describe", "nope"], "names no run"),
+        (vec!["workflows", "describe", &unknown], "no workflow run"),
+        (
+            vec!["workflows", "signal", &unknown, "x"],
+            "no workflow run",
+        ),
+        (
+            vec!["workflows", "signal", &new, "x", "{not json"],
+            "not valid JSON",
+        ),
+        (vec!["workflows", "list", "--status", "bogus"], "not one of"),
+        (
+            vec!["workflows", "list", "--limit", "0"],
+            "must be 1 to 10000",
+        ),
+        (
+            vec!["workflows", "restart", &vid, "--from", "nope"],
+            "has no step",
+        ),
+        (
+            vec!["workflows", "describe", "demo_verify_account/missing"],
+            "no workflow run",
+        ),
+    ] {
+        let line = db.fails(&args);
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+    let err = db.run(&["--json", "workflows", "describe", "nope"]);
+    let v: Value = serde_json::from_slice(&err.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_run");
+}
 
 fn jobs_list_show_cancel_retry(db: Db) {
     db.ok(&["migrate"]);

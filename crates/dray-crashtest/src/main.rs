@@ -3,12 +3,20 @@
 //!
 //! `dray-crash-worker URL SCHEMA MODE LEASE_MS`: MODE `hang` records that the attempt started and
 //! then never finishes (the test kills the process with SIGKILL); MODE `work` records the
-//! effect and completes. Prints `ready` once the worker runs. `DRAY_APP_NAME` sets the
+//! effect and completes. Prints `ready` once the worker runs.
+//!
+//! It also runs two workflows whose steps record effects (`job_id` = the run id, `phase` = what
+//! ran): `crash_flow`, five steps `step1`…`step5`, and `crash_saga`, three bookings whose
+//! compensations record `undo-…` before a permanent failure. In MODE `hang`, `step3` records
+//! `step3-started` and never finishes, and so does the compensation of `b` (`undo-b-started`). `DRAY_APP_NAME` sets the
 //! PostgreSQL `application_name` of its connections (so a test can find and end them).
 
 use std::time::Duration;
 
-use dray::{Job, JobContext, JobError, PgStore, SchemaMode, SqliteStore, Store, Worker};
+use dray::{
+    Job, JobContext, JobError, PgStore, SchemaMode, SqliteStore, Worker, Workflow, WorkflowContext,
+    WorkflowError, WorkflowStore,
+};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -41,33 +49,128 @@ impl Job for Effect {
 
 async fn record(ctx: &JobContext, phase: &str) -> Result<(), JobError> {
     let id = ctx.id().to_string();
-    if let Some(pg) = ctx.store::<PgStore>() {
+    record_in(
+        ctx.store::<PgStore>(),
+        ctx.store::<SqliteStore>(),
+        &id,
+        ctx.attempt(),
+        phase,
+    )
+    .await
+    .map_err(JobError::from)
+}
+
+/// Writes one effect row through whichever store the worker runs on.
+async fn record_in(
+    pg: Option<&PgStore>,
+    lite: Option<&SqliteStore>,
+    id: &str,
+    attempt: i32,
+    phase: &str,
+) -> Result<(), dray::Error> {
+    if let Some(pg) = pg {
         let sql = format!(
             "INSERT INTO \"{}\".crash_effects (job_id, attempt, phase) VALUES ($1, $2, $3)",
             pg.schema()
         );
         dray::sqlx::query(dray::sqlx::AssertSqlSafe(sql))
             .bind(id)
-            .bind(ctx.attempt())
+            .bind(attempt)
             .bind(phase)
             .execute(pg.pool())
-            .await?;
-    } else if let Some(lite) = ctx.store::<SqliteStore>() {
+            .await
+            .map_err(dray::Error::db("crash_effects"))?;
+    } else if let Some(lite) = lite {
         dray::sqlx::query("INSERT INTO crash_effects (job_id, attempt, phase) VALUES (?1, ?2, ?3)")
             .bind(id)
-            .bind(ctx.attempt())
+            .bind(attempt)
             .bind(phase)
             .execute(lite.pool())
-            .await?;
+            .await
+            .map_err(dray::Error::db("crash_effects"))?;
     } else {
-        return Err(JobError::permanent("unknown store"));
+        return Err(dray::Error::invalid("store", "unknown store"));
     }
     Ok(())
 }
 
-async fn serve<S: Store>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
+async fn effect(ctx: &WorkflowContext, phase: &str) -> Result<(), WorkflowError> {
+    let id = ctx.run_id().to_string();
+    record_in(
+        ctx.store::<PgStore>(),
+        ctx.store::<SqliteStore>(),
+        &id,
+        ctx.attempt(),
+        phase,
+    )
+    .await
+    .map_err(WorkflowError::from)
+}
+
+/// Five steps, each recording its effect; in `hang` mode the third never finishes.
+struct CrashFlow {
+    mode: Mode,
+}
+
+impl Workflow for CrashFlow {
+    const NAME: &'static str = "crash_flow";
+    type Input = ();
+    type Output = u32;
+    async fn run(&self, ctx: &WorkflowContext, _: ()) -> Result<u32, WorkflowError> {
+        let mut sum = 0;
+        for i in 1..=5u32 {
+            let name = format!("step{i}");
+            sum += ctx
+                .step(&name, || async {
+                    if i == 3 && self.mode == Mode::Hang {
+                        effect(ctx, "step3-started").await?;
+                        std::future::pending::<()>().await;
+                    }
+                    effect(ctx, &name).await?;
+                    Ok(i)
+                })
+                .await?;
+        }
+        Ok(sum)
+    }
+}
+
+/// Books a, b and c with compensations, then fails for good; in `hang` mode the compensation
+/// of `b` never finishes.
+struct CrashSaga {
+    mode: Mode,
+}
+
+impl Workflow for CrashSaga {
+    const NAME: &'static str = "crash_saga";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, ctx: &WorkflowContext, _: ()) -> Result<(), WorkflowError> {
+        for what in ["a", "b", "c"] {
+            let undo = ctx.clone();
+            let hang = self.mode == Mode::Hang;
+            ctx.step(what, || async { effect(ctx, what).await })
+                .compensate_with(move |()| async move {
+                    if what == "b" && hang {
+                        effect(&undo, "undo-b-started").await?;
+                        std::future::pending::<()>().await;
+                    }
+                    effect(&undo, &format!("undo-{what}")).await
+                })
+                .await?;
+        }
+        ctx.step("pay", || async {
+            Err::<(), _>(WorkflowError::permanent("card declined"))
+        })
+        .await
+    }
+}
+
+async fn serve<S: WorkflowStore>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
     let worker = Worker::new(store)
         .register(Effect { mode })
+        .register_workflow(CrashFlow { mode })
+        .register_workflow(CrashSaga { mode })
         .configure(|c| {
             c.lease = lease;
             c.heartbeat = lease / 4;

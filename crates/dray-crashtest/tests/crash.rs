@@ -1,12 +1,17 @@
-//! kill -9 a worker process mid-job: another process completes the job after the lease
-//! expires, and the job's effect happens once. Real processes, real databases.
+//! kill -9 a worker process mid-job, mid-workflow and mid-compensation: another process
+//! finishes the work after the lease expires, and every completed step's effect happened once.
+//! Real processes, real databases.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Effect, pg_effects, pg_store, spawn, sqlite_effects, sqlite_store, wait_for};
-use dray::{Client, FailureKind, MessageState, PgStore, SqliteStore, Store};
+use common::{
+    CrashFlow, CrashSaga, Effect, pg_effects, pg_store, spawn, sqlite_effects, sqlite_store,
+    wait_for,
+};
+use dray::workflow::RunStatus;
+use dray::{Client, Error, FailureKind, MessageState, PgStore, SqliteStore, Store, WorkflowStore};
 
 async fn crash_and_recover<S: Store>(
     store: S,
@@ -61,6 +66,150 @@ async fn sigkill_mid_job_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let (store, url) = sqlite_store(dir.path()).await;
     crash_and_recover(
+        store.clone(),
+        &url,
+        "dray",
+        async |s: &SqliteStore, phase: &str| sqlite_effects(s, phase).await,
+    )
+    .await;
+}
+
+/// A worker process dies in the third of five steps; another process resumes the run: steps 1
+/// and 2 come from their records, 3 runs again, and every completed step's effect happened once.
+async fn crash_mid_workflow<S: WorkflowStore>(
+    store: S,
+    url: &str,
+    schema: &str,
+    count: impl AsyncFn(&S, &str) -> i64,
+) {
+    let client = Client::new(store.clone());
+    let mut a = spawn(url, schema, "hang");
+    let run = client
+        .start_workflow::<CrashFlow>(&(), "crash-flow")
+        .await
+        .unwrap();
+    wait_for(
+        "process A to reach step 3",
+        Duration::from_secs(30),
+        async || count(&store, "step3-started").await == 1,
+    )
+    .await;
+    a.kill();
+    let info = run.describe().await.unwrap();
+    assert_eq!(
+        info.status,
+        RunStatus::Running,
+        "still held by the dead process"
+    );
+    let mut b = spawn(url, schema, "work");
+    assert_eq!(run.result(Duration::from_secs(60)).await.unwrap(), 15);
+    for step in ["step1", "step2", "step3", "step4", "step5"] {
+        assert_eq!(count(&store, step).await, 1, "{step} happened once");
+    }
+    assert_eq!(count(&store, "step3-started").await, 1);
+    let info = run.describe().await.unwrap();
+    assert_eq!(
+        info.attempt, 2,
+        "the rescue counted the dead process's attempt"
+    );
+    assert_eq!(info.steps.len(), 5);
+    b.kill();
+}
+
+/// A worker process dies while compensating (in the compensation of b, after c's was
+/// recorded); another process resumes the compensation: c's does not run again, b's and a's
+/// run once, and the run ends compensated.
+async fn crash_mid_compensation<S: WorkflowStore>(
+    store: S,
+    url: &str,
+    schema: &str,
+    count: impl AsyncFn(&S, &str) -> i64,
+) {
+    let client = Client::new(store.clone());
+    let mut a = spawn(url, schema, "hang");
+    let run = client
+        .start_workflow::<CrashSaga>(&(), "crash-saga")
+        .await
+        .unwrap();
+    wait_for(
+        "process A to compensate b",
+        Duration::from_secs(30),
+        async || count(&store, "undo-b-started").await == 1,
+    )
+    .await;
+    a.kill();
+    assert_eq!(count(&store, "undo-c").await, 1);
+    assert_eq!(
+        run.describe().await.unwrap().run.status,
+        RunStatus::Compensating
+    );
+    let mut b = spawn(url, schema, "work");
+    let err = run.result(Duration::from_secs(60)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::WorkflowFailed { status: RunStatus::Compensated, message, .. } if message.contains("card declined")),
+        "{err}"
+    );
+    for (phase, n) in [
+        ("a", 1),
+        ("b", 1),
+        ("c", 1),
+        ("undo-c", 1),
+        ("undo-b-started", 1),
+        ("undo-b", 1),
+        ("undo-a", 1),
+    ] {
+        assert_eq!(count(&store, phase).await, n, "{phase}");
+    }
+    let info = run.describe().await.unwrap();
+    assert!(info.steps[..3].iter().all(|s| s.compensated_at.is_some()));
+    assert_eq!(info.run.end_reason, Some(RunStatus::Failed));
+    b.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_workflow_on_postgres() {
+    let (store, schema) = pg_store("dray_crash").await;
+    crash_mid_workflow(
+        store.clone(),
+        &common::pg_url(),
+        &schema,
+        async |s: &PgStore, phase: &str| pg_effects(s, phase).await,
+    )
+    .await;
+    store.drop_schema().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_workflow_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, url) = sqlite_store(dir.path()).await;
+    crash_mid_workflow(
+        store.clone(),
+        &url,
+        "dray",
+        async |s: &SqliteStore, phase: &str| sqlite_effects(s, phase).await,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_compensation_on_postgres() {
+    let (store, schema) = pg_store("dray_crash").await;
+    crash_mid_compensation(
+        store.clone(),
+        &common::pg_url(),
+        &schema,
+        async |s: &PgStore, phase: &str| pg_effects(s, phase).await,
+    )
+    .await;
+    store.drop_schema().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_compensation_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, url) = sqlite_store(dir.path()).await;
+    crash_mid_compensation(
         store.clone(),
         &url,
         "dray",

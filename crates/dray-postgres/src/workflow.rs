@@ -926,15 +926,15 @@ impl WorkflowStore for PgStore {
             .await
             .map_err(Error::db(op))?;
         let mut wake = Vec::new();
-        if status == RunStatus::Waiting && waits_for.as_deref() == Some(name) {
-            if let Some(row) = q(&sql.wake_one, 1)
+        if status == RunStatus::Waiting
+            && waits_for.as_deref() == Some(name)
+            && let Some(row) = q(&sql.wake_one, 1)
                 .bind(run)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(Error::db(op))?
-            {
-                wake.push(row.try_get(0).map_err(Error::db(op))?);
-            }
+        {
+            wake.push(row.try_get(0).map_err(Error::db(op))?);
         }
         tx.commit().await.map_err(Error::db(op))?;
         self.wake_queues(wake).await?;

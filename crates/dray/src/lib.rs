@@ -1,8 +1,9 @@
 //! # Dray: durable background work for Rust
 //!
-//! A request hands work off and returns at once; Dray runs it reliably elsewhere. Queues of
-//! JSON messages with leases and at-least-once delivery today; typed jobs, crons, durable
-//! workflows and a transactional outbox/inbox are built on the same store.
+//! A request hands work off and returns at once; Dray runs it reliably elsewhere: queues of
+//! JSON messages with leases and at-least-once delivery, typed jobs with retries, progress and
+//! results, and durable workflows (memoized steps, durable sleep, signals, compensation); crons
+//! and a transactional outbox/inbox are built on the same store.
 //!
 //! Two stores, one behaviour: [`SqliteStore`] (an embedded file, zero setup; the default
 //! feature) and [`PgStore`] (feature `postgres`; many processes on many machines share one
@@ -22,7 +23,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Guides: [`guide::queue`], [`guide::jobs`], [`guide::guarantees`], [`guide::coming_from`].
+//! Guides: [`guide::queue`], [`guide::jobs`], [`guide::workflows`], [`guide::guarantees`],
+//! [`guide::coming_from`].
 
 #![forbid(unsafe_code)]
 
@@ -46,6 +48,8 @@ pub mod guide {
     pub mod queue {}
     #[doc = include_str!("../../../docs/jobs.md")]
     pub mod jobs {}
+    #[doc = include_str!("../../../docs/workflows.md")]
+    pub mod workflows {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]

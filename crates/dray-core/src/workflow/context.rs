@@ -156,6 +156,8 @@ pub(crate) trait RunOps: Send + Sync {
     fn write(&self, run: Uuid, attempt: i32, op: RunOp) -> BoxFuture<'_, crate::Result<bool>>;
     /// Starts a child run (idempotent on its workflow id).
     fn start(&self, spec: NewRunSpec) -> BoxFuture<'_, crate::Result<RunStarted>>;
+    /// The store, for [`WorkflowContext::store`].
+    fn store_any(&self) -> &(dyn std::any::Any + Send + Sync);
 }
 
 /// Whether a replay runs the body forward, or towards its end after a failure, a timeout or a
@@ -294,6 +296,12 @@ impl WorkflowContext {
     pub fn parent_id(&self) -> Option<Uuid> {
         self.inner.run.parent_id
     }
+    /// The store this worker runs on, if it is an `S` (e.g. `ctx.store::<PgStore>()` to reach
+    /// its pool for a step's own queries; Forge's `ctx.db()`).
+    pub fn store<S: crate::Store>(&self) -> Option<&S> {
+        self.inner.ops.store_any().downcast_ref::<S>()
+    }
+
     /// The database clock now, as this worker estimates it (from its last claim).
     pub fn now(&self) -> DateTime<Utc> {
         Utc::now() + self.inner.db_offset

@@ -169,6 +169,10 @@ impl<S: WorkflowStore> RunOps for WorkflowEngine<S> {
         }
         .boxed()
     }
+
+    fn store_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        &self.store
+    }
 }
 
 impl<S: WorkflowStore> EngineOps for WorkflowEngine<S> {

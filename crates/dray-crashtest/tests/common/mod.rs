@@ -254,3 +254,29 @@ pub async fn drained<S: Store>(client: &Client<S>, n: i64, what: &str) {
     })
     .await;
 }
+
+/// The worker binary's five-step workflow, as a client names it (this side only starts it).
+pub struct CrashFlow;
+impl dray::Workflow for CrashFlow {
+    const NAME: &'static str = "crash_flow";
+    type Input = ();
+    type Output = u32;
+    async fn run(&self, _: &dray::WorkflowContext, _: ()) -> Result<u32, dray::WorkflowError> {
+        Err(dray::WorkflowError::permanent(
+            "runs in the worker binary only",
+        ))
+    }
+}
+
+/// The worker binary's saga, as a client names it.
+pub struct CrashSaga;
+impl dray::Workflow for CrashSaga {
+    const NAME: &'static str = "crash_saga";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, _: &dray::WorkflowContext, _: ()) -> Result<(), dray::WorkflowError> {
+        Err(dray::WorkflowError::permanent(
+            "runs in the worker binary only",
+        ))
+    }
+}
