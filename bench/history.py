@@ -61,16 +61,17 @@ def main(directory):
                    ratio(median(runs, "W1-batch", "dray", s), median(runs, "W1-batch", "graphile-worker", s)),
                    ratio(median(runs, "W1-single", "dray", s), median(runs, "plain-insert", "raw-sql", s)),
                    median(runs, "W3", "dray", s), p99(extras, "W3", "dray", s),
-                   median(runs, "paced-insert", "raw-sql", s), median(runs, "W4", "dbos", s)))
+                   median(runs, "paced-insert", "raw-sql", s), median(runs, "W4", "dbos", s),
+                   ratio(median(runs, "W4", "dray", s), median(runs, "W4", "dbos", s))))
     pg.sort()
     lite.sort()
     print("| run (UTC) | rev | floor jobs/s | W2 jobs/s | W2 / graphile tuned | W2-tuned / graphile tuned | W2 / floor "
-          "| W1-batch / graphile | W1-single / INSERT | W3 p50 / p99 ms | paced INSERT ms | DBOS W4 runs/s |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for at, rev, floor, w2, r2, rt, rf, rb, rs, p50, p99_, paced, dbos in pg:
+          "| W1-batch / graphile | W1-single / INSERT | W3 p50 / p99 ms | paced INSERT ms | DBOS W4 runs/s | W4 / DBOS |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for at, rev, floor, w2, r2, rt, rf, rb, rs, p50, p99_, paced, dbos, w4 in pg:
         print(f"| {at} | `{rev}` | {fmt(floor, ',.0f')} | {fmt(w2, ',.0f')} | {fmt(r2, '.2f', '×')} | {fmt(rt, '.2f', '×')} "
               f"| {fmt(rf, '.2f')} | {fmt(rb, '.2f', '×')} | {fmt(rs, '.2f', '×')} | {fmt(p50, '.2f')} / {fmt(p99_, '.2f')} "
-              f"| {fmt(paced, '.2f')} | {fmt(dbos, '.0f')} |")
+              f"| {fmt(paced, '.2f')} | {fmt(dbos, '.0f')} | {fmt(w4, '.1f', '×')} |")
     print()
     print("| run (UTC) | rev | SQLite floor jobs/s | W2 jobs/s | W2-tuned jobs/s | W3 p50 / p99 ms | W3-remote p50 ms |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")

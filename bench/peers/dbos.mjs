@@ -1,7 +1,7 @@
 // Drives DBOS (TypeScript SDK) through W4 on the same PostgreSQL as `dray bench`, and prints
 // one JSON line in the same shape. Usage:
 //   node dbos.mjs W4 N DATABASE_URL
-// W4: 2,000 runs of a workflow of three no-op steps, 10 in flight (each of 10 loops starts a
+// W4: 2,000 runs of a workflow of three no-op steps, 10 in flight (DBOS_IN_FLIGHT; each loop starts a
 // run, waits for its result, starts the next). N is ignored: W4 is always 2,000 runs, as in
 // Dray's harness. DBOS's system tables go to a fresh schema, dropped afterwards.
 import { DBOS } from "@dbos-inc/dbos-sdk";
@@ -13,7 +13,7 @@ if (workload !== "W4") {
   process.exit(2);
 }
 const RUNS = 2000;
-const IN_FLIGHT = 10;
+const IN_FLIGHT = Number(process.env.DBOS_IN_FLIGHT || 10);
 const schema = "dbos_bench_" + Math.random().toString(36).slice(2, 10);
 
 DBOS.setConfig({
