@@ -56,6 +56,24 @@ impl Fixture for Pg {
         }
     }
 
+    async fn set_run_columns(&self, store: &PgStore, id: uuid::Uuid, set: &str) {
+        let schema = store.schema();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE \"{schema}\".dray_workflow_runs
+             DROP CONSTRAINT IF EXISTS dray_workflow_runs_status_check"
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{schema}\".dray_workflow_runs SET {set} WHERE id = $1"
+        )))
+        .bind(id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
     async fn cleanup(&self, store: PgStore) {
         store.drop_schema().await.unwrap();
         store.close().await;

@@ -45,6 +45,26 @@ impl Fixture for Lite {
         .unwrap();
     }
 
+    async fn set_run_columns(&self, store: &SqliteStore, id: uuid::Uuid, set: &str) {
+        // One connection (the writer): the pragma holds for the update.
+        let mut conn = store.pool().acquire().await.unwrap();
+        sqlx::query("PRAGMA ignore_check_constraints = ON")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE dray_workflow_runs SET {set} WHERE id = ?1"
+        )))
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::query("PRAGMA ignore_check_constraints = OFF")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+
     async fn cleanup(&self, store: SqliteStore) {
         store.close().await;
         let path = std::path::PathBuf::from(store.url().trim_start_matches("sqlite://"));

@@ -8,7 +8,7 @@ use dray_core::workflow::{
     WorkflowError, WorkflowOptions,
 };
 use dray_core::{
-    Backoff, Client, Error, RetryPolicy, StartOptions, StepOptions, Worker, WorkerHandle,
+    Backoff, Client, Error, RetryPolicy, StartOptions, StepOptions, Store, Worker, WorkerHandle,
     WorkflowStore,
 };
 use futures_util::StreamExt;
@@ -965,5 +965,207 @@ pub async fn forges_explicit_step_api_and_loops<F: Fixture>(_fx: Arc<F>, store: 
     let seen: Vec<_> = client.watch_workflow(run.run_id()).collect().await;
     let last = seen.last().unwrap().as_ref().unwrap();
     assert_eq!(last.status, RunStatus::Completed);
+    w.shutdown().await.unwrap();
+}
+
+pub async fn start_workflow_in_commits_or_rolls_back_with_the_callers_transaction<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let client = Client::new(store.clone());
+    let mut tx = store.pool().begin().await.unwrap();
+    let rolled = client
+        .start_workflow_in::<Numbers>(&mut *tx, &1, StartOptions::new().workflow_id("tx-1"))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let err = client.describe(rolled.run_id()).await.unwrap_err();
+    assert_eq!(err.code(), "run_not_found", "rolled back: no run");
+    assert!(client.find_workflow("numbers", "tx-1").await.is_err());
+
+    let mut tx = store.pool().begin().await.unwrap();
+    let kept = client
+        .start_workflow_in::<Numbers>(&mut *tx, &2, StartOptions::new().workflow_id("tx-1"))
+        .await
+        .unwrap();
+    // Inside the same transaction the workflow id is taken already.
+    let again = client
+        .start_workflow_in::<Numbers>(&mut *tx, &3, StartOptions::new().workflow_id("tx-1"))
+        .await
+        .unwrap();
+    assert_eq!(again.run_id(), kept.run_id());
+    assert!(again.is_existing());
+    tx.commit().await.unwrap();
+    let w = worker(&store, |w| w.register_workflow(Numbers));
+    assert_eq!(kept.result(WAIT).await.unwrap(), 2, "committed: it runs");
+    w.shutdown().await.unwrap();
+}
+
+/// Panics in its step on the run's first attempt.
+struct Panicky(Log);
+impl Workflow for Panicky {
+    const NAME: &'static str = "panicky";
+    type Input = ();
+    type Output = String;
+    fn options() -> WorkflowOptions {
+        options()
+    }
+    async fn run(&self, ctx: &WorkflowContext, _: ()) -> Result<String, WorkflowError> {
+        let log = self.0.clone();
+        let attempt = ctx.attempt();
+        ctx.step("fragile", || async {
+            log.push(format!("try {attempt}"));
+            if attempt == 1 {
+                panic!("the disk is on fire");
+            }
+            Ok("survived".to_owned())
+        })
+        .await
+    }
+}
+
+pub async fn a_panic_is_a_transient_failure<F: Fixture>(_fx: Arc<F>, store: F::Store) {
+    let log = Log::default();
+    let w = worker(&store, |w| w.register_workflow(Panicky(log.clone())));
+    let client = Client::new(store.clone());
+    let run = client.start_workflow::<Panicky>(&(), "pn").await.unwrap();
+    assert_eq!(run.result(WAIT).await.unwrap(), "survived");
+    assert_eq!(log.all(), vec!["try 1", "try 2"]);
+    let info = run.describe().await.unwrap();
+    assert_eq!(info.attempt, 2);
+    assert_eq!(info.steps[0].attempts, 2);
+    let job = client.get(run.run_id()).await.unwrap().unwrap();
+    assert!(
+        job.errors[0]
+            .message
+            .contains("panicked: the disk is on fire"),
+        "{:?}",
+        job.errors
+    );
+    w.shutdown().await.unwrap();
+}
+
+/// Holds its first step until the run is cancelled (as a long step that watches for it).
+struct Gate(Log);
+impl Workflow for Gate {
+    const NAME: &'static str = "gate";
+    type Input = ();
+    type Output = ();
+    async fn run(&self, ctx: &WorkflowContext, _: ()) -> Result<(), WorkflowError> {
+        let log = self.0.clone();
+        let undo = self.0.clone();
+        ctx.step("hold", || async {
+            log.push("hold");
+            ctx.cancelled().await;
+            log.push("saw the cancel");
+            Ok(())
+        })
+        .compensate_with(move |()| async move {
+            undo.push("undo hold");
+            Ok(())
+        })
+        .await?;
+        let log = self.0.clone();
+        ctx.step("after", || async {
+            log.push("after");
+            Ok(())
+        })
+        .await
+    }
+}
+
+pub async fn a_cancel_stops_a_running_run_at_its_next_step<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let log = Log::default();
+    let w = worker(&store, |w| w.register_workflow(Gate(log.clone())));
+    let client = Client::new(store.clone());
+    let run = client.start_workflow::<Gate>(&(), "gt").await.unwrap();
+    // The step runs longer than a moment: describe shows it running.
+    let start = std::time::Instant::now();
+    loop {
+        let info = run.describe().await.unwrap();
+        if info
+            .steps
+            .first()
+            .is_some_and(|s| s.status == StepStatus::Running)
+        {
+            assert_eq!(info.status, RunStatus::Running);
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "never recorded running: {info:#?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        run.cancel().await.unwrap(),
+        RunCancel::Requested { runs: 1 }
+    );
+    // The worker learns of it at a heartbeat; the step in flight sees it and finishes.
+    let err = run.result(WAIT).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WorkflowFailed {
+                status: RunStatus::Compensated,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        log.all(),
+        vec!["hold", "saw the cancel", "undo hold"],
+        "`after` never ran"
+    );
+    let info = run.describe().await.unwrap();
+    assert_eq!(info.run.end_reason, Some(RunStatus::Cancelled));
+    assert_eq!(info.steps.len(), 1);
+    w.shutdown().await.unwrap();
+}
+
+pub async fn an_unreadable_run_costs_only_itself<F: Fixture>(fx: Arc<F>, store: F::Store) {
+    let client = Client::new(store.clone());
+    let bad = client.start_workflow::<Numbers>(&1, "bad").await.unwrap();
+    let good = client.start_workflow::<Numbers>(&2, "good").await.unwrap();
+    // A newer version's status, say, that this build does not know.
+    fx.set_run_columns(&store, bad.run_id(), "status = 'hibernating'")
+        .await;
+    let w = worker(&store, |w| w.register_workflow(Numbers));
+    assert_eq!(good.result(WAIT).await.unwrap(), 2, "the neighbour runs");
+    // The bad run's job fails for good, saying which column and what it found.
+    let start = std::time::Instant::now();
+    let job = loop {
+        let job = client.get(bad.run_id()).await.unwrap().unwrap();
+        if job.state == dray_core::MessageState::Dead {
+            break job;
+        }
+        assert!(start.elapsed() < WAIT, "{job:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let why = &job.errors.last().unwrap().message;
+    assert!(
+        why.contains("status") && why.contains("hibernating"),
+        "{why}"
+    );
+    // Lists still show both; the bad one says what is wrong with it.
+    let runs = client.list_workflows(&RunFilter::default()).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    let listed = runs.iter().find(|r| r.run.id == bad.run_id()).unwrap();
+    assert!(
+        listed
+            .run
+            .unreadable
+            .as_deref()
+            .is_some_and(|u| u.contains("hibernating")),
+        "{listed:?}"
+    );
+    let info = client.describe(bad.run_id()).await.unwrap();
+    assert!(info.run.unreadable.is_some());
+    // Fixed and re-driven, it runs.
+    fx.set_run_columns(&store, bad.run_id(), "status = 'queued'")
+        .await;
+    client.retry(bad.run_id()).await.unwrap();
+    assert_eq!(bad.result(WAIT).await.unwrap(), 1);
     w.shutdown().await.unwrap();
 }

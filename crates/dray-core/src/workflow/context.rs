@@ -302,6 +302,19 @@ impl WorkflowContext {
         self.inner.ops.store_any().downcast_ref::<S>()
     }
 
+    /// True once a cancel of the run was asked for (seen at the worker's latest heartbeat) or
+    /// this worker lost the run. A long step may check it and stop early; the run itself stops
+    /// at its next step boundary either way.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Completes when [`WorkflowContext::is_cancelled`] becomes true; `select!` on it in a long
+    /// step.
+    pub async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await
+    }
+
     /// The database clock now, as this worker estimates it (from its last claim).
     pub fn now(&self) -> DateTime<Utc> {
         Utc::now() + self.inner.db_offset
