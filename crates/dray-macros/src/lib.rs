@@ -88,6 +88,34 @@ fn duration(meta: &Meta) -> syn::Result<proc_macro2::TokenStream> {
     Ok(quote!(::std::time::Duration::new(#secs, #nanos)))
 }
 
+/// `what = N` with a whole number N of at least 1.
+fn at_least_one(meta: &Meta, what: &str, example: &str) -> syn::Result<i32> {
+    let Meta::NameValue(nv) = meta else {
+        return Err(Error::new_spanned(
+            meta,
+            format!("write {what} = {example}"),
+        ));
+    };
+    let n: i32 = match &nv.value {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse()?,
+        other => {
+            return Err(Error::new_spanned(
+                other,
+                format!("{what} is a whole number, at least 1"),
+            ));
+        }
+    };
+    if n < 1 {
+        return Err(Error::new_spanned(
+            &nv.value,
+            format!("{what} is at least 1"),
+        ));
+    }
+    Ok(n)
+}
+
 fn path_name(meta: &Meta) -> String {
     meta.path()
         .get_ident()
@@ -186,27 +214,7 @@ fn common_option(
             for m in &inner.0 {
                 match path_name(m).as_str() {
                     "max_attempts" => {
-                        let Meta::NameValue(nv) = m else {
-                            return Err(Error::new_spanned(m, "write max_attempts = 3"));
-                        };
-                        let n: i32 = match &nv.value {
-                            syn::Expr::Lit(syn::ExprLit {
-                                lit: syn::Lit::Int(i),
-                                ..
-                            }) => i.base10_parse()?,
-                            other => {
-                                return Err(Error::new_spanned(
-                                    other,
-                                    "max_attempts is a whole number, at least 1",
-                                ));
-                            }
-                        };
-                        if n < 1 {
-                            return Err(Error::new_spanned(
-                                &nv.value,
-                                "max_attempts is at least 1",
-                            ));
-                        }
+                        let n = at_least_one(m, "max_attempts", "3")?;
                         opts.push(quote!(o.retry.max_attempts = #n;));
                     }
                     "backoff" => {
@@ -448,26 +456,7 @@ fn expand_workflow(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
             continue;
         }
         match path_name(meta).as_str() {
-            "version" => {
-                let Meta::NameValue(nv) = meta else {
-                    return Err(Error::new_spanned(meta, "write version = 2"));
-                };
-                let v: i32 = match &nv.value {
-                    Expr::Lit(ExprLit {
-                        lit: Lit::Int(i), ..
-                    }) => i.base10_parse()?,
-                    other => {
-                        return Err(Error::new_spanned(
-                            other,
-                            "version is a whole number, at least 1",
-                        ));
-                    }
-                };
-                if v < 1 {
-                    return Err(Error::new_spanned(&nv.value, "version is at least 1"));
-                }
-                version = v;
-            }
+            "version" => version = at_least_one(meta, "version", "2")?,
             _ => {
                 return Err(Error::new_spanned(
                     meta,

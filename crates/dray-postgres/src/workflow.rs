@@ -16,10 +16,11 @@ use std::time::Duration;
 use dray_core::batch::micros;
 use dray_core::workflow::types::never;
 use dray_core::workflow::{
-    ChildOutcome, LoadedRun, NewRun, PendingSignal, RunCancel, RunFilter, RunInfo, RunOp, RunRow,
-    RunStarted, RunStatus, RunWrite, StepKind, StepRecord, StepStatus, WorkflowStore,
+    ChildOutcome, LoadBuilder, LoadedRun, NewRun, PendingSignal, RunCancel, RunFilter, RunInfo,
+    RunOp, RunRow, RunStarted, RunStatus, RunWrite, StepKind, StepRecord, StepStatus,
+    WorkflowStore,
 };
-use dray_core::{Error, MessageState, Result};
+use dray_core::{Error, Result};
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 use uuid::Uuid;
@@ -399,15 +400,8 @@ fn decode_step(row: &PgRow) -> Result<(Uuid, StepRecord)> {
 fn decode_info(row: &PgRow, steps: Vec<StepRecord>) -> Result<RunInfo> {
     let run = decode_run_or_salvage(row)?;
     let job_state: Option<String> = row.try_get("job_state").ok().flatten();
-    let job_state = job_state.and_then(|s| MessageState::parse(&s).ok());
     let attempt: Option<i32> = row.try_get("job_attempt").ok().flatten();
-    Ok(RunInfo {
-        status: RunInfo::derive_status(run.status, job_state),
-        job_state,
-        attempt: attempt.unwrap_or(0),
-        run,
-        steps,
-    })
+    Ok(RunInfo::new(run, job_state.as_deref(), attempt, steps))
 }
 
 fn us(d: Option<Duration>) -> Option<i64> {
@@ -577,77 +571,53 @@ impl WorkflowStore for PgStore {
             .fetch_all(pool)
             .await
             .map_err(Error::db(op))?;
-        let mut out: HashMap<Uuid, LoadedRun> = HashMap::new();
+        let mut out = LoadBuilder::default();
         for row in &runs {
-            let run = match decode_run(row) {
-                Ok(r) => r,
-                Err(e) => match salvage_run(row, &e) {
-                    Some(r) => r,
-                    None => continue,
-                },
-            };
-            out.insert(
-                run.id,
-                LoadedRun {
-                    run,
-                    steps: Vec::new(),
-                    signals: Vec::new(),
-                    children: Vec::new(),
-                },
-            );
+            if let Ok(run) = decode_run(row).or_else(|e| salvage_run(row, &e).ok_or(e)) {
+                out.run(run);
+            }
         }
         for row in &steps {
-            match decode_step(row) {
-                Ok((id, rec)) => {
-                    if let Some(l) = out.get_mut(&id) {
-                        l.steps.push(rec);
-                    }
-                }
-                Err(e) => {
-                    if let Ok(id) = row.try_get::<Uuid, _>("run_id")
-                        && let Some(l) = out.get_mut(&id)
-                    {
-                        l.run.unreadable = Some(e.to_string());
-                    }
-                }
+            if let Ok(id) = row.try_get::<Uuid, _>("run_id") {
+                out.step(id, decode_step(row).map(|(_, s)| s));
             }
         }
         for row in &signals {
             let run: Uuid = row.try_get("run_id").map_err(Error::db(op))?;
-            let Some(l) = out.get_mut(&run) else { continue };
-            let sig = (|| -> std::result::Result<PendingSignal, sqlx::Error> {
-                Ok(PendingSignal {
-                    id: row.try_get("id")?,
-                    name: row.try_get("name")?,
-                    payload: row.try_get("payload")?,
-                })
-            })();
-            match sig {
-                Ok(s) => l.signals.push(s),
-                Err(e) => l.run.unreadable = Some(corrupt(&run, "signal", e).to_string()),
-            }
+            out.signal(
+                run,
+                (|| {
+                    Ok(PendingSignal {
+                        id: row
+                            .try_get("id")
+                            .map_err(|e| corrupt(&run, "signal id", e))?,
+                        name: row
+                            .try_get("name")
+                            .map_err(|e| corrupt(&run, "signal name", e))?,
+                        payload: row
+                            .try_get("payload")
+                            .map_err(|e| corrupt(&run, "payload", e))?,
+                    })
+                })(),
+            );
         }
         for row in &children {
             let parent: Uuid = row.try_get("parent_id").map_err(Error::db(op))?;
-            let Some(l) = out.get_mut(&parent) else {
-                continue;
-            };
-            let child = (|| -> Result<ChildOutcome> {
-                let id: Uuid = row.try_get("id").map_err(Error::db(op))?;
-                let status: String = col(row, &id, "status")?;
-                Ok(ChildOutcome {
-                    id,
-                    status: RunStatus::parse(&status).map_err(|e| corrupt(&id, "status", e))?,
-                    output: col(row, &id, "output")?,
-                    error: col(row, &id, "error")?,
-                })
-            })();
-            match child {
-                Ok(c) => l.children.push(c),
-                Err(e) => l.run.unreadable = Some(e.to_string()),
-            }
+            out.child(
+                parent,
+                (|| {
+                    let id: Uuid = row.try_get("id").map_err(Error::db(op))?;
+                    let status: String = col(row, &id, "status")?;
+                    Ok(ChildOutcome {
+                        id,
+                        status: RunStatus::parse(&status).map_err(|e| corrupt(&id, "status", e))?,
+                        output: col(row, &id, "output")?,
+                        error: col(row, &id, "error")?,
+                    })
+                })(),
+            );
         }
-        Ok(ids.iter().filter_map(|id| out.remove(id)).collect())
+        Ok(out.finish(ids))
     }
 
     async fn workflow_write_many(&self, writes: &[RunWrite]) -> Result<Vec<Uuid>> {

@@ -25,8 +25,8 @@ pub use client::{StartOptions, WorkflowHandle};
 pub use context::{ChildRun, RUNNING_MARK, Step, StepOptions, WorkflowContext, WorkflowError};
 pub use store::WorkflowStore;
 pub use types::{
-    ChildOutcome, LoadedRun, NewRun, PendingSignal, RunCancel, RunFilter, RunInfo, RunOp, RunRow,
-    RunStarted, RunStatus, RunWrite, StepKind, StepRecord, StepStatus, StepWrite,
+    ChildOutcome, LoadBuilder, LoadedRun, NewRun, PendingSignal, RunCancel, RunFilter, RunInfo,
+    RunOp, RunRow, RunStarted, RunStatus, RunWrite, StepKind, StepRecord, StepStatus, StepWrite,
 };
 
 pub(crate) use engine::WorkflowEngine;

@@ -350,6 +350,71 @@ pub struct LoadedRun {
     pub children: Vec<ChildOutcome>,
 }
 
+/// Puts loaded runs together from a store's rows: the runs, then their history records,
+/// pending signals and ended children, each already decoded. A record that did not decode
+/// marks its run unreadable (so the replay refuses it, naming the column) instead of failing
+/// the whole batch.
+#[derive(Debug, Default)]
+pub struct LoadBuilder {
+    runs: std::collections::HashMap<Uuid, LoadedRun>,
+}
+
+impl LoadBuilder {
+    /// A run row (or a salvaged, unreadable one).
+    pub fn run(&mut self, run: RunRow) {
+        self.runs.insert(
+            run.id,
+            LoadedRun {
+                run,
+                steps: Vec::new(),
+                signals: Vec::new(),
+                children: Vec::new(),
+            },
+        );
+    }
+
+    fn of(&mut self, run: Uuid, item: Result<()>) {
+        if let (Err(e), Some(l)) = (item, self.runs.get_mut(&run)) {
+            l.run.unreadable = Some(e.to_string());
+        }
+    }
+
+    /// A history record of `run`, in `seq` order.
+    pub fn step(&mut self, run: Uuid, rec: Result<StepRecord>) {
+        let rec = rec.map(|r| {
+            if let Some(l) = self.runs.get_mut(&run) {
+                l.steps.push(r);
+            }
+        });
+        self.of(run, rec);
+    }
+
+    /// A pending signal of `run`, oldest first.
+    pub fn signal(&mut self, run: Uuid, sig: Result<PendingSignal>) {
+        let sig = sig.map(|s| {
+            if let Some(l) = self.runs.get_mut(&run) {
+                l.signals.push(s);
+            }
+        });
+        self.of(run, sig);
+    }
+
+    /// An ended child of `parent`.
+    pub fn child(&mut self, parent: Uuid, child: Result<ChildOutcome>) {
+        let child = child.map(|c| {
+            if let Some(l) = self.runs.get_mut(&parent) {
+                l.children.push(c);
+            }
+        });
+        self.of(parent, child);
+    }
+
+    /// The runs, in the order of `ids` (unknown ids left out).
+    pub fn finish(mut self, ids: &[Uuid]) -> Vec<LoadedRun> {
+        ids.iter().filter_map(|id| self.runs.remove(id)).collect()
+    }
+}
+
 /// How a child run ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChildOutcome {
@@ -380,6 +445,24 @@ pub struct RunInfo {
 }
 
 impl RunInfo {
+    /// A run as read with its driving job's state and attempt (a stored state this build does
+    /// not know reads as none).
+    pub fn new(
+        run: RunRow,
+        job_state: Option<&str>,
+        attempt: Option<i32>,
+        steps: Vec<StepRecord>,
+    ) -> RunInfo {
+        let job_state = job_state.and_then(|s| MessageState::parse(s).ok());
+        RunInfo {
+            status: RunInfo::derive_status(run.status, job_state),
+            job_state,
+            attempt: attempt.unwrap_or(0),
+            run,
+            steps,
+        }
+    }
+
     /// The status to show, from the stored one and the driving job's state.
     pub fn derive_status(stored: RunStatus, job: Option<MessageState>) -> RunStatus {
         if stored.is_terminal() {
