@@ -9,6 +9,7 @@ pub mod batch;
 pub mod callback;
 pub mod claim;
 pub mod client;
+pub mod cron;
 pub mod duration;
 mod duration_grammar;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod worker;
 pub mod workflow;
 
 pub use client::{Client, JobOutcome, JobStatus};
+pub use cron::{Cron, CronContext, CronOptions, CronStore, Overlap};
 pub use duration::{format_duration, parse_duration};
 pub use error::{Error, Result};
 pub use job::{Backoff, CancelToken, Job, JobContext, JobError, JobOptions, RetryPolicy};

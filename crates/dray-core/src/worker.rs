@@ -278,6 +278,8 @@ struct Shared<S: Store> {
     unknown_kinds: Mutex<std::collections::HashSet<String>>,
     /// The workflow engine, when workflows are registered (maintenance prunes ended runs).
     workflows: Option<Arc<dyn EngineOps>>,
+    /// The cron scheduler, when this worker schedules (maintenance prunes old ticks).
+    scheduler: Option<Arc<dyn crate::cron::SchedulerOps>>,
 }
 
 impl<S: Store> Shared<S> {
@@ -296,6 +298,16 @@ pub struct Worker<S: Store> {
     handlers: HashMap<String, Arc<dyn Erased>>,
     queues: Vec<(QueueName, usize)>,
     workflows: Workflows,
+    crons: Crons,
+    /// A registration that failed (a bad cron expression): `start` reports it.
+    invalid: Option<Error>,
+}
+
+/// The cron schedules a worker declares, and its scheduler.
+#[derive(Default)]
+struct Crons {
+    declared: Vec<crate::cron::ScheduleSpec>,
+    scheduler: Option<Arc<dyn crate::cron::SchedulerOps>>,
 }
 
 /// The workflows a worker registered: per name, every version, and the engine they share.
@@ -328,6 +340,8 @@ impl<S: Store> Worker<S> {
             handlers: HashMap::new(),
             queues: Vec::new(),
             workflows: Workflows::default(),
+            crons: Crons::default(),
+            invalid: None,
         }
     }
 
@@ -363,7 +377,10 @@ impl<S: Store> Worker<S> {
 
     /// Starts the worker's tasks on the current Tokio runtime.
     pub fn start(mut self) -> Result<WorkerHandle> {
-        if self.handlers.is_empty() {
+        if let Some(e) = self.invalid.take() {
+            return Err(e);
+        }
+        if self.handlers.is_empty() && self.crons.scheduler.is_none() {
             return Err(Error::invalid(
                 "worker",
                 "no jobs registered: call Worker::register first",
@@ -426,10 +443,12 @@ impl<S: Store> Worker<S> {
             running: Mutex::new(HashMap::new()),
             unknown_kinds: Mutex::new(Default::default()),
             workflows: self.workflows.engine,
+            scheduler: self.crons.scheduler,
             events,
         });
         let stop = CancelToken::new();
-        let task = tokio::spawn(run(shared.clone(), self.queues, stop.clone()));
+        let declared = std::mem::take(&mut self.crons.declared);
+        let task = tokio::spawn(run(shared.clone(), self.queues, declared, stop.clone()));
         let held = shared.clone();
         Ok(WorkerHandle {
             id: shared.config.id.clone(),
@@ -491,6 +510,44 @@ impl<S: crate::workflow::WorkflowStore> Worker<S> {
     }
 }
 
+impl<S: crate::cron::CronStore> Worker<S> {
+    /// Registers a `#[dray::cron]` handler: its schedule is stored (created or updated) when
+    /// the worker starts, and this worker schedules ticks (see [`Worker::schedule_crons`]) and
+    /// runs them. A bad expression or zone makes [`Worker::start`] fail, naming it.
+    pub fn register_cron<C: crate::cron::Cron>(mut self, cron: C) -> Self {
+        match crate::cron::spec_of::<C>() {
+            Ok(spec) => {
+                let options = C::options().job;
+                self.handlers.insert(
+                    crate::cron::job_kind(C::NAME),
+                    Arc::new(crate::cron::TypedCron {
+                        cron: Arc::new(cron),
+                        options,
+                    }),
+                );
+                self.crons.declared.retain(|d| d.name != spec.name);
+                self.crons.declared.push(spec);
+            }
+            Err(e) => {
+                self.invalid.get_or_insert(e);
+            }
+        }
+        self.schedule_crons()
+    }
+
+    /// Runs the cron scheduler in this worker: every schedule in the database (declared in
+    /// code or made at run time) fires its ticks, each exactly once however many workers
+    /// schedule. Workers that register a cron do this already.
+    pub fn schedule_crons(mut self) -> Self {
+        if self.crons.scheduler.is_none() {
+            self.crons.scheduler = Some(Arc::new(crate::cron::Scheduler {
+                store: self.store.clone(),
+            }));
+        }
+        self
+    }
+}
+
 /// A running worker.
 pub struct WorkerHandle {
     id: String,
@@ -540,7 +597,12 @@ impl WorkerHandle {
     }
 }
 
-async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, stop: CancelToken) {
+async fn run<S: Store>(
+    shared: Arc<Shared<S>>,
+    queues: Vec<(QueueName, usize)>,
+    declared: Vec<crate::cron::ScheduleSpec>,
+    stop: CancelToken,
+) {
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
     let completer = tokio::spawn(completer(shared.clone(), done_rx));
     let beat_stop = CancelToken::new();
@@ -554,6 +616,10 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
         .callback_secret
         .clone()
         .map(|secret| tokio::spawn(callbacks(shared.clone(), secret, stop.clone())));
+    let scheduler = shared.scheduler.clone().map(|sc| {
+        let stop = stop.clone();
+        tokio::spawn(async move { sc.run(declared, stop).await })
+    });
     let mut fetchers = JoinSet::new();
     for (queue, concurrency) in queues {
         fetchers.spawn(fetch_loop(
@@ -575,6 +641,9 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, queues: Vec<(QueueName, usize)>, 
     }
     if let Some(c) = callbacks {
         let _ = c.await;
+    }
+    if let Some(s) = scheduler {
+        let _ = s.await;
     }
     if shared.config.maintenance
         && let Err(err) = shared
@@ -1270,6 +1339,11 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                         break;
                     }
                 }
+            }
+            if let Some(sc) = &shared.scheduler
+                && let Err(err) = sc.prune(shared.config.retention).await
+            {
+                tracing::warn!(%err, "dray: pruning old cron ticks failed");
             }
             if let Some(wf) = &shared.workflows {
                 for _ in 0..PRUNE_ROUNDS {

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod crons;
 mod sql;
 mod workflow;
 
@@ -93,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 10,
         name: "workflows",
         sql: include_str!("../migrations/0010_workflows.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "crons",
+        sql: include_str!("../migrations/0011_crons.sql"),
     },
 ];
 

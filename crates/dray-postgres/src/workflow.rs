@@ -409,7 +409,12 @@ fn us(d: Option<Duration>) -> Option<i64> {
 }
 
 impl PgStore {
-    async fn start_in(&self, conn: &mut PgConnection, runs: &[NewRun]) -> Result<Vec<RunStarted>> {
+    /// Starts runs on the caller's connection (a workflow start, or a cron tick's).
+    pub(crate) async fn start_runs_in(
+        &self,
+        conn: &mut PgConnection,
+        runs: &[NewRun],
+    ) -> Result<Vec<RunStarted>> {
         let op = "workflow_start_many";
         if runs.is_empty() {
             return Ok(Vec::new());
@@ -508,7 +513,7 @@ impl WorkflowStore for PgStore {
     async fn workflow_start_many(&self, runs: &[NewRun]) -> Result<Vec<RunStarted>> {
         let op = "workflow_start_many";
         let mut tx = self.inner.pool.begin().await.map_err(Error::db(op))?;
-        let out = self.start_in(&mut tx, runs).await?;
+        let out = self.start_runs_in(&mut tx, runs).await?;
         tx.commit().await.map_err(Error::db(op))?;
         let fresh: HashSet<Uuid> = out.iter().filter(|s| !s.existing).map(|s| s.id).collect();
         let queues: Vec<String> = runs
@@ -525,7 +530,7 @@ impl WorkflowStore for PgStore {
         conn: &mut PgConnection,
         runs: &[NewRun],
     ) -> Result<Vec<RunStarted>> {
-        let out = self.start_in(conn, runs).await?;
+        let out = self.start_runs_in(conn, runs).await?;
         let mut queues: Vec<String> = runs
             .iter()
             .map(|r| r.job.queue.as_str().to_owned())

@@ -74,6 +74,19 @@ impl Fixture for Pg {
         .unwrap();
     }
 
+    async fn cron_rewind(&self, store: &PgStore, name: &str, secs: i64) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE \"{}\".dray_cron_schedules SET last_tick = last_tick - $2 * interval '1 second'
+             WHERE name = $1",
+            store.schema()
+        )))
+        .bind(name)
+        .bind(secs as f64)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
     async fn cleanup(&self, store: PgStore) {
         store.drop_schema().await.unwrap();
         store.close().await;

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod crons;
 mod hints;
 mod sql;
 mod workflow;
@@ -77,6 +78,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "workflows",
         sql: include_str!("../migrations/0006_workflows.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "crons",
+        sql: include_str!("../migrations/0007_crons.sql"),
     },
 ];
 

@@ -298,7 +298,8 @@ fn decode_info(row: &SqliteRow, steps: Vec<StepRecord>) -> Result<RunInfo> {
 }
 
 impl SqliteStore {
-    async fn start_in(
+    /// Starts runs on the caller's connection (a workflow start, or a cron tick's).
+    pub(crate) async fn start_runs_in(
         &self,
         conn: &mut SqliteConnection,
         runs: &[NewRun],
@@ -355,7 +356,7 @@ impl WorkflowStore for SqliteStore {
     async fn workflow_start_many(&self, runs: &[NewRun]) -> Result<Vec<RunStarted>> {
         let op = "workflow_start_many";
         let mut tx = self.inner.writer.begin().await.map_err(Error::db(op))?;
-        let out = self.start_in(&mut tx, runs).await?;
+        let out = self.start_runs_in(&mut tx, runs).await?;
         tx.commit().await.map_err(Error::db(op))?;
         let fresh: HashSet<Uuid> = out.iter().filter(|s| !s.existing).map(|s| s.id).collect();
         self.wake_queues(
@@ -371,7 +372,7 @@ impl WorkflowStore for SqliteStore {
         conn: &mut SqliteConnection,
         runs: &[NewRun],
     ) -> Result<Vec<RunStarted>> {
-        self.start_in(conn, runs).await
+        self.start_runs_in(conn, runs).await
     }
 
     async fn workflow_load_many(&self, ids: &[Uuid]) -> Result<Vec<LoadedRun>> {

@@ -65,6 +65,17 @@ impl Fixture for Lite {
             .unwrap();
     }
 
+    async fn cron_rewind(&self, store: &SqliteStore, name: &str, secs: i64) {
+        sqlx::query(
+            "UPDATE dray_cron_schedules SET last_tick = last_tick - ?2 * 1000 WHERE name = ?1",
+        )
+        .bind(name.to_owned())
+        .bind(secs)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
     async fn cleanup(&self, store: SqliteStore) {
         store.close().await;
         let path = std::path::PathBuf::from(store.url().trim_start_matches("sqlite://"));

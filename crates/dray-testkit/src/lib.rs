@@ -8,6 +8,7 @@
 
 #![allow(missing_docs)] // test code: the test names are the documentation
 
+pub mod crons;
 pub mod jobs;
 pub mod queue;
 pub mod workflows;
@@ -16,12 +17,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dray_core::WorkflowStore;
+use dray_core::CronStore;
 
 /// How a store crate makes stores for the suite.
 pub trait Fixture: Send + Sync + Sized + 'static {
     /// The store under test.
-    type Store: WorkflowStore;
+    type Store: CronStore;
 
     /// True when a receiver on one handle is woken within milliseconds by an enqueue on another
     /// handle (another process): PostgreSQL's LISTEN/NOTIFY. False when it is woken by polling
@@ -52,6 +53,15 @@ pub trait Fixture: Send + Sync + Sized + 'static {
         store: &Self::Store,
         id: uuid::Uuid,
         set: &str,
+    ) -> impl Future<Output = ()> + Send;
+
+    /// Moves schedule `name`'s last handled tick `secs` seconds back behind Dray's back, as
+    /// if no scheduler had run meanwhile (an outage).
+    fn cron_rewind(
+        &self,
+        store: &Self::Store,
+        name: &str,
+        secs: i64,
     ) -> impl Future<Output = ()> + Send;
 
     /// Removes what [`Fixture::store`] made.
@@ -170,6 +180,20 @@ macro_rules! conformance_tests {
             a_cancel_stops_a_running_run_at_its_next_step,
             an_unreadable_run_costs_only_itself,
         );
+        $crate::conformance_tests!(@crons $fixture;
+            every_tick_runs_once_across_schedulers,
+            catch_up_runs_the_latest_missed_ticks_in_order,
+            overlapping_ticks_are_skipped_and_recorded,
+            schedules_start_workflows_and_refuse_bad_input,
+        );
+    };
+    (@crons $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run($fixture, |fx, store| $crate::crons::$name(fx, store)).await
+            }
+        )*
     };
     (@workflows $fixture:expr; $($name:ident),* $(,)?) => {
         $(

@@ -1,0 +1,347 @@
+//! The cron layer on SQLite: [`CronStore`] for [`SqliteStore`] (schema version 7; the same
+//! tables as PostgreSQL's). Every write is one transaction on the single writer connection, so
+//! two schedulers of one schedule take turns, and a tick's record and its job commit together.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dray_core::batch::millis;
+use dray_core::cron::{
+    CronFire, CronStore, CronTarget, FireReport, Overlap, ScheduleRow, ScheduleSpec, TickRow,
+    TickStatus,
+};
+use dray_core::{Error, MessageState, Result};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+use uuid::Uuid;
+
+use crate::{SqliteStore, ms_to_time};
+
+const NOW: &str = "CAST(round(unixepoch('subsec') * 1000) AS INTEGER)";
+
+const COLS: &str = "name, expression, timezone, target, payload, queue, max_attempts, catch_up, \
+    catch_up_limit, overlap, source, enabled, paused, last_tick, last_job, created_at, updated_at";
+
+const UPSERT: &str = "
+INSERT INTO dray_cron_schedules AS c
+    (name, expression, timezone, target, payload, queue, max_attempts, catch_up, catch_up_limit,
+     overlap, source, last_tick, created_at, updated_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, {now}, {now}, {now})
+ON CONFLICT (name) DO UPDATE SET
+    last_tick = CASE WHEN c.expression <> excluded.expression OR c.timezone <> excluded.timezone
+                          OR NOT c.enabled
+                     THEN {now} ELSE c.last_tick END,
+    expression = excluded.expression, timezone = excluded.timezone, target = excluded.target,
+    payload = excluded.payload, queue = excluded.queue, max_attempts = excluded.max_attempts,
+    catch_up = excluded.catch_up, catch_up_limit = excluded.catch_up_limit,
+    overlap = excluded.overlap, source = excluded.source, enabled = 1, updated_at = {now}";
+
+const DISABLE_UNDECLARED: &str = "
+UPDATE dray_cron_schedules SET enabled = 0, updated_at = {now}
+WHERE source = 'code' AND enabled AND name NOT IN (SELECT value FROM json_each(?1))";
+
+const LOCK: &str = "
+SELECT last_job, EXISTS (
+    SELECT 1 FROM dray_jobs j
+    WHERE j.id = c.last_job AND j.state IN ('scheduled', 'available', 'running', 'retryable'))
+FROM dray_cron_schedules c WHERE name = ?1";
+
+const TICK: &str = "
+INSERT INTO dray_cron_ticks (schedule, tick_at, status, reason, job_id, recorded_at)
+VALUES (?1, ?2, ?3, ?4, ?5, {now}) ON CONFLICT DO NOTHING RETURNING 1";
+
+const ADVANCE: &str = "
+UPDATE dray_cron_schedules
+SET last_tick = CASE WHEN ?4 THEN last_tick ELSE max(last_tick, ?2) END,
+    last_job = COALESCE(?3, last_job)
+WHERE name = ?1";
+
+const HISTORY: &str = "
+SELECT t.schedule, t.tick_at, t.status, t.reason, t.job_id, j.state, j.finished_at,
+       j.errors ->> '$[#-1].message' AS error
+FROM dray_cron_ticks t LEFT JOIN dray_jobs j ON j.id = t.job_id
+WHERE t.schedule = ?1 ORDER BY t.tick_at DESC LIMIT ?2";
+
+fn q(text: &str) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(text.replace("{now}", NOW)))
+}
+
+fn corrupt(name: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::CorruptRow {
+        id: name.to_owned(),
+        reason: format!("cron schedule column {what}: {e}"),
+    }
+}
+
+fn time(name: &str, what: &str, ms: i64) -> Result<DateTime<Utc>> {
+    ms_to_time(&Uuid::nil(), what, ms).map_err(|e| corrupt(name, what, e))
+}
+
+fn decode(row: &SqliteRow) -> Result<ScheduleRow> {
+    let name: String = row.try_get("name").map_err(|e| corrupt("", "name", e))?;
+    let col = |c: &str| corrupt(&name, c, "unreadable");
+    let target: String = row.try_get("target").map_err(|_| col("target"))?;
+    let payload: String = row.try_get("payload").map_err(|_| col("payload"))?;
+    let overlap: String = row.try_get("overlap").map_err(|_| col("overlap"))?;
+    let limit: i64 = row
+        .try_get("catch_up_limit")
+        .map_err(|_| col("catch_up_limit"))?;
+    let ms = |c: &str| -> Result<DateTime<Utc>> {
+        let v: i64 = row.try_get(c).map_err(|_| col(c))?;
+        time(&name, c, v)
+    };
+    Ok(ScheduleRow {
+        spec: ScheduleSpec {
+            expression: row.try_get("expression").map_err(|_| col("expression"))?,
+            timezone: row.try_get("timezone").map_err(|_| col("timezone"))?,
+            target: serde_json::from_str::<CronTarget>(&target)
+                .map_err(|e| corrupt(&name, "target", e))?,
+            payload: serde_json::from_str(&payload).map_err(|e| corrupt(&name, "payload", e))?,
+            queue: row.try_get("queue").map_err(|_| col("queue"))?,
+            max_attempts: row
+                .try_get("max_attempts")
+                .map_err(|_| col("max_attempts"))?,
+            catch_up: row.try_get("catch_up").map_err(|_| col("catch_up"))?,
+            catch_up_limit: u32::try_from(limit)
+                .map_err(|e| corrupt(&name, "catch_up_limit", e))?,
+            overlap: Overlap::parse(&overlap).map_err(|e| corrupt(&name, "overlap", e))?,
+            name: name.clone(),
+        },
+        source: row.try_get("source").map_err(|_| col("source"))?,
+        enabled: row.try_get("enabled").map_err(|_| col("enabled"))?,
+        paused: row.try_get("paused").map_err(|_| col("paused"))?,
+        last_tick: ms("last_tick")?,
+        last_job: row.try_get("last_job").map_err(|_| col("last_job"))?,
+        created_at: ms("created_at")?,
+        updated_at: ms("updated_at")?,
+    })
+}
+
+impl SqliteStore {
+    async fn upsert_in(
+        &self,
+        conn: &mut SqliteConnection,
+        spec: &ScheduleSpec,
+        source: &str,
+    ) -> Result<()> {
+        q(UPSERT)
+            .bind(spec.name.clone())
+            .bind(spec.expression.clone())
+            .bind(spec.timezone.clone())
+            .bind(serde_json::to_string(&spec.target)?)
+            .bind(spec.payload.to_string())
+            .bind(spec.queue.clone())
+            .bind(spec.max_attempts)
+            .bind(spec.catch_up)
+            .bind(i64::from(spec.catch_up_limit))
+            .bind(spec.overlap.as_str())
+            .bind(source.to_owned())
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::db("cron_upsert"))?;
+        Ok(())
+    }
+}
+
+impl CronStore for SqliteStore {
+    async fn cron_declare(&self, specs: &[ScheduleSpec]) -> Result<()> {
+        let op = "cron_declare";
+        let mut tx = self.pool().begin().await.map_err(Error::db(op))?;
+        for spec in specs {
+            self.upsert_in(&mut tx, spec, "code").await?;
+        }
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        q(DISABLE_UNDECLARED)
+            .bind(serde_json::to_string(&names)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        tx.commit().await.map_err(Error::db(op))
+    }
+
+    async fn cron_upsert(&self, spec: &ScheduleSpec) -> Result<()> {
+        let mut conn = self
+            .pool()
+            .acquire()
+            .await
+            .map_err(Error::db("cron_upsert"))?;
+        self.upsert_in(&mut conn, spec, "api").await
+    }
+
+    async fn cron_remove(&self, name: &str) -> Result<bool> {
+        let done = q("DELETE FROM dray_cron_schedules WHERE name = ?1")
+            .bind(name.to_owned())
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("cron_remove"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn cron_list(&self) -> Result<Vec<ScheduleRow>> {
+        let rows = q(&format!(
+            "SELECT {COLS} FROM dray_cron_schedules ORDER BY name"
+        ))
+        .fetch_all(&self.inner.reader)
+        .await
+        .map_err(Error::db("cron_list"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match decode(row) {
+                Ok(s) => out.push(s),
+                Err(e) => {
+                    tracing::warn!(err = %e, "dray: an unreadable cron schedule was left out")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn cron_fire(&self, f: &CronFire) -> Result<FireReport> {
+        let op = "cron_fire";
+        let mut tx = self.pool().begin().await.map_err(Error::db(op))?;
+        let Some(row) = q(LOCK)
+            .bind(f.schedule.clone())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(Error::db(op))?
+        else {
+            return Ok(FireReport::default());
+        };
+        let busy: bool = row.try_get(1).map_err(Error::db(op))?;
+        let busy = busy && !f.manual && f.overlap == Overlap::Skip;
+        let mut report = FireReport::default();
+        let mut last_job = None;
+        let mut queues = Vec::new();
+        for t in &f.fire {
+            let id = t
+                .job
+                .as_ref()
+                .map(|j| j.id)
+                .or(t.run.as_ref().map(|r| r.id));
+            let (status, reason, job) = if busy {
+                (
+                    TickStatus::Skipped,
+                    Some("overlap: the previous run of the schedule is still going"),
+                    None,
+                )
+            } else if f.manual {
+                (TickStatus::Triggered, None, id)
+            } else {
+                (TickStatus::Fired, None, id)
+            };
+            let recorded = q(TICK)
+                .bind(f.schedule.clone())
+                .bind(t.tick.timestamp_millis())
+                .bind(status.as_str())
+                .bind(reason)
+                .bind(job)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(Error::db(op))?
+                .is_some();
+            if !recorded {
+                continue;
+            }
+            if busy {
+                report.skipped.push(t.tick);
+                continue;
+            }
+            if let Some(j) = &t.job {
+                self.insert(&mut tx, std::slice::from_ref(j)).await?;
+                queues.push(j.queue.as_str().to_owned());
+            }
+            if let Some(r) = &t.run {
+                self.start_runs_in(&mut tx, std::slice::from_ref(r)).await?;
+                queues.push(r.job.queue.as_str().to_owned());
+            }
+            if let Some(id) = job {
+                report.fired.push((t.tick, id));
+                last_job = Some(id);
+            }
+        }
+        for (tick, reason) in &f.skip {
+            let recorded = q(TICK)
+                .bind(f.schedule.clone())
+                .bind(tick.timestamp_millis())
+                .bind(TickStatus::Skipped.as_str())
+                .bind(reason.clone())
+                .bind(None::<Uuid>)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(Error::db(op))?
+                .is_some();
+            if recorded {
+                report.skipped.push(*tick);
+            }
+        }
+        q(ADVANCE)
+            .bind(f.schedule.clone())
+            .bind(f.advance_to.timestamp_millis())
+            .bind(last_job)
+            .bind(f.manual)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(op))?;
+        tx.commit().await.map_err(Error::db(op))?;
+        queues.sort();
+        queues.dedup();
+        for queue in queues {
+            self.inner.hub.wake(&queue);
+        }
+        Ok(report)
+    }
+
+    async fn cron_set_paused(&self, name: &str, paused: bool) -> Result<bool> {
+        let done = q(
+            "UPDATE dray_cron_schedules SET paused = ?2, updated_at = {now},
+                 last_tick = CASE WHEN paused AND NOT ?2 THEN {now} ELSE last_tick END
+             WHERE name = ?1",
+        )
+        .bind(name.to_owned())
+        .bind(paused)
+        .execute(self.pool())
+        .await
+        .map_err(Error::db("cron_set_paused"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn cron_history(&self, name: &str, limit: u32) -> Result<Vec<TickRow>> {
+        let op = "cron_history";
+        let rows = q(HISTORY)
+            .bind(name.to_owned())
+            .bind(i64::from(limit))
+            .fetch_all(&self.inner.reader)
+            .await
+            .map_err(Error::db(op))?;
+        rows.iter()
+            .map(|row| -> Result<TickRow> {
+                let status: String = row.try_get("status").map_err(Error::db(op))?;
+                let state: Option<String> = row.try_get("state").map_err(Error::db(op))?;
+                let tick_ms: i64 = row.try_get("tick_at").map_err(Error::db(op))?;
+                let tick = time(name, "tick_at", tick_ms)?;
+                let finished: Option<i64> = row.try_get("finished_at").map_err(Error::db(op))?;
+                let finished_at = finished.map(|f| time(name, "finished_at", f)).transpose()?;
+                Ok(TickRow {
+                    schedule: row.try_get("schedule").map_err(Error::db(op))?,
+                    tick,
+                    status: TickStatus::parse(&status)?,
+                    reason: row.try_get("reason").map_err(Error::db(op))?,
+                    job_id: row.try_get("job_id").map_err(Error::db(op))?,
+                    job_state: state.and_then(|s| MessageState::parse(&s).ok()),
+                    duration_ms: finished_at.map(|f| (f - tick).num_milliseconds()),
+                    finished_at,
+                    error: row.try_get("error").map_err(Error::db(op))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cron_prune(&self, older_than: Duration) -> Result<u64> {
+        let done = q("DELETE FROM dray_cron_ticks WHERE tick_at < {now} - ?1")
+            .bind(millis(older_than))
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("cron_prune"))?;
+        Ok(done.rows_affected())
+    }
+}
