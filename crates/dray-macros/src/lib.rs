@@ -16,6 +16,10 @@ use syn::{
 #[path = "../../dray-core/src/duration_grammar.rs"]
 mod duration_grammar;
 
+#[path = "../../dray-core/src/cron/grammar.rs"]
+#[allow(dead_code)]
+mod cron_grammar;
+
 /// Declares a job from an async function.
 ///
 /// ```ignore
@@ -505,6 +509,190 @@ fn expand_workflow(args: Args, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
                 input: Self::Input,
             ) -> ::std::result::Result<Self::Output, ::dray::WorkflowError> {
                 ::std::result::Result::Ok(#fn_name(ctx, input).await?)
+            }
+        }
+    })
+}
+
+/// Declares a cron schedule and its handler from an async function (Forge's
+/// `#[forge::cron]`).
+///
+/// ```ignore
+/// #[dray::cron("0 9 * * MON-FRI", timezone = "America/New_York", catch_up, catch_up_limit = 3,
+///              overlap = "skip")]
+/// async fn morning_report(ctx: &CronContext) -> Result<(), JobError> {
+///     tracing::info!(late = ctx.is_late(), "report for {}", ctx.scheduled_at());
+///     Ok(())
+/// }
+/// // Generates `pub struct MorningReportCron;` implementing `dray::Cron`:
+/// // Worker::register_cron(MorningReportCron).
+/// ```
+///
+/// The expression comes first: five fields, or six with a leading seconds field, month and
+/// weekday names, `L`, `W`, `#`, or an alias (`@hourly`, `@daily`, `@weekly`, `@monthly`,
+/// `@yearly`). Options: `timezone = "IANA/Name"` (default UTC), `catch_up` (run missed ticks
+/// after downtime), `catch_up_limit = N` (default 1), `overlap = "skip" | "allow"` (default
+/// skip), `name = "..."` (default: the function's name), and the job options `queue`,
+/// `timeout`, `priority`, `retry(...)` as for `#[dray::job]`. A bad expression or zone is a
+/// compile error naming the field.
+#[proc_macro_attribute]
+pub fn cron(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let args = syn::parse_macro_input!(attr as CronArgs);
+    let func = syn::parse_macro_input!(item as ItemFn);
+    let original = quote!(#func);
+    match expand_cron(args, func) {
+        Ok(ts) => ts.into(),
+        Err(e) => {
+            let mut ts = e.to_compile_error();
+            ts.extend(original);
+            ts.into()
+        }
+    }
+}
+
+struct CronArgs {
+    expression: LitStr,
+    options: Punctuated<Meta, Token![,]>,
+}
+
+impl Parse for CronArgs {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let expression: LitStr = input.parse().map_err(|e| {
+            Error::new(
+                e.span(),
+                "#[dray::cron] starts with the expression, e.g. #[dray::cron(\"0 9 * * MON-FRI\")]",
+            )
+        })?;
+        let options = if input.is_empty() {
+            Punctuated::new()
+        } else {
+            input.parse::<Token![,]>()?;
+            Punctuated::parse_terminated(input)?
+        };
+        Ok(CronArgs {
+            expression,
+            options,
+        })
+    }
+}
+
+fn expand_cron(args: CronArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
+    if func.sig.asyncness.is_none() {
+        return Err(Error::new_spanned(
+            func.sig.fn_token,
+            "#[dray::cron] goes on an `async fn`",
+        ));
+    }
+    if func.sig.inputs.len() != 1 {
+        return Err(Error::new_spanned(
+            &func.sig.inputs,
+            "a cron handler takes exactly (ctx: &CronContext)",
+        ));
+    }
+    let expr = args.expression.value();
+    cron_grammar::parse_expression(&expr).map_err(|why| Error::new_spanned(&args.expression, why))?;
+    let fn_name = &func.sig.ident;
+    let vis = &func.vis;
+    let mut name = fn_name.to_string();
+    let struct_name = if name.ends_with("_cron") {
+        format_ident!("{}", pascal(&name))
+    } else {
+        format_ident!("{}Cron", pascal(&name))
+    };
+    let mut opts = Vec::new();
+    let mut zone = String::from("UTC");
+    let mut cron_opts = Vec::new();
+    for meta in &args.options {
+        if common_option(meta, &mut opts, &mut name)? {
+            continue;
+        }
+        match path_name(meta).as_str() {
+            "timezone" => {
+                let z = lit_str(meta)?;
+                cron_grammar::parse_zone(&z.value()).map_err(|why| Error::new_spanned(&z, why))?;
+                zone = z.value();
+            }
+            "catch_up" => {
+                let on = match meta {
+                    Meta::Path(_) => true,
+                    Meta::NameValue(MetaNameValue {
+                        value: Expr::Lit(ExprLit {
+                            lit: Lit::Bool(b), ..
+                        }),
+                        ..
+                    }) => b.value,
+                    other => {
+                        return Err(Error::new_spanned(
+                            other,
+                            "catch_up is `catch_up`, `catch_up = true` or `catch_up = false`",
+                        ));
+                    }
+                };
+                cron_opts.push(quote!(c.catch_up = #on;));
+            }
+            "catch_up_limit" => {
+                let n = at_least_one(meta, "catch_up_limit", "3")? as u32;
+                if n > 1000 {
+                    return Err(Error::new_spanned(meta, "catch_up_limit is at most 1000"));
+                }
+                cron_opts.push(quote!(c.catch_up_limit = #n;));
+            }
+            "overlap" => {
+                let o = lit_str(meta)?;
+                let v = match o.value().as_str() {
+                    "skip" => quote!(Skip),
+                    "allow" => quote!(Allow),
+                    _ => return Err(Error::new_spanned(o, "overlap is \"skip\" or \"allow\"")),
+                };
+                cron_opts.push(quote!(c.overlap = ::dray::Overlap::#v;));
+            }
+            _ => {
+                return Err(Error::new_spanned(
+                    meta,
+                    "unknown #[dray::cron] option; use timezone, catch_up, catch_up_limit, overlap, name, queue, timeout, priority, retry(...)",
+                ));
+            }
+        }
+    }
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+    {
+        return Err(Error::new(
+            Span::call_site(),
+            "a schedule name is 1-200 characters from A-Z a-z 0-9 _ . : -",
+        ));
+    }
+    let doc = format!("The cron schedule `{name}` ({expr:?} in {zone}), declared by `#[dray::cron]` on [`{fn_name}`].");
+    Ok(quote! {
+        #func
+
+        #[doc = #doc]
+        #[derive(Clone, Copy, Debug, Default)]
+        #vis struct #struct_name;
+
+        impl ::dray::Cron for #struct_name {
+            const NAME: &'static str = #name;
+
+            fn options() -> ::dray::CronOptions {
+                let mut c = ::dray::CronOptions::new(#expr);
+                c.timezone = ::std::string::String::from(#zone);
+                #(#cron_opts)*
+                #[allow(unused_mut)]
+                let mut o = c.job;
+                #(#opts)*
+                c.job = o;
+                c
+            }
+
+            #[allow(clippy::needless_question_mark)]
+            async fn run(
+                &self,
+                ctx: &::dray::CronContext,
+            ) -> ::std::result::Result<(), ::dray::JobError> {
+                ::std::result::Result::Ok(#fn_name(ctx).await?)
             }
         }
     })

@@ -33,7 +33,7 @@ pub use dray_core::*;
 /// `#[dray::job(...)]` and `#[dray::workflow(...)]`: declare a job or a workflow from an async
 /// function (feature `macros`, default).
 #[cfg(feature = "macros")]
-pub use dray_macros::{job, workflow};
+pub use dray_macros::{cron, job, workflow};
 
 #[cfg(feature = "postgres")]
 pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};

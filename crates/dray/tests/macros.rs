@@ -221,6 +221,44 @@ async fn a_macro_workflow_runs() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[dray::cron(
+    "0 9 * * MON-FRI",
+    timezone = "America/New_York",
+    catch_up,
+    catch_up_limit = 3,
+    overlap = "allow",
+    queue = "reports",
+    retry(max_attempts = 2)
+)]
+async fn morning_report(ctx: &dray::CronContext) -> Result<(), JobError> {
+    let _ = ctx.is_late();
+    Ok(())
+}
+
+#[dray::cron("* * * * * *", name = "heartbeat.cron")]
+async fn beat_cron(_ctx: &dray::CronContext) -> Result<(), std::io::Error> {
+    Ok(())
+}
+
+#[test]
+fn cron_options_are_what_the_attribute_says() {
+    use dray::Cron;
+    assert_eq!(MorningReportCron::NAME, "morning_report");
+    let o = MorningReportCron::options();
+    assert_eq!(o.expression, "0 9 * * MON-FRI");
+    assert_eq!(o.timezone, "America/New_York");
+    assert!(o.catch_up);
+    assert_eq!(o.catch_up_limit, 3);
+    assert_eq!(o.overlap, dray::Overlap::Allow);
+    assert_eq!(o.job.queue, "reports");
+    assert_eq!(o.job.retry.max_attempts, 2);
+    assert_eq!(BeatCron::NAME, "heartbeat.cron");
+    let b = BeatCron::options();
+    assert_eq!((b.timezone.as_str(), b.catch_up, b.catch_up_limit), ("UTC", false, 1));
+    assert_eq!(b.overlap, dray::Overlap::Skip);
+    assert_eq!(b.job.queue, "crons");
+}
+
 #[test]
 fn bad_attributes_are_compile_errors() {
     let t = trybuild::TestCases::new();
