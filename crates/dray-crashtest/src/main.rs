@@ -15,13 +15,38 @@ use std::time::Duration;
 
 use dray::{
     Job, JobContext, JobError, PgStore, SchemaMode, SqliteStore, Worker, Workflow, WorkflowContext,
-    WorkflowError, WorkflowStore,
+    WorkflowError,
 };
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Hang,
     Work,
+    /// Also schedules and runs `crash_tick`, a per-second cron whose runs record
+    /// `tick <scheduled time>`.
+    Cron,
+}
+
+/// A per-second schedule: each run records its tick.
+struct Tick;
+
+impl dray::Cron for Tick {
+    const NAME: &'static str = "crash_tick";
+    fn options() -> dray::CronOptions {
+        dray::CronOptions::new("* * * * * *")
+    }
+    async fn run(&self, ctx: &dray::CronContext) -> Result<(), JobError> {
+        let phase = format!("tick {}", ctx.scheduled_at().timestamp());
+        record_in(
+            ctx.store::<PgStore>(),
+            ctx.store::<SqliteStore>(),
+            &ctx.run_id().to_string(),
+            ctx.attempt(),
+            &phase,
+        )
+        .await?;
+        Ok(())
+    }
 }
 
 struct Effect {
@@ -166,8 +191,12 @@ impl Workflow for CrashSaga {
     }
 }
 
-async fn serve<S: WorkflowStore>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
-    let worker = Worker::new(store)
+async fn serve<S: dray::CronStore>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
+    let mut worker = Worker::new(store);
+    if mode == Mode::Cron {
+        worker = worker.register_cron(Tick);
+    }
+    let worker = worker
         .register(Effect { mode })
         .register_workflow(CrashFlow { mode })
         .register_workflow(CrashSaga { mode })
@@ -200,11 +229,12 @@ async fn serve<S: WorkflowStore>(store: S, mode: Mode, lease: Duration) -> dray:
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, url, schema, mode, lease_ms] = args.as_slice() else {
-        return Err("usage: dray-crash-worker URL SCHEMA hang|work LEASE_MS".into());
+        return Err("usage: dray-crash-worker URL SCHEMA hang|work|cron LEASE_MS".into());
     };
     let mode = match mode.as_str() {
         "hang" => Mode::Hang,
         "work" => Mode::Work,
+        "cron" => Mode::Cron,
         other => return Err(format!("unknown mode {other}").into()),
     };
     let lease = Duration::from_millis(lease_ms.parse()?);

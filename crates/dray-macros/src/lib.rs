@@ -590,7 +590,8 @@ fn expand_cron(args: CronArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
         ));
     }
     let expr = args.expression.value();
-    cron_grammar::parse_expression(&expr).map_err(|why| Error::new_spanned(&args.expression, why))?;
+    cron_grammar::parse_expression(&expr)
+        .map_err(|why| Error::new_spanned(&args.expression, why))?;
     let fn_name = &func.sig.ident;
     let vis = &func.vis;
     let mut name = fn_name.to_string();
@@ -616,9 +617,10 @@ fn expand_cron(args: CronArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
                 let on = match meta {
                     Meta::Path(_) => true,
                     Meta::NameValue(MetaNameValue {
-                        value: Expr::Lit(ExprLit {
-                            lit: Lit::Bool(b), ..
-                        }),
+                        value:
+                            Expr::Lit(ExprLit {
+                                lit: Lit::Bool(b), ..
+                            }),
                         ..
                     }) => b.value,
                     other => {
@@ -665,7 +667,9 @@ fn expand_cron(args: CronArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
             "a schedule name is 1-200 characters from A-Z a-z 0-9 _ . : -",
         ));
     }
-    let doc = format!("The cron schedule `{name}` ({expr:?} in {zone}), declared by `#[dray::cron]` on [`{fn_name}`].");
+    let doc = format!(
+        "The cron schedule `{name}` ({expr:?} in {zone}), declared by `#[dray::cron]` on [`{fn_name}`]."
+    );
     Ok(quote! {
         #func
 

@@ -254,7 +254,10 @@ fn cron_options_are_what_the_attribute_says() {
     assert_eq!(o.job.retry.max_attempts, 2);
     assert_eq!(BeatCron::NAME, "heartbeat.cron");
     let b = BeatCron::options();
-    assert_eq!((b.timezone.as_str(), b.catch_up, b.catch_up_limit), ("UTC", false, 1));
+    assert_eq!(
+        (b.timezone.as_str(), b.catch_up, b.catch_up_limit),
+        ("UTC", false, 1)
+    );
     assert_eq!(b.overlap, dray::Overlap::Skip);
     assert_eq!(b.job.queue, "crons");
 }
