@@ -61,10 +61,11 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
     }
 }
 
-async fn tour<S: WorkflowStore>(store: S) -> CliResult<()> {
+async fn tour<S: dray::CronStore>(store: S) -> CliResult<()> {
     queue_section(store.clone()).await?;
     jobs_section(store.clone()).await?;
-    workflows_section(store).await?;
+    workflows_section(store.clone()).await?;
+    crons_section(store).await?;
     out!("\nAll demo checks passed.");
     Ok(())
 }
@@ -671,5 +672,67 @@ async fn workflows_section<S: WorkflowStore>(store: S) -> CliResult<()> {
     crate::workflows::print_timeline(&info);
     out!("  (`dray workflows list|describe|signal|cancel|result|restart` work on these runs)");
     worker.shutdown().await?;
+    Ok(())
+}
+
+/// Every second: prints its tick.
+#[dray::cron("* * * * * *", name = "demo_tick")]
+async fn demo_tick(ctx: &dray::CronContext) -> Result<(), JobError> {
+    out!(
+        "  tick of {} ran {} ms after its time",
+        ctx.scheduled_at().format("%H:%M:%S"),
+        ctx.delay().as_millis()
+    );
+    Ok(())
+}
+
+async fn crons_section<S: dray::CronStore>(store: S) -> CliResult<()> {
+    out!("\n== Crons: a per-second schedule, each tick exactly once");
+    let worker = Worker::new(store.clone())
+        .register_cron(DemoTickCron)
+        .configure(|c| c.maintenance_interval = Duration::from_millis(200))
+        .start()?;
+    let client = Client::new(store.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The worker stores its declared schedule as it starts.
+    while !client
+        .schedules()
+        .await?
+        .iter()
+        .any(|(s, _)| s.spec.name == "demo_tick")
+    {
+        check(Instant::now() < deadline, "the worker stored demo_tick")?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fired = loop {
+        let h = client.schedule_history("demo_tick", 100).await?;
+        let done: Vec<_> = h
+            .iter()
+            .filter(|t| t.job_state == Some(MessageState::Completed))
+            .cloned()
+            .collect();
+        if done.len() >= 3 {
+            break done;
+        }
+        check(Instant::now() < deadline, "three ticks of demo_tick ran")?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    worker.shutdown().await?;
+    let mut ticks: Vec<_> = fired.iter().map(|t| t.tick).collect();
+    ticks.sort();
+    ticks.dedup();
+    check(ticks.len() == fired.len(), "no tick ran twice")?;
+    let (row, _) = client
+        .schedules()
+        .await?
+        .into_iter()
+        .find(|(s, _)| s.spec.name == "demo_tick")
+        .ok_or_else(|| CliError::Demo("demo_tick is not stored".into()))?;
+    out!(
+        "  schedule demo_tick ({:?} in {}): {} ticks recorded, each once (`dray crons history demo_tick`)",
+        row.spec.expression,
+        row.spec.timezone,
+        fired.len()
+    );
     Ok(())
 }

@@ -33,6 +33,7 @@ macro_rules! out_inline {
     }};
 }
 
+mod crons;
 mod demo;
 mod workflows;
 
@@ -82,6 +83,9 @@ enum Command {
     /// Inspect and steer workflow runs: list, describe, signal, cancel, result, restart.
     #[command(subcommand)]
     Workflows(workflows::WorkflowsCommand),
+    /// Cron schedules: list (with next fire times), pause, resume, trigger, history.
+    #[command(subcommand)]
+    Crons(crons::CronsCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
     /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W3-scheduled,
@@ -530,6 +534,19 @@ async fn run(cli: Cli) -> CliResult<()> {
                 Backend::Sqlite => {
                     let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
                     workflows::workflows_command(&c, cmd, cli.json).await
+                }
+            }
+        }
+        Command::Crons(cmd) => {
+            crons::validate(cmd)?;
+            match backend {
+                Backend::Postgres => {
+                    let c = Client::new(open_pg(&cli, SchemaMode::Check).await?);
+                    crons::crons_command(&c, cmd, cli.json).await
+                }
+                Backend::Sqlite => {
+                    let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
+                    crons::crons_command(&c, cmd, cli.json).await
                 }
             }
         }

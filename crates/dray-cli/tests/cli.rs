@@ -133,7 +133,70 @@ both_stores!(
     json_errors_are_machine_readable,
     jobs_list_show_cancel_retry,
     workflows_list_describe_signal_cancel_restart,
+    crons_list_pause_trigger_history,
 );
+
+/// The demo leaves its per-second schedule in the database; `dray crons` reads and steers it.
+fn crons_list_pause_trigger_history(db: Db) {
+    assert!(db.ok(&["demo"]).contains("All demo checks passed."));
+    let list = db.json(&["crons", "list"]);
+    let tick = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["schedule"]["name"] == "demo_tick")
+        .unwrap_or_else(|| panic!("{list}"))
+        .clone();
+    assert_eq!(tick["schedule"]["expression"], "* * * * * *");
+    assert!(
+        tick["next"].is_string(),
+        "an active schedule has a next time: {tick}"
+    );
+    let text = db.ok(&["crons", "list"]);
+    assert!(text.contains("demo_tick") && text.contains("UTC"), "{text}");
+    let history = db.json(&["crons", "history", "demo_tick"]);
+    let fired = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"] == "fired")
+        .count();
+    assert!(fired >= 3, "{history}");
+    assert!(
+        db.ok(&["crons", "pause", "demo_tick"])
+            .contains("paused demo_tick")
+    );
+    let paused = db.json(&["crons", "list"]);
+    let row = paused
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["schedule"]["name"] == "demo_tick")
+        .unwrap()
+        .clone();
+    assert_eq!(row["schedule"]["paused"], true);
+    assert!(row["next"].is_null());
+    let job = db.json(&["crons", "trigger", "demo_tick"])["job"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(db.json(&["jobs", "show", &job])["kind"], "cron:demo_tick");
+    let history = db.ok(&["crons", "history", "demo_tick", "--limit", "5"]);
+    assert!(history.contains("triggered"), "{history}");
+    assert!(db.ok(&["crons", "resume", "demo_tick"]).contains("resumed"));
+    for (args, says) in [
+        (vec!["crons", "pause", "nope"], "no schedule named"),
+        (vec!["crons", "trigger", "nope"], "no schedule named"),
+        (vec!["crons", "history", "nope"], "no schedule named"),
+        (
+            vec!["crons", "history", "demo_tick", "--limit", "0"],
+            "must be 1 to 10000",
+        ),
+    ] {
+        let line = db.fails(&args);
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+}
 
 /// The demo leaves two runs in the database (a verified signup, a compensated saga); the
 /// `workflows` commands read and steer them, and refuse bad input with one line.
