@@ -374,3 +374,65 @@ pub async fn schedules_start_workflows_and_refuse_bad_input<F: Fixture>(
         .unwrap_err();
     assert!(err.to_string().contains("the hour field \"25\""), "{err}");
 }
+
+/// Another per-second cron, declared by a later build in place of `every_second`.
+struct Replacement;
+impl Cron for Replacement {
+    const NAME: &'static str = "replacement";
+    fn options() -> CronOptions {
+        CronOptions::new("*/2 * * * * *")
+    }
+    async fn run(&self, _ctx: &CronContext) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+pub async fn undeclared_schedules_are_disabled_with_history_kept<F: Fixture>(
+    _fx: Arc<F>,
+    store: F::Store,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = Client::new(store.clone());
+    let old = worker(&store, |w| w.register_cron(EverySecond(seen.clone())));
+    until("a tick ran", || !seen.lock().unwrap().is_empty()).await;
+    old.shutdown().await.unwrap();
+    // A new build no longer declares `every_second`.
+    let new = worker(&store, |w| w.register_cron(Replacement));
+    let start = std::time::Instant::now();
+    loop {
+        let all = client.schedules().await.unwrap();
+        let gone = all.iter().find(|(s, _)| s.spec.name == "every_second");
+        let added = all.iter().any(|(s, _)| s.spec.name == "replacement");
+        if added && gone.is_some_and(|(s, next)| !s.enabled && next.is_none()) {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "{all:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = client.schedule_history("every_second", 100).await.unwrap();
+    assert!(!kept.is_empty(), "its history is kept");
+    // A disabled schedule does not fire.
+    let before = seen.lock().unwrap().len();
+    let count = kept.len();
+    let until_tick = std::time::Instant::now();
+    while client
+        .schedule_history("replacement", 10)
+        .await
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(until_tick.elapsed() < WAIT);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        client
+            .schedule_history("every_second", 100)
+            .await
+            .unwrap()
+            .len(),
+        count
+    );
+    assert_eq!(seen.lock().unwrap().len(), before);
+    new.shutdown().await.unwrap();
+}

@@ -185,6 +185,7 @@ macro_rules! conformance_tests {
             catch_up_runs_the_latest_missed_ticks_in_order,
             overlapping_ticks_are_skipped_and_recorded,
             schedules_start_workflows_and_refuse_bad_input,
+            undeclared_schedules_are_disabled_with_history_kept,
         );
     };
     (@crons $fixture:expr; $($name:ident),* $(,)?) => {
