@@ -2,8 +2,8 @@
 //!
 //! A request hands work off and returns at once; Dray runs it reliably elsewhere: queues of
 //! JSON messages with leases and at-least-once delivery, typed jobs with retries, progress and
-//! results, and durable workflows (memoized steps, durable sleep, signals, compensation); crons
-//! and a transactional outbox/inbox are built on the same store.
+//! results, durable workflows (memoized steps, durable sleep, signals, compensation) and cron
+//! schedules; a transactional outbox/inbox is built on the same store next.
 //!
 //! Two stores, one behaviour: [`SqliteStore`] (an embedded file, zero setup; the default
 //! feature) and [`PgStore`] (feature `postgres`; many processes on many machines share one
@@ -23,8 +23,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Guides: [`guide::queue`], [`guide::jobs`], [`guide::workflows`], [`guide::guarantees`],
-//! [`guide::coming_from`].
+//! Guides: [`guide::queue`], [`guide::jobs`], [`guide::workflows`], [`guide::crons`],
+//! [`guide::guarantees`], [`guide::coming_from`].
 
 #![forbid(unsafe_code)]
 
@@ -50,6 +50,8 @@ pub mod guide {
     pub mod jobs {}
     #[doc = include_str!("../../../docs/workflows.md")]
     pub mod workflows {}
+    #[doc = include_str!("../../../docs/crons.md")]
+    pub mod crons {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]
