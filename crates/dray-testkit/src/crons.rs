@@ -99,20 +99,18 @@ impl Job for Probe {
 }
 
 fn probe_spec(name: &str, catch_up: bool) -> ScheduleSpec {
-    ScheduleSpec {
-        name: name.into(),
-        expression: "*/10 * * * * *".into(),
-        timezone: "Europe/Berlin".into(),
-        target: CronTarget::Job {
-            kind: "cron_probe".into(),
-        },
-        payload: serde_json::json!({ "from": name }),
-        queue: "default".into(),
-        max_attempts: 3,
-        catch_up,
-        catch_up_limit: 3,
-        overlap: Overlap::Allow,
-    }
+    let spec = ScheduleSpec::job(name, "*/10 * * * * *", "cron_probe")
+        .timezone("Europe/Berlin")
+        .payload(serde_json::json!({ "from": name }))
+        .max_attempts(3)
+        .overlap(Overlap::Allow);
+    assert_eq!(
+        spec.target,
+        CronTarget::Job {
+            kind: "cron_probe".into()
+        }
+    );
+    if catch_up { spec.catch_up(3) } else { spec }
 }
 
 pub async fn catch_up_runs_the_latest_missed_ticks_in_order<F: Fixture>(
@@ -292,21 +290,10 @@ pub async fn schedules_start_workflows_and_refuse_bad_input<F: Fixture>(
     store: F::Store,
 ) {
     let client = Client::new(store.clone());
-    let spec = ScheduleSpec {
-        name: "nightly-run".into(),
-        expression: "* * * * * *".into(),
-        timezone: "UTC".into(),
-        target: CronTarget::Workflow {
-            name: "nightly".into(),
-            version: 1,
-        },
-        payload: serde_json::json!({ "say": "hi" }),
-        queue: "workflows".into(),
-        max_attempts: 3,
-        catch_up: false,
-        catch_up_limit: 1,
-        overlap: Overlap::Allow,
-    };
+    let spec = ScheduleSpec::workflow::<Nightly>("nightly-run", "* * * * * *")
+        .payload(serde_json::json!({ "say": "hi" }))
+        .overlap(Overlap::Allow);
+    assert_eq!(spec.queue, "workflows");
     client.upsert_schedule(&spec).await.unwrap();
     let w = worker(&store, |w| w.register_workflow(Nightly).schedule_crons());
     let start = std::time::Instant::now();

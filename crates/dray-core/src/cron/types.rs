@@ -88,6 +88,86 @@ pub struct ScheduleSpec {
     pub overlap: Overlap,
 }
 
+impl ScheduleSpec {
+    /// A schedule that enqueues a job of `kind` on every tick of `expression` (UTC, queue
+    /// `default`, payload `null`, 25 attempts, no catch-up, overlapping ticks skipped); adjust
+    /// it with the methods below.
+    ///
+    /// ```
+    /// use dray_core::cron::ScheduleSpec;
+    /// let spec = ScheduleSpec::job("nightly-export", "0 2 * * *", "export_users")
+    ///     .timezone("Europe/Berlin")
+    ///     .payload(serde_json::json!({ "format": "csv" }))
+    ///     .catch_up(3);
+    /// ```
+    pub fn job(
+        name: impl Into<String>,
+        expression: impl Into<String>,
+        kind: impl Into<String>,
+    ) -> Self {
+        ScheduleSpec {
+            name: name.into(),
+            expression: expression.into(),
+            timezone: "UTC".into(),
+            target: CronTarget::Job { kind: kind.into() },
+            payload: serde_json::Value::Null,
+            queue: crate::job::DEFAULT_JOB_QUEUE.into(),
+            max_attempts: crate::job::DEFAULT_JOB_ATTEMPTS,
+            catch_up: false,
+            catch_up_limit: 1,
+            overlap: Overlap::Skip,
+        }
+    }
+
+    /// A schedule that starts a run of workflow `W` on every tick (queue `workflows`; the
+    /// payload is the run's input).
+    pub fn workflow<W: crate::workflow::Workflow>(
+        name: impl Into<String>,
+        expression: impl Into<String>,
+    ) -> Self {
+        ScheduleSpec {
+            target: CronTarget::Workflow {
+                name: W::NAME.into(),
+                version: W::VERSION,
+            },
+            queue: W::options().queue,
+            ..ScheduleSpec::job(name, expression, "")
+        }
+    }
+
+    /// Sets the IANA time zone.
+    pub fn timezone(mut self, zone: impl Into<String>) -> Self {
+        self.timezone = zone.into();
+        self
+    }
+    /// Sets the target's input.
+    pub fn payload(mut self, payload: serde_json::Value) -> Self {
+        self.payload = payload;
+        self
+    }
+    /// Sets the queue.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+    /// Runs up to `limit` missed ticks after downtime.
+    pub fn catch_up(mut self, limit: u32) -> Self {
+        self.catch_up = true;
+        self.catch_up_limit = limit;
+        self
+    }
+    /// Sets what a tick does while the previous run is still going.
+    pub fn overlap(mut self, overlap: Overlap) -> Self {
+        self.overlap = overlap;
+        self
+    }
+    /// Sets the attempts of each tick's job.
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+}
+
 /// A stored schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleRow {
