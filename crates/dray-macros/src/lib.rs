@@ -92,6 +92,23 @@ fn duration(meta: &Meta) -> syn::Result<proc_macro2::TokenStream> {
     Ok(quote!(::std::time::Duration::new(#secs, #nanos)))
 }
 
+/// A switch: `what` alone (true), or `what = true | false`.
+fn flag(meta: &Meta, what: &str) -> syn::Result<bool> {
+    match meta {
+        Meta::Path(_) => Ok(true),
+        Meta::NameValue(MetaNameValue {
+            value: Expr::Lit(ExprLit {
+                lit: Lit::Bool(b), ..
+            }),
+            ..
+        }) => Ok(b.value),
+        other => Err(Error::new_spanned(
+            other,
+            format!("{what} is `{what}`, `{what} = true` or `{what} = false`"),
+        )),
+    }
+}
+
 /// `what = N` with a whole number N of at least 1.
 fn at_least_one(meta: &Meta, what: &str, example: &str) -> syn::Result<i32> {
     let Meta::NameValue(nv) = meta else {
@@ -245,22 +262,7 @@ fn common_option(
                         opts.push(quote!(o.retry.max = #d;));
                     }
                     "jitter" => {
-                        let on = match m {
-                            Meta::Path(_) => true,
-                            Meta::NameValue(MetaNameValue {
-                                value:
-                                    Expr::Lit(ExprLit {
-                                        lit: Lit::Bool(b), ..
-                                    }),
-                                ..
-                            }) => b.value,
-                            other => {
-                                return Err(Error::new_spanned(
-                                    other,
-                                    "jitter is `jitter`, `jitter = true` or `jitter = false`",
-                                ));
-                            }
-                        };
+                        let on = flag(m, "jitter")?;
                         opts.push(quote!(o.retry.jitter = #on;))
                     }
                     _ => {
@@ -614,22 +616,7 @@ fn expand_cron(args: CronArgs, func: ItemFn) -> syn::Result<proc_macro2::TokenSt
                 zone = z.value();
             }
             "catch_up" => {
-                let on = match meta {
-                    Meta::Path(_) => true,
-                    Meta::NameValue(MetaNameValue {
-                        value:
-                            Expr::Lit(ExprLit {
-                                lit: Lit::Bool(b), ..
-                            }),
-                        ..
-                    }) => b.value,
-                    other => {
-                        return Err(Error::new_spanned(
-                            other,
-                            "catch_up is `catch_up`, `catch_up = true` or `catch_up = false`",
-                        ));
-                    }
-                };
+                let on = flag(meta, "catch_up")?;
                 cron_opts.push(quote!(c.catch_up = #on;));
             }
             "catch_up_limit" => {

@@ -207,45 +207,29 @@ impl CronStore for PgStore {
         else {
             return Ok(FireReport::default());
         };
-        let busy: bool = row.try_get(1).map_err(Error::db(op))?;
-        let busy = busy && !f.manual && f.overlap == Overlap::Skip;
+        let previous_unfinished: bool = row.try_get(1).map_err(Error::db(op))?;
         let mut report = FireReport::default();
         let mut last_job = None;
         let mut queues = Vec::new();
-        for t in &f.fire {
-            let id = t
-                .job
-                .as_ref()
-                .map(|j| j.id)
-                .or(t.run.as_ref().map(|r| r.id));
-            let (status, reason, job) = if busy {
-                (
-                    TickStatus::Skipped,
-                    Some("overlap: the previous run of the schedule is still going"),
-                    None,
-                )
-            } else if f.manual {
-                (TickStatus::Triggered, None, id)
-            } else {
-                (TickStatus::Fired, None, id)
-            };
+        for d in f.decide(previous_unfinished) {
+            let t = d.fire;
             let recorded = q(TICK, &s)
                 .bind(&f.schedule)
                 .bind(t.tick)
-                .bind(status.as_str())
-                .bind(reason)
-                .bind(job)
+                .bind(d.status.as_str())
+                .bind(d.reason)
+                .bind(d.job)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(Error::db(op))?
                 .is_some();
-            if !recorded {
-                continue; // another scheduler handled this tick
-            }
-            if busy {
-                report.skipped.push(t.tick);
+            // Not recorded: another scheduler handled this tick.
+            let Some(id) = d.job.filter(|_| recorded) else {
+                if recorded {
+                    report.skipped.push(t.tick);
+                }
                 continue;
-            }
+            };
             if let Some(j) = &t.job {
                 self.insert(&mut tx, std::slice::from_ref(j)).await?;
                 queues.push(j.queue.as_str().to_owned());
@@ -254,10 +238,8 @@ impl CronStore for PgStore {
                 self.start_runs_in(&mut tx, std::slice::from_ref(r)).await?;
                 queues.push(r.job.queue.as_str().to_owned());
             }
-            if let Some(id) = job {
-                report.fired.push((t.tick, id));
-                last_job = Some(id);
-            }
+            report.fired.push((t.tick, id));
+            last_job = Some(id);
         }
         for (tick, reason) in &f.skip {
             let recorded = q(TICK, &s)

@@ -28,8 +28,8 @@ use uuid::Uuid;
 pub use expr::CronExpr;
 pub use store::CronStore;
 pub use types::{
-    CronFire, CronTarget, FireReport, Overlap, ScheduleRow, ScheduleSpec, TickFire, TickRow,
-    TickStatus,
+    CronFire, CronTarget, FireReport, Overlap, ScheduleRow, ScheduleSpec, TickDecision, TickFire,
+    TickRow, TickStatus,
 };
 
 use crate::error::{Error, Result};

@@ -289,6 +289,56 @@ pub struct CronFire {
     pub manual: bool,
 }
 
+/// What a store records for one tick of a [`CronFire`] (see [`CronFire::decide`]).
+#[derive(Clone, Copy, Debug)]
+pub struct TickDecision<'a> {
+    /// The tick and its work.
+    pub fire: &'a TickFire,
+    /// Fired, skipped (overlap) or triggered.
+    pub status: TickStatus,
+    /// Why it is skipped.
+    pub reason: Option<&'static str>,
+    /// The job (or run) it makes; `None` when skipped.
+    pub job: Option<Uuid>,
+}
+
+impl CronFire {
+    /// What to record for each tick to fire, given whether the schedule's previous job is
+    /// unfinished: with `overlap = skip` (and not by hand) every tick is then skipped.
+    pub fn decide(&self, previous_unfinished: bool) -> Vec<TickDecision<'_>> {
+        let busy = previous_unfinished && !self.manual && self.overlap == Overlap::Skip;
+        self.fire
+            .iter()
+            .map(|fire| {
+                let id = fire
+                    .job
+                    .as_ref()
+                    .map(|j| j.id)
+                    .or(fire.run.as_ref().map(|r| r.id));
+                if busy {
+                    TickDecision {
+                        fire,
+                        status: TickStatus::Skipped,
+                        reason: Some("overlap: the previous run of the schedule is still going"),
+                        job: None,
+                    }
+                } else {
+                    TickDecision {
+                        fire,
+                        status: if self.manual {
+                            TickStatus::Triggered
+                        } else {
+                            TickStatus::Fired
+                        },
+                        reason: None,
+                        job: id,
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
 /// What a [`CronFire`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FireReport {
