@@ -15,6 +15,7 @@ mod duration_grammar;
 pub mod error;
 pub mod job;
 pub mod migrate;
+pub mod outbox;
 pub mod queue;
 pub mod store;
 pub mod types;
@@ -28,6 +29,7 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{Error, Result};
 pub use job::{Backoff, CancelToken, Job, JobContext, JobError, JobOptions, RetryPolicy};
 pub use migrate::{Migration, SchemaMode};
+pub use outbox::{Outbox, OutboxEvent, OutboxStore, QueueSink, Relay, Sink};
 pub use queue::{EnqueueOptions, Queue, QueueConfig, ReceiveOptions};
 pub use store::{Store, StoreConnection};
 pub use types::{

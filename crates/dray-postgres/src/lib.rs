@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod crons;
+mod outbox;
 mod sql;
 mod workflow;
 
@@ -99,6 +100,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 11,
         name: "crons",
         sql: include_str!("../migrations/0011_crons.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "outbox",
+        sql: include_str!("../migrations/0012_outbox.sql"),
     },
 ];
 

@@ -17,6 +17,7 @@
 
 mod crons;
 mod hints;
+mod outbox;
 mod sql;
 mod workflow;
 
@@ -83,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 7,
         name: "crons",
         sql: include_str!("../migrations/0007_crons.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "outbox",
+        sql: include_str!("../migrations/0008_outbox.sql"),
     },
 ];
 

@@ -10,6 +10,7 @@
 
 pub mod crons;
 pub mod jobs;
+pub mod outbox;
 pub mod queue;
 pub mod workflows;
 
@@ -17,12 +18,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dray_core::CronStore;
+use dray_core::{CronStore, OutboxStore};
 
 /// How a store crate makes stores for the suite.
 pub trait Fixture: Send + Sync + Sized + 'static {
     /// The store under test.
-    type Store: CronStore;
+    type Store: CronStore + OutboxStore;
 
     /// True when a receiver on one handle is woken within milliseconds by an enqueue on another
     /// handle (another process): PostgreSQL's LISTEN/NOTIFY. False when it is woken by polling
@@ -187,6 +188,20 @@ macro_rules! conformance_tests {
             schedules_start_workflows_and_refuse_bad_input,
             undeclared_schedules_are_disabled_with_history_kept,
         );
+        $crate::conformance_tests!(@outbox $fixture;
+            rollback_leaves_no_event_and_two_relays_deliver_each_once,
+            publish_failures_retry_then_fail_until_requeued,
+            order_per_key_and_a_retrying_row_does_not_block_its_key,
+            the_inbox_marks_each_message_once,
+        );
+    };
+    (@outbox $fixture:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::run($fixture, |fx, store| $crate::outbox::$name(fx, store)).await
+            }
+        )*
     };
     (@crons $fixture:expr; $($name:ident),* $(,)?) => {
         $(
