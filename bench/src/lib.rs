@@ -40,8 +40,11 @@ pub enum Workload {
     /// an absolute time), alternately through this handle and a second one; percentiles of
     /// (handler start − due time) in ms.
     W3Scheduled,
-    /// 2,000 runs of a 3-step workflow (needs the workflow layer).
+    /// 2,000 runs of a 3-step workflow.
     W4,
+    /// 20,000 outbox events staged in transactions of 100, relayed to a Dray queue by one
+    /// relay with default settings; events/s from the first stage to the last published.
+    W5,
     /// A steady 800 jobs/s (one enqueue per job, from a second handle) into a worker running 32
     /// at a time, in three phases: clean ([`BenchConfig::phase`]), then twice as long while
     /// another connection holds a transaction open (`BEGIN; SELECT txid_current();`, which
@@ -60,7 +63,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 12] = [
+    pub const ALL: [Workload; 13] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
@@ -72,6 +75,7 @@ impl Workload {
         Workload::W3Remote,
         Workload::W3Scheduled,
         Workload::W4,
+        Workload::W5,
         Workload::W6,
     ];
 
@@ -86,6 +90,7 @@ impl Workload {
             Workload::W3Remote => "W3-remote",
             Workload::W3Scheduled => "W3-scheduled",
             Workload::W4 => "W4",
+            Workload::W5 => "W5",
             Workload::W6 => "W6",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
@@ -224,6 +229,33 @@ impl Workflow for ThreeSteps {
 
 /// W4's runs.
 const W4_RUNS: usize = 2000;
+
+/// W5's events, and how many each staging transaction holds.
+const W5_EVENTS: usize = 20_000;
+const W5_PER_TX: usize = 100;
+
+/// W5's sink: a Dray queue, counting what it delivered.
+struct CountingSink<S: Store> {
+    inner: dray::outbox::QueueSink<S>,
+    delivered: Arc<AtomicUsize>,
+}
+
+impl<S: Store> dray::outbox::Sink for CountingSink<S> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn publish<'a>(
+        &'a self,
+        events: &'a [dray::outbox::OutboxRow],
+    ) -> futures_util::future::BoxFuture<'a, Vec<Result<(), dray::outbox::PublishError>>> {
+        Box::pin(async move {
+            let out = self.inner.publish(events).await;
+            self.delivered
+                .fetch_add(out.iter().filter(|r| r.is_ok()).count(), Ordering::Relaxed);
+            out
+        })
+    }
+}
 /// Runs one W4 worker drives at once: a run waits on its step records most of the time, so a
 /// worker keeps many in flight, and their records are written together.
 pub const W4_CONCURRENCY: usize = 1000;
@@ -328,6 +360,7 @@ pub async fn run(
             Workload::W3 | Workload::W3Remote | Workload::PacedInsert => ("ms", PACED),
             Workload::W3Scheduled => ("ms", SCHEDULED),
             Workload::W4 => ("runs/s", 2000),
+            Workload::W5 => ("events/s", W5_EVENTS),
             Workload::W6 => (
                 "ms",
                 (W6_RATE as f64 * 4.0 * cfg.phase.as_secs_f64()) as usize,
@@ -539,6 +572,66 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
             }
             W4_RUNS as f64 / secs
         }
+        Workload::W5 => {
+            let delivered = Arc::new(AtomicUsize::new(0));
+            let sink = CountingSink {
+                inner: dray::outbox::QueueSink::new(store.clone(), "events")?,
+                delivered: delivered.clone(),
+            };
+            let relay = dray::Relay::new(store.clone(), "bench", sink)?.spawn();
+            let start = Instant::now();
+            let mut outbox = dray::Outbox::new("bench")?;
+            for chunk in 0..W5_EVENTS / W5_PER_TX {
+                let mut tx = store
+                    .pool()
+                    .begin()
+                    .await
+                    .map_err(|e| format!("W5: begin: {e}"))?;
+                for i in 0..W5_PER_TX {
+                    outbox.stage("bench.event", &(chunk * W5_PER_TX + i))?;
+                }
+                outbox.flush(store, &mut *tx).await?;
+                tx.commit().await.map_err(|e| format!("W5: commit: {e}"))?;
+            }
+            let staged = start.elapsed();
+            wait_for_count(
+                w.name(),
+                "published",
+                W5_EVENTS,
+                (Duration::from_millis(2), STALL),
+                || delivered.load(Ordering::Relaxed),
+            )
+            .await?;
+            // The relay marks them after the sink answered: wait for the last marks.
+            let deadline = Instant::now() + STALL;
+            loop {
+                let open = store
+                    .outbox_list("bench", Some(dray::outbox::OutboxStatus::Processing), 1)
+                    .await?
+                    .len()
+                    + store
+                        .outbox_list("bench", Some(dray::outbox::OutboxStatus::Pending), 1)
+                        .await?
+                        .len();
+                if open == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err("W5: every event was delivered but some were never marked".into());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            relay.shutdown().await;
+            let stats = store.outbox_stats("bench").await?;
+            if stats.published as usize != W5_EVENTS {
+                return Err(
+                    format!("W5: {} of {W5_EVENTS} events published", stats.published).into(),
+                );
+            }
+            extra.insert("staging_secs".into(), staged.as_secs_f64().into());
+            W5_EVENTS as f64 / secs
+        }
         Workload::W6 => {
             let producer = store.reopen(url).await?;
             let p99 = held_xmin_latency(store, &producer, cfg.phase, &mut extra).await;
@@ -546,7 +639,11 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
             p99?
         }
     };
-    let n = if w == Workload::W4 { W4_RUNS } else { n };
+    let n = match w {
+        Workload::W4 => W4_RUNS,
+        Workload::W5 => W5_EVENTS,
+        _ => n,
+    };
     if !matches!(
         w,
         Workload::W2
@@ -559,10 +656,10 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
     ) && let (Some(a), Some(b)) = (wal0, store.wal_position().await?)
     {
         let bytes = store.wal_diff(&b, &a).await?;
-        let key = if w == Workload::W4 {
-            "wal_bytes_per_run"
-        } else {
-            "wal_bytes_per_job"
+        let key = match w {
+            Workload::W4 => "wal_bytes_per_run",
+            Workload::W5 => "wal_bytes_per_event",
+            _ => "wal_bytes_per_job",
         };
         extra.insert(key.into(), (bytes / n as f64).round().into());
     }

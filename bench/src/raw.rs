@@ -9,8 +9,8 @@ use dray::{PgStore, SqliteStore};
 
 use crate::BenchResult;
 
-/// What the harness needs from a store beyond [`dray::WorkflowStore`].
-pub trait RawStore: dray::WorkflowStore {
+/// What the harness needs from a store beyond [`dray::WorkflowStore`] and [`dray::OutboxStore`].
+pub trait RawStore: dray::WorkflowStore + dray::OutboxStore {
     /// The WAL position now (PostgreSQL), for WAL bytes per job.
     fn wal_position(&self) -> impl Future<Output = BenchResult<Option<String>>> + Send;
     /// Bytes of WAL between two positions.

@@ -20,12 +20,19 @@ use crate::PgStore;
 const COLS: &str = "id, outbox, event_type, event_id, payload, ordering_key, occurred_at, status, \
     attempts, available_at, claimed_at, published_at, last_error";
 
+/// The rows, and the NOTIFY that wakes the outbox's relays (delivered at the caller's commit,
+/// never on a rollback), in one statement: one round trip per flush.
 const INSERT: &str = "
-INSERT INTO {s}.dray_outbox (id, outbox, event_type, event_id, payload, ordering_key, occurred_at)
-SELECT u.id, $1, u.event_type, u.event_id, u.payload, u.ordering_key, COALESCE(u.occurred_at, now())
-FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::timestamptz[])
-    AS u(id, event_type, event_id, payload, ordering_key, occurred_at)
-ON CONFLICT (outbox, event_id) DO NOTHING";
+WITH ins AS (
+    INSERT INTO {s}.dray_outbox
+        (id, outbox, event_type, event_id, payload, ordering_key, occurred_at)
+    SELECT u.id, $1, u.event_type, u.event_id, u.payload, u.ordering_key,
+           COALESCE(u.occurred_at, now())
+    FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::timestamptz[])
+        AS u(id, event_type, event_id, payload, ordering_key, occurred_at)
+    ON CONFLICT (outbox, event_id) DO NOTHING
+    RETURNING 1)
+SELECT count(*), pg_notify($8, $9) FROM ins";
 
 const CLAIM: &str = "
 UPDATE {s}.dray_outbox o
@@ -110,7 +117,7 @@ impl OutboxStore for PgStore {
             return Ok(0);
         }
         let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-        let done = q(INSERT, &self.s())
+        let row = q(INSERT, &self.s())
             .bind(outbox)
             .bind(&ids)
             .bind(
@@ -133,17 +140,13 @@ impl OutboxStore for PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await
-            .map_err(Error::db(op))?;
-        // Delivered at the caller's commit, never on a rollback.
-        sqlx::query(crate::sql::NOTIFY)
             .bind(&self.inner.channel)
-            .bind(vec![wake_channel(outbox)])
-            .execute(&mut *conn)
+            .bind(wake_channel(outbox))
+            .fetch_one(&mut *conn)
             .await
             .map_err(Error::db(op))?;
-        Ok(done.rows_affected())
+        let n: i64 = row.try_get(0).map_err(Error::db(op))?;
+        Ok(n as u64)
     }
 
     async fn outbox_claim(&self, outbox: &str, limit: u32, relay: &str) -> Result<Vec<OutboxRow>> {

@@ -278,6 +278,15 @@ impl Default for RelayConfig {
     }
 }
 
+/// What a publish left to mark.
+#[derive(Debug, Default)]
+struct Marks {
+    claimed: usize,
+    published: Vec<Uuid>,
+    retries: Vec<OutboxRetry>,
+    failed: Vec<(Uuid, String)>,
+}
+
 /// What one relay round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RelayRound {
@@ -338,18 +347,27 @@ impl<S: OutboxStore> Relay<S> {
 
     /// One round: claim a batch, publish it, mark each event.
     pub async fn run_once(&self) -> Result<RelayRound> {
-        let rows = self
-            .store
+        let rows = self.claim().await?;
+        let marks = self.publish(&rows).await?;
+        self.mark(marks).await
+    }
+
+    async fn claim(&self) -> Result<Vec<OutboxRow>> {
+        self.store
             .outbox_claim(&self.outbox, self.config.batch, &self.config.relay_id)
-            .await?;
-        let mut round = RelayRound {
+            .await
+    }
+
+    /// Publishes claimed rows and sorts them into what to mark.
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<Marks> {
+        let mut marks = Marks {
             claimed: rows.len(),
-            ..RelayRound::default()
+            ..Marks::default()
         };
         if rows.is_empty() {
-            return Ok(round);
+            return Ok(marks);
         }
-        let outcomes = std::panic::AssertUnwindSafe(self.sink.publish(&rows))
+        let outcomes = std::panic::AssertUnwindSafe(self.sink.publish(rows))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
@@ -357,9 +375,6 @@ impl<S: OutboxStore> Relay<S> {
                     .map(|_| Err(PublishError::transient("the sink panicked")))
                     .collect()
             });
-        let mut published = Vec::new();
-        let mut failed: Vec<(Uuid, String)> = Vec::new();
-        let mut retries = Vec::new();
         let mut now = None;
         for (row, outcome) in rows
             .iter()
@@ -372,9 +387,9 @@ impl<S: OutboxStore> Relay<S> {
             )
         {
             match outcome {
-                Ok(()) => published.push(row.id),
+                Ok(()) => marks.published.push(row.id),
                 Err(e) if e.permanent || row.attempts >= self.config.max_attempts => {
-                    failed.push((row.id, e.message));
+                    marks.failed.push((row.id, e.message));
                 }
                 Err(e) => {
                     let now = match now {
@@ -385,7 +400,7 @@ impl<S: OutboxStore> Relay<S> {
                         .config
                         .backoff
                         .delay(row.attempts, row.id.as_u128() as u64);
-                    retries.push(OutboxRetry {
+                    marks.retries.push(OutboxRetry {
                         id: row.id,
                         attempts: row.attempts,
                         available_at: now + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
@@ -394,16 +409,25 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
         }
-        if !published.is_empty() {
-            round.published = self.store.outbox_mark_published(&published).await? as usize;
+        Ok(marks)
+    }
+
+    /// Records what a publish did.
+    async fn mark(&self, marks: Marks) -> Result<RelayRound> {
+        let mut round = RelayRound {
+            claimed: marks.claimed,
+            ..RelayRound::default()
+        };
+        if !marks.published.is_empty() {
+            round.published = self.store.outbox_mark_published(&marks.published).await? as usize;
         }
-        if !retries.is_empty() {
-            for r in &retries {
+        if !marks.retries.is_empty() {
+            for r in &marks.retries {
                 tracing::warn!(outbox = %self.outbox, event = %r.id, attempt = r.attempts, error = %r.error, sink = %self.sink.describe(), "dray: publish failed; retrying later");
             }
-            round.retried = self.store.outbox_mark_retry(&retries).await? as usize;
+            round.retried = self.store.outbox_mark_retry(&marks.retries).await? as usize;
         }
-        for (id, error) in &failed {
+        for (id, error) in &marks.failed {
             tracing::error!(outbox = %self.outbox, event = %id, %error, sink = %self.sink.describe(), "dray: event failed for good; `dray outbox requeue-failed` re-drives it");
             round.failed += self
                 .store
@@ -413,14 +437,19 @@ impl<S: OutboxStore> Relay<S> {
         Ok(round)
     }
 
-    /// Runs rounds until `stop`: full batches back to back, then waits `poll` (or a wake-up);
-    /// takes back stale claims every so often.
+    /// Runs rounds until `stop`: back to back while there are events (each batch claimed while
+    /// the previous one's marks are written), then waits `poll` or a wake-up; takes back stale
+    /// claims every so often.
     pub async fn run(&self, stop: CancelToken) {
         let signal = self.store.wake().signal(&wake_channel(&self.outbox));
         let stale_every = (self.config.stale_after / 5).max(Duration::from_millis(100));
         let mut last_reclaim: Option<tokio::time::Instant> = None;
         let mut backoff = Duration::from_millis(100);
+        let mut pending: Option<Marks> = None;
         loop {
+            if stop.is_cancelled() {
+                break;
+            }
             if last_reclaim.is_none_or(|t| t.elapsed() >= stale_every) {
                 match self
                     .store
@@ -438,26 +467,58 @@ impl<S: OutboxStore> Relay<S> {
                 last_reclaim = Some(tokio::time::Instant::now());
             }
             let notified = signal.notify().notified();
-            let wait = match self.run_once().await {
-                Ok(r) if r.claimed as u32 >= self.config.batch => {
-                    backoff = Duration::from_millis(100);
-                    continue;
+            // Pipelined: the next batch is claimed while the last one's marks are written
+            // (publishes stay in order, one batch after the other).
+            let (claimed, marked) = futures_util::future::join(self.claim(), async {
+                match pending.take() {
+                    Some(m) => self.mark(m).await.map(Some),
+                    None => Ok(None),
                 }
-                Ok(_) => {
-                    backoff = Duration::from_millis(100);
-                    self.config.poll
-                }
+            })
+            .await;
+            if let Err(err) = marked {
+                tracing::warn!(%err, outbox = %self.outbox, "dray: could not mark relayed events; they are relayed again after stale_after");
+            }
+            let wait = match claimed {
+                Ok(rows) => match self.publish(&rows).await {
+                    Ok(marks) => {
+                        backoff = Duration::from_millis(100);
+                        let any = !rows.is_empty();
+                        pending = Some(marks);
+                        if any {
+                            // Go again at once: more may be waiting, and the marks go out with
+                            // the next claim.
+                            continue;
+                        }
+                        self.config.poll
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, outbox = %self.outbox, "dray: relay round failed; retrying");
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff
+                    }
+                },
                 Err(err) => {
                     tracing::warn!(%err, outbox = %self.outbox, "dray: relay round failed; retrying");
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     backoff
                 }
             };
+            if let Some(m) = pending.take()
+                && let Err(err) = self.mark(m).await
+            {
+                tracing::warn!(%err, outbox = %self.outbox, "dray: could not mark relayed events; they are relayed again after stale_after");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = notified => {}
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
             }
+        }
+        if let Some(m) = pending.take()
+            && let Err(err) = self.mark(m).await
+        {
+            tracing::warn!(%err, outbox = %self.outbox, "dray: could not mark relayed events; they are relayed again after stale_after");
         }
     }
 
