@@ -61,11 +61,12 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
     }
 }
 
-async fn tour<S: dray::CronStore>(store: S) -> CliResult<()> {
+async fn tour<S: dray::CronStore + dray::OutboxStore>(store: S) -> CliResult<()> {
     queue_section(store.clone()).await?;
     jobs_section(store.clone()).await?;
     workflows_section(store.clone()).await?;
-    crons_section(store).await?;
+    crons_section(store.clone()).await?;
+    outbox_section(store).await?;
     out!("\nAll demo checks passed.");
     Ok(())
 }
@@ -734,5 +735,60 @@ async fn crons_section<S: dray::CronStore>(store: S) -> CliResult<()> {
         row.spec.timezone,
         fired.len()
     );
+    Ok(())
+}
+
+async fn outbox_section<S: dray::OutboxStore>(store: S) -> CliResult<()> {
+    out!("\n== Outbox: events staged in your transaction, relayed to a queue");
+    let mut outbox = dray::Outbox::new("demo")?;
+    let sql_err = |e: dray::sqlx::Error| CliError::Demo(format!("demo transaction: {e}"));
+    // One event in a transaction that commits…
+    let mut tx = store.pool().begin().await.map_err(sql_err)?;
+    outbox.stage_event(
+        dray::OutboxEvent::new("order.placed", &json!({ "order": 42 }))?.event_id("order-42"),
+    )?;
+    outbox.flush(&store, &mut *tx).await?;
+    tx.commit().await.map_err(sql_err)?;
+    // …and one in a transaction that rolls back.
+    let mut tx = store.pool().begin().await.map_err(sql_err)?;
+    outbox.stage_event(
+        dray::OutboxEvent::new("order.placed", &json!({ "order": 43 }))?.event_id("order-43"),
+    )?;
+    outbox.flush(&store, &mut *tx).await?;
+    tx.rollback().await.map_err(sql_err)?;
+    out!("  staged order-42 in a transaction that committed, order-43 in one that rolled back");
+    let relay = dray::Relay::new(
+        store.clone(),
+        "demo",
+        dray::QueueSink::new(store.clone(), "order-events")?,
+    )?
+    .spawn();
+    let q = Queue::new(store.clone());
+    let got = q
+        .receive("order-events", 10, Duration::from_secs(10))
+        .await?;
+    relay.shutdown().await;
+    check(got.len() == 1, "exactly one event was delivered")?;
+    let m = &got[0];
+    let event_id = dray::outbox::inbox_message_id(m);
+    check(event_id == "order-42", "the committed event was delivered")?;
+    out!(
+        "  the relay delivered {} to queue order-events: {} {} (header dray-event-id)",
+        got.len(),
+        m.kind.as_deref().unwrap_or("-"),
+        event_id
+    );
+    // The consumer's inbox: its effects and the mark commit together, once per event id.
+    let client = Client::new(store.clone());
+    let mut applied = 0;
+    for _ in 0..2 {
+        if let Some(tx) = client.inbox_begin("billing", &event_id).await? {
+            applied += 1;
+            tx.commit().await.map_err(sql_err)?;
+        }
+    }
+    q.ack_lease(m).await?;
+    check(applied == 1, "the inbox applied the event once")?;
+    out!("  the consumer's inbox applied it once, though it was handed to it twice");
     Ok(())
 }

@@ -35,6 +35,7 @@ macro_rules! out_inline {
 
 mod crons;
 mod demo;
+mod outbox;
 mod workflows;
 
 use std::io::Read;
@@ -86,6 +87,9 @@ enum Command {
     /// Cron schedules: list (with next fire times), pause, resume, trigger, history.
     #[command(subcommand)]
     Crons(crons::CronsCommand),
+    /// The transactional outbox: stats, list, stage, requeue-failed, relay.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
     /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W3-scheduled,
@@ -547,6 +551,19 @@ async fn run(cli: Cli) -> CliResult<()> {
                 Backend::Sqlite => {
                     let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
                     crons::crons_command(&c, cmd, cli.json).await
+                }
+            }
+        }
+        Command::Outbox(cmd) => {
+            outbox::validate(cmd)?;
+            match backend {
+                Backend::Postgres => {
+                    let c = Client::new(open_pg(&cli, SchemaMode::Check).await?);
+                    outbox::outbox_command(&c, cmd, cli.json).await
+                }
+                Backend::Sqlite => {
+                    let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
+                    outbox::outbox_command(&c, cmd, cli.json).await
                 }
             }
         }

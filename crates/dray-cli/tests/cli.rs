@@ -134,7 +134,96 @@ both_stores!(
     jobs_list_show_cancel_retry,
     workflows_list_describe_signal_cancel_restart,
     crons_list_pause_trigger_history,
+    outbox_stage_relay_stats_list,
 );
+
+fn outbox_stage_relay_stats_list(db: Db) {
+    db.ok(&["migrate"]);
+    let a = db.json(&[
+        "outbox",
+        "stage",
+        "orders",
+        "order.placed",
+        "{\"n\":1}",
+        "--event-id",
+        "o-1",
+    ]);
+    assert_eq!(a["staged"], 1);
+    db.ok(&[
+        "outbox",
+        "stage",
+        "orders",
+        "order.placed",
+        "{\"n\":2}",
+        "--ordering-key",
+        "k",
+    ]);
+    assert!(
+        db.ok(&[
+            "outbox",
+            "stage",
+            "orders",
+            "order.placed",
+            "{}",
+            "--event-id",
+            "o-1"
+        ])
+        .contains("already")
+    );
+    assert_eq!(db.json(&["outbox", "stats", "orders"])["pending"], 2);
+    let r = db.json(&[
+        "outbox",
+        "relay",
+        "orders",
+        "--to-queue",
+        "order-events",
+        "--once",
+    ]);
+    assert_eq!(
+        (r["claimed"].as_u64(), r["published"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(db.stats("order-events")["available"], 2);
+    let listed = db.json(&["outbox", "list", "orders", "--status", "published"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert!(
+        db.ok(&["outbox", "stats", "orders"])
+            .contains("published 2")
+    );
+    assert!(
+        db.ok(&["outbox", "requeue-failed", "orders"])
+            .contains("requeued 0")
+    );
+    for (args, says) in [
+        (vec!["outbox", "stats", "bad name"], "invalid outbox"),
+        (
+            vec!["outbox", "stage", "orders", "t", "{nope"],
+            "not valid JSON",
+        ),
+        (
+            vec!["outbox", "list", "orders", "--limit", "0"],
+            "must be 1 to 10000",
+        ),
+        (
+            vec!["outbox", "list", "orders", "--status", "lost"],
+            "not pending",
+        ),
+        (
+            vec![
+                "outbox",
+                "relay",
+                "orders",
+                "--to-queue",
+                "bad queue",
+                "--once",
+            ],
+            "invalid queue name",
+        ),
+    ] {
+        let line = db.fails(&args);
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+}
 
 /// The demo leaves its per-second schedule in the database; `dray crons` reads and steers it.
 fn crons_list_pause_trigger_history(db: Db) {
@@ -821,7 +910,8 @@ fn bench_json(url: &str, args: &[&str]) -> Vec<Value> {
 /// Every workload of the harness on PostgreSQL, as `compare.sh` runs them (small `n`): each
 /// one's line with a real figure, W2's drain checked complete with its peak RSS and WAL bytes,
 /// W3, W3-remote and W3-scheduled with every job picked up, W6's three phases (one second
-/// each, two for the held transaction), the ratios, and W4's 2,000 workflow runs.
+/// each, two for the held transaction), the ratios, W4's 2,000 workflow runs and W5's 20,000
+/// outbox events.
 #[test]
 fn bench_runs_every_workload_on_postgres() {
     let lines = bench_json(&pg_url(), &["--n", "300", "--phase-secs", "1"]);
