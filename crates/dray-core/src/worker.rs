@@ -280,6 +280,8 @@ struct Shared<S: Store> {
     workflows: Option<Arc<dyn EngineOps>>,
     /// The cron scheduler, when this worker schedules (maintenance prunes old ticks).
     scheduler: Option<Arc<dyn crate::cron::SchedulerOps>>,
+    /// Prunes published outbox events and old inbox marks, when this worker relays.
+    outbox_prune: Option<PruneFn>,
 }
 
 impl<S: Store> Shared<S> {
@@ -299,9 +301,19 @@ pub struct Worker<S: Store> {
     queues: Vec<(QueueName, usize)>,
     workflows: Workflows,
     crons: Crons,
+    /// Outbox relays this worker runs, and the outbox/inbox pruning it does as the
+    /// maintenance leader.
+    relays: Vec<StartRelay>,
+    outbox_prune: Option<PruneFn>,
     /// A registration that failed (a bad cron expression): `start` reports it.
     invalid: Option<Error>,
 }
+
+/// Prunes what grows with time (given the worker's retention); answers how many rows went.
+type PruneFn = Arc<dyn Fn(Duration) -> BoxFuture<'static, Result<u64>> + Send + Sync>;
+
+/// Starts a relay that stops with the token.
+type StartRelay = Box<dyn FnOnce(CancelToken) -> tokio::task::JoinHandle<()> + Send>;
 
 /// The cron schedules a worker declares, and its scheduler.
 #[derive(Default)]
@@ -341,6 +353,8 @@ impl<S: Store> Worker<S> {
             queues: Vec::new(),
             workflows: Workflows::default(),
             crons: Crons::default(),
+            relays: Vec::new(),
+            outbox_prune: None,
             invalid: None,
         }
     }
@@ -380,7 +394,7 @@ impl<S: Store> Worker<S> {
         if let Some(e) = self.invalid.take() {
             return Err(e);
         }
-        if self.handlers.is_empty() && self.crons.scheduler.is_none() {
+        if self.handlers.is_empty() && self.crons.scheduler.is_none() && self.relays.is_empty() {
             return Err(Error::invalid(
                 "worker",
                 "no jobs registered: call Worker::register first",
@@ -443,12 +457,24 @@ impl<S: Store> Worker<S> {
             running: Mutex::new(HashMap::new()),
             unknown_kinds: Mutex::new(Default::default()),
             workflows: self.workflows.engine,
-            scheduler: self.crons.scheduler,
+            scheduler: self.crons.scheduler.clone(),
+            outbox_prune: self.outbox_prune.clone(),
             events,
         });
-        let stop = CancelToken::new();
+        let (shared_for_run, queues, stop_for_run) = (
+            shared.clone(),
+            std::mem::take(&mut self.queues),
+            CancelToken::new(),
+        );
+        let stop = stop_for_run.clone();
         let declared = std::mem::take(&mut self.crons.declared);
-        let task = tokio::spawn(run(shared.clone(), self.queues, declared, stop.clone()));
+        let relays: Vec<_> = self.relays.drain(..).map(|r| r(stop.clone())).collect();
+        let task = tokio::spawn(async move {
+            run(shared_for_run, queues, declared, stop_for_run).await;
+            for r in relays {
+                let _ = r.await;
+            }
+        });
         let held = shared.clone();
         Ok(WorkerHandle {
             id: shared.config.id.clone(),
@@ -506,6 +532,38 @@ impl<S: crate::workflow::WorkflowStore> Worker<S> {
         };
         self.handlers
             .insert(crate::workflow::job_kind(W::NAME), Arc::new(handler));
+        self
+    }
+}
+
+/// How long inbox marks are kept by default: a message redelivered later than this is
+/// processed again.
+pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl<S: crate::outbox::OutboxStore> Worker<S> {
+    /// Runs an outbox relay in this worker (it stops with the worker). The maintenance leader
+    /// also prunes published events after the worker's `retention`, and inbox marks after
+    /// `inbox_retention` (default 7 days).
+    pub fn relay_outbox(mut self, relay: crate::outbox::Relay<S>) -> Self {
+        self.relays.push(Box::new(move |stop: CancelToken| {
+            tokio::spawn(async move { relay.run(stop).await })
+        }));
+        self.prune_outbox(DEFAULT_INBOX_RETENTION)
+    }
+
+    /// Has the maintenance leader prune published outbox events (after `retention`) and inbox
+    /// marks older than `inbox_retention`.
+    pub fn prune_outbox(mut self, inbox_retention: Duration) -> Self {
+        let store = self.store.clone();
+        self.outbox_prune = Some(Arc::new(move |retention: Duration| {
+            let store = store.clone();
+            async move {
+                let events = store.outbox_prune(retention).await?;
+                let marks = store.inbox_prune(inbox_retention).await?;
+                Ok(events + marks)
+            }
+            .boxed()
+        }));
         self
     }
 }
@@ -1344,6 +1402,11 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                 && let Err(err) = sc.prune(shared.config.retention).await
             {
                 tracing::warn!(%err, "dray: pruning old cron ticks failed");
+            }
+            if let Some(prune) = &shared.outbox_prune
+                && let Err(err) = prune(shared.config.retention).await
+            {
+                tracing::warn!(%err, "dray: pruning published outbox events and old inbox marks failed");
             }
             if let Some(wf) = &shared.workflows {
                 for _ in 0..PRUNE_ROUNDS {

@@ -73,7 +73,7 @@ pub async fn rollback_leaves_no_event_and_two_relays_deliver_each_once<F: Fixtur
         tx.commit().await.unwrap();
     }
     assert_eq!(client.outbox_stats("orders").await.unwrap().pending, 10_000);
-    // Two relays at once, into a Dray queue.
+    // Two relays at once, into a Dray queue: one alone, one run by a worker.
     let relay = |id: &str| {
         Relay::new(
             store.clone(),
@@ -86,16 +86,19 @@ pub async fn rollback_leaves_no_event_and_two_relays_deliver_each_once<F: Fixtur
             c.relay_id = id.into();
         })
         .unwrap()
-        .spawn()
     };
-    let (a, b) = (relay("a"), relay("b"));
+    let a = relay("a").spawn();
+    let b = dray_core::Worker::new(store.clone())
+        .relay_outbox(relay("b"))
+        .start()
+        .unwrap();
     until("every event published", || {
         let client = client.clone();
         async move { client.outbox_stats("orders").await.unwrap().published == 10_000 }
     })
     .await;
     a.shutdown().await;
-    b.shutdown().await;
+    b.shutdown().await.unwrap();
     let q = Queue::new(store.clone());
     let mut seen: HashMap<String, usize> = HashMap::new();
     loop {
