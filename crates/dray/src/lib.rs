@@ -2,8 +2,8 @@
 //!
 //! A request hands work off and returns at once; Dray runs it reliably elsewhere: queues of
 //! JSON messages with leases and at-least-once delivery, typed jobs with retries, progress and
-//! results, durable workflows (memoized steps, durable sleep, signals, compensation) and cron
-//! schedules; a transactional outbox/inbox is built on the same store next.
+//! results, durable workflows (memoized steps, durable sleep, signals, compensation), cron
+//! schedules, and a transactional outbox and inbox.
 //!
 //! Two stores, one behaviour: [`SqliteStore`] (an embedded file, zero setup; the default
 //! feature) and [`PgStore`] (feature `postgres`; many processes on many machines share one
@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Guides: [`guide::queue`], [`guide::jobs`], [`guide::workflows`], [`guide::crons`],
-//! [`guide::guarantees`], [`guide::coming_from`].
+//! [`guide::outbox`], [`guide::guarantees`], [`guide::coming_from`].
 
 #![forbid(unsafe_code)]
 
@@ -52,6 +52,8 @@ pub mod guide {
     pub mod workflows {}
     #[doc = include_str!("../../../docs/crons.md")]
     pub mod crons {}
+    #[doc = include_str!("../../../docs/outbox.md")]
+    pub mod outbox {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]
