@@ -25,6 +25,32 @@ enum Mode {
     /// Also schedules and runs `crash_tick`, a per-second cron whose runs record
     /// `tick <scheduled time>`.
     Cron,
+    /// Also relays outbox `crash` to queue `crash-events` (stale claims taken back after
+    /// LEASE_MS).
+    Relay,
+    /// As `Relay`, but the sink delivers each batch to the queue and then never answers, so
+    /// the events stay `processing` (the test kills the process).
+    RelayHang,
+}
+
+/// Delivers to the queue, then hangs: the relay never marks what it delivered.
+struct HangAfterPublish<S: dray::Store>(dray::QueueSink<S>);
+
+impl<S: dray::Store> dray::Sink for HangAfterPublish<S> {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn publish<'a>(
+        &'a self,
+        events: &'a [dray::outbox::OutboxRow],
+    ) -> std::pin::Pin<
+        Box<dyn Future<Output = Vec<Result<(), dray::outbox::PublishError>>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let _ = self.0.publish(events).await;
+            std::future::pending().await
+        })
+    }
 }
 
 /// A per-second schedule: each run records its tick.
@@ -191,10 +217,28 @@ impl Workflow for CrashSaga {
     }
 }
 
-async fn serve<S: dray::CronStore>(store: S, mode: Mode, lease: Duration) -> dray::Result<()> {
-    let mut worker = Worker::new(store);
+async fn serve<S: dray::CronStore + dray::OutboxStore>(
+    store: S,
+    mode: Mode,
+    lease: Duration,
+) -> dray::Result<()> {
+    let mut worker = Worker::new(store.clone());
     if mode == Mode::Cron {
         worker = worker.register_cron(Tick);
+    }
+    if matches!(mode, Mode::Relay | Mode::RelayHang) {
+        let sink = dray::QueueSink::new(store.clone(), "crash-events")?;
+        let configure = |c: &mut dray::outbox::RelayConfig| {
+            c.stale_after = lease;
+            c.poll = Duration::from_millis(20);
+        };
+        let relay = if mode == Mode::RelayHang {
+            dray::Relay::new(store.clone(), "crash", HangAfterPublish(sink))?
+                .configure(configure)?
+        } else {
+            dray::Relay::new(store.clone(), "crash", sink)?.configure(configure)?
+        };
+        worker = worker.relay_outbox(relay);
     }
     let worker = worker
         .register(Effect { mode })
@@ -229,12 +273,16 @@ async fn serve<S: dray::CronStore>(store: S, mode: Mode, lease: Duration) -> dra
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, url, schema, mode, lease_ms] = args.as_slice() else {
-        return Err("usage: dray-crash-worker URL SCHEMA hang|work|cron LEASE_MS".into());
+        return Err(
+            "usage: dray-crash-worker URL SCHEMA hang|work|cron|relay|relay-hang LEASE_MS".into(),
+        );
     };
     let mode = match mode.as_str() {
         "hang" => Mode::Hang,
         "work" => Mode::Work,
         "cron" => Mode::Cron,
+        "relay" => Mode::Relay,
+        "relay-hang" => Mode::RelayHang,
         other => return Err(format!("unknown mode {other}").into()),
     };
     let lease = Duration::from_millis(lease_ms.parse()?);

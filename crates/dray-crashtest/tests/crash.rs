@@ -265,3 +265,114 @@ async fn three_scheduler_processes_run_each_tick_once() {
     );
     store.drop_schema().await.unwrap();
 }
+
+/// A relay process is killed with SIGKILL after it delivered a batch and before it marked it:
+/// the events stay `processing`, are taken back as stale and delivered again by another relay
+/// process, and a consumer using the inbox applies each event's effect exactly once (an effects
+/// table whose primary key would refuse a second one).
+macro_rules! relay_crash {
+    ($store:expr, $url:expr, $schema:expr, $table:expr) => {{
+        let store = $store;
+        let client = Client::new(store.clone());
+        let table: String = $table;
+        dray::sqlx::query(dray::sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {table} (event_id text PRIMARY KEY)"
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let mut a = common::spawn_with($url, $schema, "relay-hang", 500, None);
+        let mut outbox = dray::Outbox::new("crash").unwrap();
+        for i in 0..200 {
+            outbox
+                .stage_event(
+                    dray::OutboxEvent::new("crash.event", &i)
+                        .unwrap()
+                        .event_id(format!("ev-{i}")),
+                )
+                .unwrap();
+        }
+        let mut tx = store.pool().begin().await.unwrap();
+        outbox.flush(&store, &mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        let queue = dray::Queue::new(store.clone());
+        wait_for(
+            "process A to deliver the batch",
+            Duration::from_secs(30),
+            async || queue.stats("crash-events").await.unwrap().available == 200,
+        )
+        .await;
+        a.kill();
+        assert_eq!(client.outbox_stats("crash").await.unwrap().processing, 200);
+        // The consumer: effects through the inbox, once per event id.
+        let consume = async || {
+            let mut applied = 0;
+            loop {
+                let got = queue
+                    .receive("crash-events", 100, Duration::ZERO)
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    return applied;
+                }
+                for m in &got {
+                    let id = dray::outbox::inbox_message_id(m);
+                    if let Some(mut tx) = client.inbox_begin("effects", &id).await.unwrap() {
+                        dray::sqlx::query(dray::sqlx::AssertSqlSafe(format!(
+                            "INSERT INTO {table} (event_id) VALUES ($1)"
+                        )))
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                        tx.commit().await.unwrap();
+                        applied += 1;
+                    }
+                    queue.ack_lease(m).await.unwrap();
+                }
+            }
+        };
+        assert_eq!(consume().await, 200);
+        // Another relay process takes the stale claims back and delivers them again.
+        let mut b = common::spawn_with($url, $schema, "relay", 500, None);
+        wait_for(
+            "process B to publish every event",
+            Duration::from_secs(30),
+            async || client.outbox_stats("crash").await.unwrap().published == 200,
+        )
+        .await;
+        b.kill();
+        assert_eq!(
+            queue.stats("crash-events").await.unwrap().available,
+            200,
+            "delivered again: at least once"
+        );
+        assert_eq!(consume().await, 0, "the inbox applied none of them twice");
+        let n: i64 = dray::sqlx::query_scalar(dray::sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table}"
+        )))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(n, 200, "each effect once");
+    }};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_relay_with_claimed_events_on_postgres() {
+    let (store, schema) = pg_store("dray_relay").await;
+    relay_crash!(
+        store.clone(),
+        &common::pg_url(),
+        &schema,
+        format!("\"{schema}\".inbox_effects")
+    );
+    store.drop_schema().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_relay_with_claimed_events_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, url) = sqlite_store(dir.path()).await;
+    relay_crash!(store.clone(), &url, "dray", "inbox_effects".to_owned());
+}
