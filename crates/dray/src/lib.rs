@@ -35,6 +35,10 @@ pub use dray_core::*;
 #[cfg(feature = "macros")]
 pub use dray_macros::{cron, job, workflow};
 
+/// Outbox relays to external brokers (features `redis`, …).
+#[cfg(feature = "redis")]
+pub use dray_brokers as brokers;
+
 #[cfg(feature = "postgres")]
 pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};
 #[cfg(feature = "sqlite")]
