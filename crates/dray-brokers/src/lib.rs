@@ -6,8 +6,13 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
+
+#[cfg(feature = "rabbitmq")]
+pub use rabbitmq::RabbitSink;
 
 #[cfg(feature = "redis")]
 pub use redis_streams::RedisStreamSink;

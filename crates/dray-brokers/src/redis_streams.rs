@@ -37,7 +37,10 @@ impl RedisStreamSink {
             reason: e.to_string(),
         })?;
         if prefix.is_empty() {
-            return Err(dray_core::Error::invalid("stream prefix", "must not be empty"));
+            return Err(dray_core::Error::invalid(
+                "stream prefix",
+                "must not be empty",
+            ));
         }
         Ok(RedisStreamSink {
             client,

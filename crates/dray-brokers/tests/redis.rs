@@ -42,7 +42,10 @@ async fn events_arrive_in_their_key_streams_with_their_ids() {
             .filter(|i| i % 2 == k)
             .map(|i| (format!("e{i}"), "thing.happened".to_owned(), i.to_string()))
             .collect();
-        assert_eq!(got, want, "key k{k}: every event, in order, with its id and type");
+        assert_eq!(
+            got, want,
+            "key k{k}: every event, in order, with its id and type"
+        );
     }
     let mut c = conn().await;
     let _: () = c
@@ -66,7 +69,10 @@ async fn a_redis_that_is_down_at_the_start_gets_retries_then_delivery() {
         .await
         .unwrap();
     let err = rows[0].last_error.clone().unwrap();
-    assert!(err.contains(&format!("cannot reach Redis at {url}")), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach Redis at {url}")),
+        "{err}"
+    );
     // The broker comes up on that port: delivery resumes.
     let proxy = common::proxy(port, "127.0.0.1:6379").await;
     common::until_published(&relay, &store, 4).await;

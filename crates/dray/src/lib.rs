@@ -35,8 +35,8 @@ pub use dray_core::*;
 #[cfg(feature = "macros")]
 pub use dray_macros::{cron, job, workflow};
 
-/// Outbox relays to external brokers (features `redis`, …).
-#[cfg(feature = "redis")]
+/// Outbox relays to external brokers (features `redis`, `rabbitmq`, `nats`).
+#[cfg(any(feature = "redis", feature = "rabbitmq"))]
 pub use dray_brokers as brokers;
 
 #[cfg(feature = "postgres")]

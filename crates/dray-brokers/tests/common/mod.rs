@@ -41,7 +41,9 @@ pub async fn until_published(relay: &Relay<SqliteStore>, store: &SqliteStore, n:
     loop {
         let r = relay.run_once().await.unwrap();
         retried += r.retried;
-        let s = dray_core::OutboxStore::outbox_stats(store, "out").await.unwrap();
+        let s = dray_core::OutboxStore::outbox_stats(store, "out")
+            .await
+            .unwrap();
         if s.published == n {
             return retried;
         }
@@ -61,7 +63,9 @@ pub fn free_port() -> u16 {
 
 /// Listens on `port` and forwards every connection to `to`, from now on.
 pub async fn proxy(port: u16, to: &'static str) -> tokio::task::JoinHandle<()> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
             tokio::spawn(async move {
