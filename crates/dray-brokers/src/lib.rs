@@ -6,11 +6,15 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
 
+#[cfg(feature = "nats")]
+pub use nats::NatsSink;
 #[cfg(feature = "rabbitmq")]
 pub use rabbitmq::RabbitSink;
 

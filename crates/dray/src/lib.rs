@@ -36,7 +36,7 @@ pub use dray_core::*;
 pub use dray_macros::{cron, job, workflow};
 
 /// Outbox relays to external brokers (features `redis`, `rabbitmq`, `nats`).
-#[cfg(any(feature = "redis", feature = "rabbitmq"))]
+#[cfg(any(feature = "redis", feature = "rabbitmq", feature = "nats"))]
 pub use dray_brokers as brokers;
 
 #[cfg(feature = "postgres")]
