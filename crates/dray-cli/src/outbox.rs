@@ -45,13 +45,40 @@ pub(crate) enum OutboxCommand {
         /// Outbox name.
         outbox: String,
     },
-    /// Relay an outbox to a Dray queue until interrupted (Ctrl-C), or one round with --once.
+    /// Relay an outbox until interrupted (Ctrl-C), or one round with --once, to a Dray queue,
+    /// Redis Streams, NATS JetStream or a RabbitMQ exchange.
+    #[command(group(clap::ArgGroup::new("to").required(true)
+        .args(["to_queue", "to_redis", "to_nats", "to_rabbitmq"])))]
     Relay {
         /// Outbox name.
         outbox: String,
-        /// The queue events become messages of.
+        /// A Dray queue of this store: events become its messages.
         #[arg(long)]
-        to_queue: String,
+        to_queue: Option<String>,
+        /// A Redis URL (redis://127.0.0.1:6379): events are XADDed to --stream (and
+        /// `<stream>:<ordering key>`).
+        #[arg(long, requires = "stream")]
+        to_redis: Option<String>,
+        /// The Redis stream prefix.
+        #[arg(long)]
+        stream: Option<String>,
+        /// A NATS URL (nats://127.0.0.1:4222): events are published to --subject, which a
+        /// JetStream stream captures.
+        #[arg(long, requires = "subject")]
+        to_nats: Option<String>,
+        /// The NATS subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// An AMQP URI (amqp://guest:guest@127.0.0.1:5672/%2f): events are published to
+        /// --exchange, routed by their ordering key (or --routing-key).
+        #[arg(long, requires = "exchange")]
+        to_rabbitmq: Option<String>,
+        /// The RabbitMQ exchange.
+        #[arg(long)]
+        exchange: Option<String>,
+        /// The routing key of events without an ordering key.
+        #[arg(long, default_value = "")]
+        routing_key: String,
         /// One round, then exit.
         #[arg(long)]
         once: bool,
@@ -86,7 +113,9 @@ pub(crate) fn validate(cmd: &OutboxCommand) -> CliResult<()> {
             max_attempts,
             ..
         } => {
-            dray::QueueName::new(to_queue.as_str())?;
+            if let Some(q) = to_queue {
+                dray::QueueName::new(q.as_str())?;
+            }
             if *max_attempts < 1 {
                 return Err(dray::Error::invalid("--max-attempts", "must be at least 1").into());
             }
@@ -191,35 +220,78 @@ pub(crate) async fn outbox_command<S: OutboxStore>(
         OutboxCommand::Relay {
             outbox,
             to_queue,
+            to_redis,
+            stream,
+            to_nats,
+            subject,
+            to_rabbitmq,
+            exchange,
+            routing_key,
             once,
             max_attempts,
         } => {
-            let sink = QueueSink::new(c.store().clone(), to_queue)?;
-            let relay = Relay::new(c.store().clone(), outbox, sink)?.configure(|r| {
-                r.max_attempts = *max_attempts;
-            })?;
-            if *once {
-                let r = relay.run_once().await?;
-                if json_out {
-                    print_json(&json!({
-                        "claimed": r.claimed, "published": r.published,
-                        "retried": r.retried, "failed": r.failed
-                    }));
-                } else {
-                    out!(
-                        "relayed {outbox} to queue {to_queue}: {} published, {} to retry, {} failed",
-                        r.published,
-                        r.retried,
-                        r.failed
-                    );
-                }
-            } else {
-                eprintln!("relaying outbox {outbox} to queue {to_queue}; Ctrl-C stops");
-                let handle = relay.spawn();
-                let _ = tokio::signal::ctrl_c().await;
-                handle.shutdown().await;
+            let run = Run {
+                outbox,
+                once: *once,
+                max_attempts: *max_attempts,
+                json: json_out,
+            };
+            if let Some(q) = to_queue {
+                run.go(c.store(), QueueSink::new(c.store().clone(), q)?)
+                    .await?;
+            } else if let (Some(url), Some(prefix)) = (to_redis, stream) {
+                run.go(c.store(), dray::brokers::RedisStreamSink::new(url, prefix)?)
+                    .await?;
+            } else if let (Some(url), Some(subject)) = (to_nats, subject) {
+                run.go(c.store(), dray::brokers::NatsSink::new(url, subject)?)
+                    .await?;
+            } else if let (Some(uri), Some(exchange)) = (to_rabbitmq, exchange) {
+                run.go(
+                    c.store(),
+                    dray::brokers::RabbitSink::new(uri, exchange, routing_key)?,
+                )
+                .await?;
             }
         }
     }
     Ok(())
+}
+
+/// One relay command, for any sink.
+struct Run<'a> {
+    outbox: &'a str,
+    once: bool,
+    max_attempts: i32,
+    json: bool,
+}
+
+impl Run<'_> {
+    async fn go<S: OutboxStore>(&self, store: &S, sink: impl dray::Sink) -> CliResult<()> {
+        let to = sink.describe();
+        let relay = Relay::new(store.clone(), self.outbox, sink)?
+            .configure(|r| r.max_attempts = self.max_attempts)?;
+        if self.once {
+            let r = relay.run_once().await?;
+            if self.json {
+                print_json(&json!({
+                    "claimed": r.claimed, "published": r.published,
+                    "retried": r.retried, "failed": r.failed
+                }));
+            } else {
+                out!(
+                    "relayed {} to {to}: {} published, {} to retry, {} failed",
+                    self.outbox,
+                    r.published,
+                    r.retried,
+                    r.failed
+                );
+            }
+        } else {
+            eprintln!("relaying outbox {} to {to}; Ctrl-C stops", self.outbox);
+            let handle = relay.spawn();
+            let _ = tokio::signal::ctrl_c().await;
+            handle.shutdown().await;
+        }
+        Ok(())
+    }
 }

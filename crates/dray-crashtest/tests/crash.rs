@@ -317,7 +317,7 @@ macro_rules! relay_crash {
                 }
                 for m in &got {
                     let id = dray::outbox::inbox_message_id(m);
-                    if let Some(mut tx) = client.inbox_begin("effects", &id).await.unwrap() {
+                    if let Some(mut tx) = client.inbox_begin_message("effects", m).await.unwrap() {
                         dray::sqlx::query(dray::sqlx::AssertSqlSafe(format!(
                             "INSERT INTO {table} (event_id) VALUES ($1)"
                         )))

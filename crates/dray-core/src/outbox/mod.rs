@@ -590,6 +590,19 @@ impl<S: OutboxStore> crate::Client<S> {
         }
     }
 
+    /// [`Client::inbox_begin`](crate::Client::inbox_begin) for a message received from a Dray
+    /// queue (Forze's `process_with_inbox` for a queue consumer): the id recorded is
+    /// [`inbox_message_id`] (the event id it carries, else its key, else its id). For a job
+    /// handler, `inbox_begin(inbox, &ctx.id().to_string())` makes the job's effects and the
+    /// mark one transaction.
+    pub async fn inbox_begin_message(
+        &self,
+        inbox: &str,
+        message: &crate::Message,
+    ) -> Result<Option<sqlx::Transaction<'static, S::Database>>> {
+        self.inbox_begin(inbox, &inbox_message_id(message)).await
+    }
+
     /// Stats of an outbox.
     pub async fn outbox_stats(&self, outbox: &str) -> Result<OutboxStats> {
         check_name("outbox", outbox)?;
