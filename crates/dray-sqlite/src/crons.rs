@@ -57,7 +57,7 @@ SET last_tick = CASE WHEN ?4 THEN last_tick ELSE max(last_tick, ?2) END,
 WHERE name = ?1";
 
 const HISTORY: &str = "
-SELECT t.schedule, t.tick_at, t.status, t.reason, t.job_id, j.state, j.finished_at,
+SELECT t.schedule, t.tick_at, t.status, t.reason, t.job_id, t.recorded_at, j.state, j.finished_at,
        j.errors ->> '$[#-1].message' AS error
 FROM dray_cron_ticks t LEFT JOIN dray_jobs j ON j.id = t.job_id
 WHERE t.schedule = ?1 ORDER BY t.tick_at DESC LIMIT ?2";
@@ -309,6 +309,11 @@ impl CronStore for SqliteStore {
                     status: TickStatus::parse(&status)?,
                     reason: row.try_get("reason").map_err(Error::db(op))?,
                     job_id: row.try_get("job_id").map_err(Error::db(op))?,
+                    recorded_at: time(
+                        name,
+                        "recorded_at",
+                        row.try_get("recorded_at").map_err(Error::db(op))?,
+                    )?,
                     job_state: state.and_then(|s| MessageState::parse(&s).ok()),
                     duration_ms: finished_at.map(|f| (f - tick).num_milliseconds()),
                     finished_at,

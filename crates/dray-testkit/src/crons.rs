@@ -150,9 +150,13 @@ pub async fn catch_up_runs_the_latest_missed_ticks_in_order<F: Fixture>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     w.shutdown().await.unwrap();
-    let now = Utc::now();
-    let missed_before = now - chrono::TimeDelta::seconds(61);
+    // A tick was missed when it was more than a minute old at the first round after the
+    // outage: the round that recorded the oldest ticks.
+    let round = |ticks: &[dray_core::cron::TickRow]| {
+        ticks.iter().map(|t| t.recorded_at).min().unwrap() - chrono::TimeDelta::seconds(60)
+    };
     let old = |ticks: &[dray_core::cron::TickRow], st: TickStatus| -> Vec<DateTime<Utc>> {
+        let missed_before = round(ticks);
         let mut v: Vec<_> = ticks
             .iter()
             .filter(|t| t.status == st && t.tick < missed_before)

@@ -248,6 +248,8 @@ pub struct TickRow {
     pub reason: Option<String>,
     /// The job (or workflow run) it made.
     pub job_id: Option<Uuid>,
+    /// When a scheduler recorded it (database clock).
+    pub recorded_at: DateTime<Utc>,
     /// That job's state now (`None` once pruned, or for a workflow run's job still running).
     pub job_state: Option<MessageState>,
     /// When the job finished.
