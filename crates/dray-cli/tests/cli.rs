@@ -1018,3 +1018,54 @@ fn bench_runs_every_workload_on_postgres() {
         assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
+
+/// `--log-format json` with RUST_LOG: one JSON object per line, one line per job outcome
+/// (completed at info, with the job's span: id, kind, queue; failures at warn, with the error).
+#[test]
+fn job_outcomes_are_structured_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dray"))
+        .args(["--log-format", "json", "demo"])
+        .current_dir(dir.path())
+        .env_remove("DRAY_DATABASE_URL")
+        .env_remove("DRAY_LOG")
+        .env("RUST_LOG", "dray::jobs=info")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stderr)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let completed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "dray: job completed")
+        .collect();
+    assert!(!completed.is_empty(), "{lines:?}");
+    let c = completed
+        .iter()
+        .find(|l| l["span"]["kind"] == "export_users")
+        .unwrap_or_else(|| panic!("{completed:?}"));
+    assert_eq!(c["level"], "INFO");
+    assert_eq!(c["fields"]["outcome"], "completed");
+    assert!(c["fields"]["duration_ms"].is_u64());
+    assert!(
+        c["span"]["id"].is_string() && c["span"]["queue"].is_string(),
+        "{c}"
+    );
+    let failed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "dray: job attempt failed")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(failed["level"], "WARN");
+    assert!(failed["fields"]["error"].is_string(), "{failed}");
+    assert!(
+        ["retry", "dead", "cancelled"].contains(&failed["fields"]["outcome"].as_str().unwrap()),
+        "{failed}"
+    );
+}

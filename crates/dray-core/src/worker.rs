@@ -99,6 +99,10 @@ pub struct WorkerConfig {
     /// at least this long and at most an hour more (a retention under an hour is kept row by
     /// row).
     pub retention: Duration,
+    /// No log line per successful job (failures are still logged at warn). Off by default:
+    /// with the `info` level on, every job outcome is one structured line (target
+    /// `dray::jobs`: id, kind, queue, attempt, duration, outcome).
+    pub quiet: bool,
     /// Key that signs HTTP completion callbacks. A worker with a secret delivers callbacks
     /// (see [`crate::callback`]); without one it leaves them to workers that have one.
     pub callback_secret: Option<Secret>,
@@ -126,6 +130,7 @@ impl Default for WorkerConfig {
             maintenance: true,
             maintenance_interval: Duration::from_secs(1),
             retention: Duration::from_secs(24 * 3600),
+            quiet: false,
             callback_secret: None,
         }
     }
@@ -1080,7 +1085,7 @@ async fn run_one<S: Store>(
         .await;
         return;
     }
-    let span = tracing::info_span!("dray.job", id = %m.id, kind = %kind, attempt = m.attempt, queue = %m.queue);
+    let span = tracing::info_span!(target: "dray::jobs", "dray.job", id = %m.id, kind = %kind, attempt = m.attempt, queue = %m.queue);
     // The database clock minus this machine's, as of the claim (which set the lease from the
     // database's now()): workflows keep their times on the database clock with it. Never
     // ahead of the database, since the claim's answer took time to arrive.
@@ -1108,6 +1113,8 @@ async fn run_one<S: Store>(
         id: m.id,
         attempt: m.attempt,
     });
+    let started = Instant::now();
+    let log_span = span.clone();
     // The handler runs inside this task (no task of its own per job): a panic is caught here,
     // a timeout drops it, and shutdown aborts this task after its grace period.
     let payload = std::mem::take(&mut m.payload);
@@ -1134,6 +1141,17 @@ async fn run_one<S: Store>(
     };
     match outcome {
         Some(Ok(Ok(Handled::Output(result)))) => {
+            if !shared.config.quiet {
+                log_span.in_scope(|| {
+                    tracing::info!(
+                        target: "dray::jobs",
+                        id = %m.id, queue = %m.queue, attempt = m.attempt,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        outcome = "completed",
+                        "dray: job completed"
+                    )
+                });
+            }
             // Handed to the completer; the slot is free as soon as it is queued there.
             let _ = done.send(Completion { lease, result });
             drop(permit);
@@ -1148,44 +1166,56 @@ async fn run_one<S: Store>(
             });
         }
         Some(Ok(Err(JobError::Transient(msg)))) => {
-            Box::pin(fail(
-                &shared,
-                &m,
-                FailureKind::Error,
-                &msg,
-                retry(FailureKind::Error),
-            ))
+            Box::pin(
+                fail(
+                    &shared,
+                    &m,
+                    FailureKind::Error,
+                    &msg,
+                    retry(FailureKind::Error),
+                )
+                .instrument(log_span.clone()),
+            )
             .await
         }
         Some(Ok(Err(JobError::Permanent(msg)))) => {
-            Box::pin(fail(
-                &shared,
-                &m,
-                FailureKind::Permanent,
-                &msg,
-                retry(FailureKind::Permanent),
-            ))
+            Box::pin(
+                fail(
+                    &shared,
+                    &m,
+                    FailureKind::Permanent,
+                    &msg,
+                    retry(FailureKind::Permanent),
+                )
+                .instrument(log_span.clone()),
+            )
             .await
         }
         Some(Ok(Err(JobError::Cancelled))) => {
-            Box::pin(fail(
-                &shared,
-                &m,
-                FailureKind::Cancelled,
-                "the handler stopped on a cancel request",
-                FailTo::Cancelled,
-            ))
+            Box::pin(
+                fail(
+                    &shared,
+                    &m,
+                    FailureKind::Cancelled,
+                    "the handler stopped on a cancel request",
+                    FailTo::Cancelled,
+                )
+                .instrument(log_span.clone()),
+            )
             .await
         }
         Some(Err(panic)) => {
             let msg = format!("handler panicked: {}", panic_message(&*panic));
-            Box::pin(fail(
-                &shared,
-                &m,
-                FailureKind::Panic,
-                &msg,
-                retry(FailureKind::Panic),
-            ))
+            Box::pin(
+                fail(
+                    &shared,
+                    &m,
+                    FailureKind::Panic,
+                    &msg,
+                    retry(FailureKind::Panic),
+                )
+                .instrument(log_span.clone()),
+            )
             .await
         }
         None => {
@@ -1193,19 +1223,34 @@ async fn run_one<S: Store>(
                 "timed out after {}",
                 crate::format_duration(options.timeout.unwrap_or_default())
             );
-            Box::pin(fail(
-                &shared,
-                &m,
-                FailureKind::Timeout,
-                &msg,
-                retry(FailureKind::Timeout),
-            ))
+            Box::pin(
+                fail(
+                    &shared,
+                    &m,
+                    FailureKind::Timeout,
+                    &msg,
+                    retry(FailureKind::Timeout),
+                )
+                .instrument(log_span.clone()),
+            )
             .await
         }
     }
 }
 
 async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg: &str, to: FailTo) {
+    let next = match to {
+        FailTo::Retry(_) if m.attempt >= m.max_attempts => "dead",
+        FailTo::Retry(_) => "retry",
+        FailTo::Dead => "dead",
+        FailTo::Cancelled => "cancelled",
+    };
+    tracing::warn!(
+        target: "dray::jobs",
+        id = %m.id, queue = %m.queue, attempt = m.attempt, failure = kind.as_str(),
+        outcome = next, error = %msg,
+        "dray: job attempt failed"
+    );
     let recorded = match shared.store.job_fail(m.lease(), kind, msg, to).await {
         Ok(w) => w.applied.contains(&m.id),
         Err(err) => {
