@@ -58,9 +58,11 @@ impl NatsSink {
             match async_nats::connect(&self.url).await {
                 Ok(client) => *guard = Some(async_nats::jetstream::new(client)),
                 Err(e) => {
-                    let err =
-                        PublishError::transient(format!("cannot reach NATS at {}: {e}", self.url));
-                    return events.iter().map(|_| Err(err.clone())).collect();
+                    return PublishError::transient(format!(
+                        "cannot reach NATS at {}: {e}",
+                        self.url
+                    ))
+                    .for_each(events);
                 }
             }
         }

@@ -77,11 +77,11 @@ impl RabbitSink {
             match connected {
                 Ok(c) => *guard = Some(c),
                 Err(e) => {
-                    let err = PublishError::transient(format!(
+                    return PublishError::transient(format!(
                         "cannot reach RabbitMQ at {}: {e}",
                         self.redacted()
-                    ));
-                    return events.iter().map(|_| Err(err.clone())).collect();
+                    ))
+                    .for_each(events);
                 }
             }
         }

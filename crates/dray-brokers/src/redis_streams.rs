@@ -106,10 +106,7 @@ impl Sink for RedisStreamSink {
         async move {
             match self.try_publish(events).await {
                 Ok(()) => events.iter().map(|_| Ok(())).collect(),
-                Err(e) => {
-                    let err = PublishError::transient(e);
-                    events.iter().map(|_| Err(err.clone())).collect()
-                }
+                Err(e) => PublishError::transient(e).for_each(events),
             }
         }
         .boxed()

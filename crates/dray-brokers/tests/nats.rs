@@ -83,16 +83,7 @@ async fn a_nats_that_is_down_at_the_start_gets_retries_then_delivery() {
     let port = common::free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let relay = common::relay(&store, NatsSink::new(&url, &subject).unwrap());
-    let r = relay.run_once().await.unwrap();
-    assert_eq!(r.retried, 4);
-    let rows = dray_core::OutboxStore::outbox_list(&store, "out", None, 10)
-        .await
-        .unwrap();
-    let err = rows[0].last_error.clone().unwrap();
-    assert!(
-        err.contains(&format!("cannot reach NATS at {url}")),
-        "{err}"
-    );
+    common::first_round_is_refused(&relay, &store, 4, &format!("cannot reach NATS at {url}")).await;
     let proxy = common::proxy(port, "127.0.0.1:4222").await;
     common::until_published(&relay, &store, 4).await;
     assert_eq!(messages(&js, &name).await.len(), 4);

@@ -123,18 +123,13 @@ async fn a_rabbitmq_that_is_down_at_the_start_gets_retries_then_delivery() {
     let port = common::free_port();
     let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let relay = common::relay(&store, RabbitSink::new(&uri, &exchange, "none").unwrap());
-    let r = relay.run_once().await.unwrap();
-    assert_eq!(r.retried, 4);
-    let rows = dray_core::OutboxStore::outbox_list(&store, "out", None, 10)
-        .await
-        .unwrap();
-    let err = rows[0].last_error.clone().unwrap();
-    assert!(
-        err.contains(&format!(
-            "cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}"
-        )),
-        "{err}"
-    );
+    common::first_round_is_refused(
+        &relay,
+        &store,
+        4,
+        &format!("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:{port}"),
+    )
+    .await;
     let proxy = common::proxy(port, "127.0.0.1:5672").await;
     common::until_published(&relay, &store, 4).await;
     assert_eq!(drain(&ch, &queue).await.len(), 2);

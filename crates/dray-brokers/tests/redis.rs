@@ -63,16 +63,8 @@ async fn a_redis_that_is_down_at_the_start_gets_retries_then_delivery() {
     let prefix = format!("dray-test-{}", uuid::Uuid::now_v7().simple());
     let relay = common::relay(&store, RedisStreamSink::new(&url, &prefix).unwrap());
     // Nothing listens: a transient failure, with a clear error.
-    let r = relay.run_once().await.unwrap();
-    assert_eq!(r.retried, 4);
-    let rows = dray_core::OutboxStore::outbox_list(&store, "out", None, 10)
-        .await
-        .unwrap();
-    let err = rows[0].last_error.clone().unwrap();
-    assert!(
-        err.contains(&format!("cannot reach Redis at {url}")),
-        "{err}"
-    );
+    common::first_round_is_refused(&relay, &store, 4, &format!("cannot reach Redis at {url}"))
+        .await;
     // The broker comes up on that port: delivery resumes.
     let proxy = common::proxy(port, "127.0.0.1:6379").await;
     common::until_published(&relay, &store, 4).await;

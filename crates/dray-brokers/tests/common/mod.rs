@@ -88,3 +88,20 @@ pub fn events(n: usize) -> Vec<OutboxEvent> {
         })
         .collect()
 }
+
+/// The first round of a relay whose broker is down: every event is sent back for a retry,
+/// with an error that says `says`.
+pub async fn first_round_is_refused(
+    relay: &Relay<SqliteStore>,
+    store: &SqliteStore,
+    n: usize,
+    says: &str,
+) {
+    let r = relay.run_once().await.unwrap();
+    assert_eq!(r.retried, n);
+    let rows = dray_core::OutboxStore::outbox_list(store, "out", None, 10)
+        .await
+        .unwrap();
+    let err = rows[0].last_error.clone().unwrap();
+    assert!(err.contains(says), "{err}");
+}

@@ -153,6 +153,11 @@ impl PublishError {
             permanent: false,
         }
     }
+    /// This failure as the answer for every event of a batch.
+    pub fn for_each<T>(&self, events: &[T]) -> Vec<std::result::Result<(), PublishError>> {
+        events.iter().map(|_| Err(self.clone())).collect()
+    }
+
     /// A failure no retry fixes.
     pub fn permanent(e: impl std::fmt::Display) -> Self {
         PublishError {
@@ -231,10 +236,8 @@ impl<S: Store> Sink for QueueSink<S> {
                 .collect();
             match self.store.message_insert_many(&messages).await {
                 Ok(_) => events.iter().map(|_| Ok(())).collect(),
-                Err(e) => {
-                    let err = PublishError::transient(format!("enqueue to {}: {e}", self.queue));
-                    events.iter().map(|_| Err(err.clone())).collect()
-                }
+                Err(e) => PublishError::transient(format!("enqueue to {}: {e}", self.queue))
+                    .for_each(events),
             }
         }
         .boxed()
