@@ -59,13 +59,6 @@ SELECT t.schedule, t.tick_at, t.status, t.reason, t.job_id, t.recorded_at, j.sta
 FROM {s}.dray_cron_ticks t LEFT JOIN {s}.dray_jobs_all j ON j.id = t.job_id
 WHERE t.schedule = $1 ORDER BY t.tick_at DESC LIMIT $2";
 
-fn q(
-    text: &str,
-    s: &str,
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(AssertSqlSafe(text.replace("{s}", s)))
-}
-
 fn corrupt(name: &str, what: &str, e: impl std::fmt::Display) -> Error {
     Error::CorruptRow {
         id: name.to_owned(),
@@ -109,8 +102,14 @@ fn decode(row: &PgRow) -> Result<ScheduleRow> {
 }
 
 impl PgStore {
-    fn quoted(&self) -> String {
-        format!("\"{}\"", self.schema())
+    /// A cron statement, its schema filled in once per store.
+    fn cq(
+        &self,
+        template: &'static str,
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(AssertSqlSafe(
+            self.expanded(template, |t| t.replace("{cols}", COLS)),
+        ))
     }
 
     async fn upsert_in(
@@ -119,7 +118,7 @@ impl PgStore {
         spec: &ScheduleSpec,
         source: &str,
     ) -> Result<()> {
-        q(UPSERT, &self.quoted())
+        self.cq(UPSERT)
             .bind(&spec.name)
             .bind(&spec.expression)
             .bind(&spec.timezone)
@@ -146,7 +145,7 @@ impl CronStore for PgStore {
             self.upsert_in(&mut tx, spec, "code").await?;
         }
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        q(DISABLE_UNDECLARED, &self.quoted())
+        self.cq(DISABLE_UNDECLARED)
             .bind(&names)
             .execute(&mut *tx)
             .await
@@ -164,25 +163,21 @@ impl CronStore for PgStore {
     }
 
     async fn cron_remove(&self, name: &str) -> Result<bool> {
-        let done = q(
-            "DELETE FROM {s}.dray_cron_schedules WHERE name = $1",
-            &self.quoted(),
-        )
-        .bind(name)
-        .execute(self.pool())
-        .await
-        .map_err(Error::db("cron_remove"))?;
+        let done = self
+            .cq("DELETE FROM {s}.dray_cron_schedules WHERE name = $1")
+            .bind(name)
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("cron_remove"))?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn cron_list(&self) -> Result<Vec<ScheduleRow>> {
-        let rows = q(
-            &format!("SELECT {COLS} FROM {{s}}.dray_cron_schedules ORDER BY name"),
-            &self.quoted(),
-        )
-        .fetch_all(self.pool())
-        .await
-        .map_err(Error::db("cron_list"))?;
+        let rows = self
+            .cq("SELECT {cols} FROM {s}.dray_cron_schedules ORDER BY name")
+            .fetch_all(self.pool())
+            .await
+            .map_err(Error::db("cron_list"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             match decode(row) {
@@ -197,9 +192,9 @@ impl CronStore for PgStore {
 
     async fn cron_fire(&self, f: &CronFire) -> Result<FireReport> {
         let op = "cron_fire";
-        let s = self.quoted();
         let mut tx = self.pool().begin().await.map_err(Error::db(op))?;
-        let Some(row) = q(LOCK, &s)
+        let Some(row) = self
+            .cq(LOCK)
             .bind(&f.schedule)
             .fetch_optional(&mut *tx)
             .await
@@ -213,7 +208,8 @@ impl CronStore for PgStore {
         let mut queues = Vec::new();
         for d in f.decide(previous_unfinished) {
             let t = d.fire;
-            let recorded = q(TICK, &s)
+            let recorded = self
+                .cq(TICK)
                 .bind(&f.schedule)
                 .bind(t.tick)
                 .bind(d.status.as_str())
@@ -242,7 +238,8 @@ impl CronStore for PgStore {
             last_job = Some(id);
         }
         for (tick, reason) in &f.skip {
-            let recorded = q(TICK, &s)
+            let recorded = self
+                .cq(TICK)
                 .bind(&f.schedule)
                 .bind(*tick)
                 .bind(TickStatus::Skipped.as_str())
@@ -256,7 +253,7 @@ impl CronStore for PgStore {
                 report.skipped.push(*tick);
             }
         }
-        q(ADVANCE, &s)
+        self.cq(ADVANCE)
             .bind(&f.schedule)
             .bind(f.advance_to)
             .bind(last_job)
@@ -274,23 +271,24 @@ impl CronStore for PgStore {
     }
 
     async fn cron_set_paused(&self, name: &str, paused: bool) -> Result<bool> {
-        let done = q(
-            "UPDATE {s}.dray_cron_schedules SET paused = $2, updated_at = now(),
+        let done = self
+            .cq(
+                "UPDATE {s}.dray_cron_schedules SET paused = $2, updated_at = now(),
                  last_tick = CASE WHEN paused AND NOT $2 THEN now() ELSE last_tick END
              WHERE name = $1",
-            &self.quoted(),
-        )
-        .bind(name)
-        .bind(paused)
-        .execute(self.pool())
-        .await
-        .map_err(Error::db("cron_set_paused"))?;
+            )
+            .bind(name)
+            .bind(paused)
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("cron_set_paused"))?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn cron_history(&self, name: &str, limit: u32) -> Result<Vec<TickRow>> {
         let op = "cron_history";
-        let rows = q(HISTORY, &self.quoted())
+        let rows = self
+            .cq(HISTORY)
             .bind(name)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -321,10 +319,7 @@ impl CronStore for PgStore {
     }
 
     async fn cron_prune(&self, older_than: Duration) -> Result<u64> {
-        let done = q(
-            "DELETE FROM {s}.dray_cron_ticks WHERE tick_at < now() - $1 * interval '1 microsecond'",
-            &self.quoted(),
-        )
+        let done = self.cq("DELETE FROM {s}.dray_cron_ticks WHERE tick_at < now() - $1 * interval '1 microsecond'")
         .bind(micros(older_than))
         .execute(self.pool())
         .await

@@ -278,6 +278,7 @@ impl PgStoreBuilder {
             inner: Arc::new(Inner {
                 sql: Sql::new(&quoted),
                 wf: workflow::WfSql::new(&quoted),
+                expanded: Default::default(),
                 channel,
                 schema: self.schema,
                 pool,
@@ -353,6 +354,8 @@ struct Inner {
     sql: Sql,
     /// The workflow layer's statements (`workflow`).
     wf: workflow::WfSql,
+    /// Other layers' statements, expanded once per template (see `PgStore::expanded`).
+    expanded: std::sync::Mutex<std::collections::HashMap<usize, Arc<str>>>,
     hub: Arc<WakeHub>,
     listener: tokio::sync::OnceCell<ListenerTask>,
     /// Sends the NOTIFYs of committed enqueues (see [`Notifier`]).
@@ -404,6 +407,28 @@ fn pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOption
 type SweepKey = (String, i32, DateTime<Utc>, Uuid);
 
 impl PgStore {
+    /// `template` with `{s}` (the quoted schema) and whatever `fill` replaces, made once per
+    /// store and template (keyed by the template's address: templates are `'static` consts).
+    pub(crate) fn expanded(
+        &self,
+        template: &'static str,
+        fill: impl FnOnce(&str) -> String,
+    ) -> Arc<str> {
+        let key = template.as_ptr() as usize;
+        let mut map = self
+            .inner
+            .expanded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry(key)
+            .or_insert_with(|| {
+                fill(template)
+                    .replace("{s}", &format!("\"{}\"", self.inner.schema))
+                    .into()
+            })
+            .clone()
+    }
+
     /// Claims up to `p.limit` rows that sort after `after` ((−priority, run_at, id), the key of
     /// `dray_jobs_unfinished_idx` after the queue), in delivery order.
     async fn claim_after(&self, p: &ClaimParams, after: ClaimKey) -> Result<Vec<PgRow>> {

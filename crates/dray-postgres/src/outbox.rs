@@ -43,24 +43,6 @@ FROM (SELECT id FROM {s}.dray_outbox
 WHERE o.id = c.id
 RETURNING {cols}";
 
-fn q(
-    text: &str,
-    s: &str,
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(AssertSqlSafe(
-        text.replace(
-            "{cols}",
-            &COLS
-                .split(", ")
-                .map(|c| format!("o.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
-        .replace("{s}", s),
-    ))
-    .persistent(false)
-}
-
 fn decode(row: &PgRow) -> Result<OutboxRow> {
     let id: Uuid = row.try_get("id").map_err(Error::db("outbox"))?;
     let bad = |c: &str, e: sqlx::Error| Error::CorruptRow {
@@ -100,8 +82,17 @@ fn decode(row: &PgRow) -> Result<OutboxRow> {
 }
 
 impl PgStore {
-    fn s(&self) -> String {
-        format!("\"{}\"", self.schema())
+    /// An outbox statement, its schema and column lists filled in once per store.
+    fn ob(
+        &self,
+        template: &'static str,
+    ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let text = self.expanded(template, |t| {
+            let prefixed: Vec<String> = COLS.split(", ").map(|c| format!("o.{c}")).collect();
+            t.replace("{cols}", &prefixed.join(", "))
+                .replace("{plain_cols}", COLS)
+        });
+        sqlx::query(AssertSqlSafe(text)).persistent(false)
     }
 }
 
@@ -117,7 +108,8 @@ impl OutboxStore for PgStore {
             return Ok(0);
         }
         let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-        let row = q(INSERT, &self.s())
+        let row = self
+            .ob(INSERT)
             .bind(outbox)
             .bind(&ids)
             .bind(
@@ -150,7 +142,8 @@ impl OutboxStore for PgStore {
     }
 
     async fn outbox_claim(&self, outbox: &str, limit: u32, relay: &str) -> Result<Vec<OutboxRow>> {
-        let rows = q(CLAIM, &self.s())
+        let rows = self
+            .ob(CLAIM)
             .bind(outbox)
             .bind(i64::from(limit))
             .bind(relay)
@@ -163,66 +156,63 @@ impl OutboxStore for PgStore {
     }
 
     async fn outbox_mark_published(&self, ids: &[Uuid]) -> Result<u64> {
-        let done = q(
-            "UPDATE {s}.dray_outbox SET status = 'published', published_at = now(),
+        let done = self
+            .ob(
+                "UPDATE {s}.dray_outbox SET status = 'published', published_at = now(),
                  claimed_at = NULL, claimed_by = NULL
              WHERE id = ANY($1) AND status = 'processing'",
-            &self.s(),
-        )
-        .bind(ids)
-        .execute(&self.inner.worker_pool)
-        .await
-        .map_err(Error::db("outbox_mark_published"))?;
+            )
+            .bind(ids)
+            .execute(&self.inner.worker_pool)
+            .await
+            .map_err(Error::db("outbox_mark_published"))?;
         Ok(done.rows_affected())
     }
 
     async fn outbox_mark_failed(&self, ids: &[Uuid], error: &str) -> Result<u64> {
-        let done = q(
-            "UPDATE {s}.dray_outbox SET status = 'failed', last_error = $2,
+        let done = self
+            .ob(
+                "UPDATE {s}.dray_outbox SET status = 'failed', last_error = $2,
                  claimed_at = NULL, claimed_by = NULL
              WHERE id = ANY($1) AND status = 'processing'",
-            &self.s(),
-        )
-        .bind(ids)
-        .bind(error)
-        .execute(&self.inner.worker_pool)
-        .await
-        .map_err(Error::db("outbox_mark_failed"))?;
+            )
+            .bind(ids)
+            .bind(error)
+            .execute(&self.inner.worker_pool)
+            .await
+            .map_err(Error::db("outbox_mark_failed"))?;
         Ok(done.rows_affected())
     }
 
     async fn outbox_mark_retry(&self, retries: &[OutboxRetry]) -> Result<u64> {
-        let done = q(
-            "UPDATE {s}.dray_outbox o SET status = 'pending', attempts = u.attempts,
+        let done = self
+            .ob(
+                "UPDATE {s}.dray_outbox o SET status = 'pending', attempts = u.attempts,
                  available_at = u.available_at, last_error = u.error,
                  claimed_at = NULL, claimed_by = NULL
              FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[], $4::text[])
                  AS u(id, attempts, available_at, error)
              WHERE o.id = u.id AND o.status = 'processing'",
-            &self.s(),
-        )
-        .bind(retries.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind(retries.iter().map(|r| r.attempts).collect::<Vec<_>>())
-        .bind(
-            retries
-                .iter()
-                .map(|r| r.available_at)
-                .collect::<Vec<DateTime<Utc>>>(),
-        )
-        .bind(retries.iter().map(|r| r.error.as_str()).collect::<Vec<_>>())
-        .execute(&self.inner.worker_pool)
-        .await
-        .map_err(Error::db("outbox_mark_retry"))?;
+            )
+            .bind(retries.iter().map(|r| r.id).collect::<Vec<_>>())
+            .bind(retries.iter().map(|r| r.attempts).collect::<Vec<_>>())
+            .bind(
+                retries
+                    .iter()
+                    .map(|r| r.available_at)
+                    .collect::<Vec<DateTime<Utc>>>(),
+            )
+            .bind(retries.iter().map(|r| r.error.as_str()).collect::<Vec<_>>())
+            .execute(&self.inner.worker_pool)
+            .await
+            .map_err(Error::db("outbox_mark_retry"))?;
         Ok(done.rows_affected())
     }
 
     async fn outbox_reclaim_stale(&self, outbox: &str, older_than: Duration) -> Result<u64> {
-        let done = q(
-            "UPDATE {s}.dray_outbox SET status = 'pending', claimed_at = NULL, claimed_by = NULL
+        let done = self.ob("UPDATE {s}.dray_outbox SET status = 'pending', claimed_at = NULL, claimed_by = NULL
              WHERE outbox = $1 AND status = 'processing'
-               AND claimed_at < now() - $2 * interval '1 microsecond'",
-            &self.s(),
-        )
+               AND claimed_at < now() - $2 * interval '1 microsecond'")
         .bind(outbox)
         .bind(micros(older_than))
         .execute(&self.inner.worker_pool)
@@ -232,16 +222,16 @@ impl OutboxStore for PgStore {
     }
 
     async fn outbox_requeue_failed(&self, outbox: &str, ids: Option<&[Uuid]>) -> Result<u64> {
-        let done = q(
-            "UPDATE {s}.dray_outbox SET status = 'pending', attempts = 0, available_at = now()
+        let done = self
+            .ob(
+                "UPDATE {s}.dray_outbox SET status = 'pending', attempts = 0, available_at = now()
              WHERE outbox = $1 AND status = 'failed' AND ($2::uuid[] IS NULL OR id = ANY($2))",
-            &self.s(),
-        )
-        .bind(outbox)
-        .bind(ids.map(<[Uuid]>::to_vec))
-        .execute(self.pool())
-        .await
-        .map_err(Error::db("outbox_requeue_failed"))?;
+            )
+            .bind(outbox)
+            .bind(ids.map(<[Uuid]>::to_vec))
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("outbox_requeue_failed"))?;
         if done.rows_affected() > 0 {
             self.notify(&[wake_channel(outbox)]).await?;
         }
@@ -249,24 +239,17 @@ impl OutboxStore for PgStore {
     }
 
     async fn outbox_stats(&self, outbox: &str) -> Result<OutboxStats> {
-        let rows = q(
-            "SELECT status, count(*) FROM {s}.dray_outbox WHERE outbox = $1 GROUP BY status",
-            &self.s(),
-        )
-        .bind(outbox)
-        .fetch_all(self.pool())
-        .await
-        .map_err(Error::db("outbox_stats"))?;
+        let rows = self
+            .ob("SELECT status, count(*) FROM {s}.dray_outbox WHERE outbox = $1 GROUP BY status")
+            .bind(outbox)
+            .fetch_all(self.pool())
+            .await
+            .map_err(Error::db("outbox_stats"))?;
         let mut s = OutboxStats::default();
         for row in rows {
             let status: String = row.try_get(0).map_err(Error::db("outbox_stats"))?;
             let n: i64 = row.try_get(1).map_err(Error::db("outbox_stats"))?;
-            match OutboxStatus::parse(&status)? {
-                OutboxStatus::Pending => s.pending = n,
-                OutboxStatus::Processing => s.processing = n,
-                OutboxStatus::Published => s.published = n,
-                OutboxStatus::Failed => s.failed = n,
-            }
+            s.add(OutboxStatus::parse(&status)?, n);
         }
         Ok(s)
     }
@@ -277,19 +260,15 @@ impl OutboxStore for PgStore {
         status: Option<OutboxStatus>,
         limit: u32,
     ) -> Result<Vec<OutboxRow>> {
-        let rows = q(
-            &format!(
-                "SELECT {COLS} FROM {{s}}.dray_outbox WHERE outbox = $1
-                 AND ($2::text IS NULL OR status = $2) ORDER BY id DESC LIMIT $3"
-            ),
-            &self.s(),
-        )
-        .bind(outbox)
-        .bind(status.map(|s| s.as_str()))
-        .bind(i64::from(limit))
-        .fetch_all(self.pool())
-        .await
-        .map_err(Error::db("outbox_list"))?;
+        let rows = self
+            .ob("SELECT {plain_cols} FROM {s}.dray_outbox WHERE outbox = $1
+             AND ($2::text IS NULL OR status = $2) ORDER BY id DESC LIMIT $3")
+            .bind(outbox)
+            .bind(status.map(|s| s.as_str()))
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await
+            .map_err(Error::db("outbox_list"))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             match decode(row) {
@@ -303,15 +282,13 @@ impl OutboxStore for PgStore {
     }
 
     async fn outbox_prune(&self, older_than: Duration) -> Result<u64> {
-        let done = q(
-            "DELETE FROM {s}.dray_outbox WHERE status = 'published'
-               AND published_at < now() - $1 * interval '1 microsecond'",
-            &self.s(),
-        )
-        .bind(micros(older_than))
-        .execute(self.pool())
-        .await
-        .map_err(Error::db("outbox_prune"))?;
+        let done = self
+            .ob("DELETE FROM {s}.dray_outbox WHERE status = 'published'
+               AND published_at < now() - $1 * interval '1 microsecond'")
+            .bind(micros(older_than))
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("outbox_prune"))?;
         Ok(done.rows_affected())
     }
 
@@ -321,28 +298,26 @@ impl OutboxStore for PgStore {
         inbox: &str,
         message_id: &str,
     ) -> Result<bool> {
-        let row = q(
-            "INSERT INTO {s}.dray_inbox (inbox, message_id) VALUES ($1, $2)
+        let row = self
+            .ob(
+                "INSERT INTO {s}.dray_inbox (inbox, message_id) VALUES ($1, $2)
              ON CONFLICT DO NOTHING RETURNING 1",
-            &self.s(),
-        )
-        .bind(inbox)
-        .bind(message_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(Error::db("inbox_mark_if_unseen"))?;
+            )
+            .bind(inbox)
+            .bind(message_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(Error::db("inbox_mark_if_unseen"))?;
         Ok(row.is_some())
     }
 
     async fn inbox_prune(&self, older_than: Duration) -> Result<u64> {
-        let done = q(
-            "DELETE FROM {s}.dray_inbox WHERE seen_at < now() - $1 * interval '1 microsecond'",
-            &self.s(),
-        )
-        .bind(micros(older_than))
-        .execute(self.pool())
-        .await
-        .map_err(Error::db("inbox_prune"))?;
+        let done = self
+            .ob("DELETE FROM {s}.dray_inbox WHERE seen_at < now() - $1 * interval '1 microsecond'")
+            .bind(micros(older_than))
+            .execute(self.pool())
+            .await
+            .map_err(Error::db("inbox_prune"))?;
         Ok(done.rows_affected())
     }
 }

@@ -215,12 +215,7 @@ impl OutboxStore for SqliteStore {
         for row in rows {
             let status: String = row.try_get(0).map_err(Error::db("outbox_stats"))?;
             let n: i64 = row.try_get(1).map_err(Error::db("outbox_stats"))?;
-            match OutboxStatus::parse(&status)? {
-                OutboxStatus::Pending => s.pending = n,
-                OutboxStatus::Processing => s.processing = n,
-                OutboxStatus::Published => s.published = n,
-                OutboxStatus::Failed => s.failed = n,
-            }
+            s.add(OutboxStatus::parse(&status)?, n);
         }
         Ok(s)
     }

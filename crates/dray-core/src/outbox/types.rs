@@ -168,6 +168,18 @@ pub struct OutboxStats {
     pub failed: i64,
 }
 
+impl OutboxStats {
+    /// Counts `n` events of `status`.
+    pub fn add(&mut self, status: OutboxStatus, n: i64) {
+        match status {
+            OutboxStatus::Pending => self.pending += n,
+            OutboxStatus::Processing => self.processing += n,
+            OutboxStatus::Published => self.published += n,
+            OutboxStatus::Failed => self.failed += n,
+        }
+    }
+}
+
 /// A retry to record: the row, its attempt count now, when to try again, why it failed.
 #[derive(Clone, Debug)]
 pub struct OutboxRetry {
