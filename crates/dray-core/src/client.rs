@@ -23,6 +23,7 @@ use crate::types::{
 
 /// How a finished job ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobOutcome {
     /// The job.
     pub id: Uuid,
@@ -67,6 +68,7 @@ impl JobOutcome {
 
 /// A snapshot of a job, as [`Client::watch`] yields it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobStatus {
     /// Job id.
     pub id: Uuid,

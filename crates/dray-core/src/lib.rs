@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod batch;
 pub mod callback;
 pub mod claim;

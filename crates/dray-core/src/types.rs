@@ -100,6 +100,7 @@ impl<'de> Deserialize<'de> for QueueName {
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(transparent)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Priority(pub i16);
 
 impl Priority {
@@ -138,6 +139,7 @@ impl Priority {
 /// terminal states `completed`, `dead` and `cancelled`, which change only by an explicit re-drive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MessageState {
     /// Waiting for its due time.
     Scheduled,
@@ -255,6 +257,7 @@ pub struct NewMessage {
 
 /// What one enqueue did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Enqueued {
     /// The message's id: new, or the existing one when `duplicate`.
     pub id: Uuid,
@@ -264,6 +267,7 @@ pub struct Enqueued {
 
 /// A stored message (a job row seen through the queue port).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Message {
     /// Id (UUIDv7).
     pub id: Uuid,
@@ -321,6 +325,7 @@ pub struct Message {
 
 /// Where a job's HTTP completion callback stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CallbackStatus {
     /// The URL that receives the POST.
     pub url: String,
@@ -349,6 +354,7 @@ pub enum CallbackSettle {
 /// Why an attempt failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureKind {
     /// The handler returned a transient error (retried with backoff).
     Error,
@@ -384,6 +390,7 @@ impl FailureKind {
 
 /// One failed attempt, as recorded in [`Message::errors`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AttemptError {
     /// The attempt that failed (1 for the first).
     pub attempt: i32,
@@ -418,6 +425,7 @@ pub struct Completion {
 /// What a cancel request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CancelOutcome {
     /// It had not started: it is cancelled and will never run.
     Cancelled,
@@ -500,6 +508,7 @@ impl From<Message> for LeaseRef {
 
 /// Counts of one queue's messages by where they stand, read at one instant of the database clock.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueStats {
     /// Due and waiting for a receiver.
     pub available: i64,

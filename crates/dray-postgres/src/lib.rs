@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod crons;
 mod outbox;
 mod sql;
@@ -105,6 +106,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 12,
         name: "outbox",
         sql: include_str!("../migrations/0012_outbox.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "api",
+        sql: include_str!("../migrations/0013_api.sql"),
     },
 ];
 

@@ -338,6 +338,20 @@ const LEASE_EXPIRED: &str = "j.errors || jsonb_build_array(jsonb_build_object('a
 /// Reads go through `dray_jobs_all`, the hot table and the history as one (schema version 9).
 const GET: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = $1";
 
+/// Many jobs by id, wherever they are (hot table or history): one query per live-event tick.
+const GET_MANY: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = ANY($1)";
+
+/// Every queue with its counts, at one now().
+const QUEUE_LIST: &str = "
+SELECT queue,
+    count(*) FILTER (WHERE state IN {pending} AND run_at <= now()) AS available,
+    count(*) FILTER (WHERE state IN {pending} AND run_at > now())  AS scheduled,
+    count(*) FILTER (WHERE state = 'running')   AS leased,
+    count(*) FILTER (WHERE state = 'completed') AS completed,
+    count(*) FILTER (WHERE state = 'dead')      AS dead,
+    count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+FROM {s}.dray_jobs_all GROUP BY queue ORDER BY queue";
+
 /// Stats: one scan of the queue's rows, every count at the same now().
 const STATS: &str = "
 SELECT
@@ -647,6 +661,8 @@ pub struct Sql {
     pub sweep_window: Arc<str>,
     pub rescue: Arc<str>,
     pub get: Arc<str>,
+    pub get_many: Arc<str>,
+    pub queue_list: Arc<str>,
     pub stats: Arc<str>,
     pub next_due: Arc<str>,
     pub next_due_after: Arc<str>,
@@ -758,6 +774,8 @@ impl Sql {
             sweep_window: f(SWEEP_WINDOW),
             rescue: f(RESCUE),
             get: f(GET),
+            get_many: f(GET_MANY),
+            queue_list: f(QUEUE_LIST),
             stats: f(STATS),
             next_due: f(NEXT_DUE),
             next_due_after: f(NEXT_DUE_AFTER),

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod crons;
 mod hints;
 mod outbox;
@@ -90,6 +91,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox",
         sql: include_str!("../migrations/0008_outbox.sql"),
     },
+    Migration {
+        version: 9,
+        name: "api",
+        sql: include_str!("../migrations/0009_api.sql"),
+    },
 ];
 
 /// Fallback poll interval of waiting receivers: enqueues inside a caller's transaction on the
@@ -127,6 +133,8 @@ struct Statements {
     sweep_window: String,
     rescue: String,
     get: String,
+    get_many: String,
+    queue_list: String,
     stats: String,
     next_due: String,
     now: String,
@@ -161,6 +169,8 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     sweep_window: sql::expand(sql::SWEEP_WINDOW),
     rescue: sql::expand(sql::RESCUE),
     get: sql::expand(sql::GET),
+    get_many: sql::expand(sql::GET_MANY),
+    queue_list: sql::expand(sql::QUEUE_LIST),
     stats: sql::expand(sql::STATS),
     next_due: sql::expand(sql::NEXT_DUE),
     now: sql::expand(sql::NOW_MS),

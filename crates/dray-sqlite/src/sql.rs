@@ -227,6 +227,21 @@ RETURNING queue, state";
 
 pub const GET: &str = "SELECT {cols} FROM dray_jobs WHERE id = ?1";
 
+/// Many jobs by id (a JSON array of ids as 32 hex digits): one query per live-event tick.
+pub const GET_MANY: &str =
+    "SELECT {cols} FROM dray_jobs WHERE id IN (SELECT unhex(value) FROM json_each(?1))";
+
+/// Every queue with its counts, at one instant.
+pub const QUEUE_LIST: &str = "
+SELECT queue,
+    count(*) FILTER (WHERE state IN {pending} AND run_at <= n.now),
+    count(*) FILTER (WHERE state IN {pending} AND run_at > n.now),
+    count(*) FILTER (WHERE state = 'running'),
+    count(*) FILTER (WHERE state = 'completed'),
+    count(*) FILTER (WHERE state = 'dead'),
+    count(*) FILTER (WHERE state = 'cancelled')
+FROM dray_jobs, (SELECT {now} AS now) n GROUP BY queue ORDER BY queue";
+
 pub const STATS: &str = "
 SELECT
     count(*) FILTER (WHERE state IN {pending} AND run_at <= n.now),

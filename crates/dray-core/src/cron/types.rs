@@ -13,6 +13,7 @@ use crate::workflow::NewRun;
 /// What a tick of a schedule does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "target", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum CronTarget {
     /// Runs the `#[dray::cron]` handler of the schedule's name (job kind `cron:<name>`).
     Handler,
@@ -34,6 +35,7 @@ pub enum CronTarget {
 /// What a tick does while the previous run of its schedule is still going.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Overlap {
     /// Skip the tick and record the skip (the default).
     #[default]
@@ -65,6 +67,7 @@ impl Overlap {
 
 /// A schedule as declared (in code, or at run time through the client).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleSpec {
     /// Unique name.
     pub name: String,
@@ -170,6 +173,7 @@ impl ScheduleSpec {
 
 /// A stored schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScheduleRow {
     /// The definition.
     #[serde(flatten)]
@@ -193,6 +197,7 @@ pub struct ScheduleRow {
 /// How a tick ended up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TickStatus {
     /// Its job (or run) was enqueued.
     Fired,
@@ -237,6 +242,7 @@ impl fmt::Display for TickStatus {
 
 /// One tick of a schedule's history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TickRow {
     /// The schedule.
     pub schedule: String,

@@ -79,6 +79,7 @@ impl OutboxEvent {
 /// Where a stored event stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OutboxStatus {
     /// Waiting to be relayed (now, or at its `available_at` after a failed try).
     Pending,
@@ -126,6 +127,7 @@ impl fmt::Display for OutboxStatus {
 
 /// A stored event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxRow {
     /// The row's id (UUIDv7: staging order).
     pub id: Uuid,
@@ -157,6 +159,7 @@ pub struct OutboxRow {
 
 /// Counts of one outbox's events by status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxStats {
     /// Waiting to be relayed.
     pub pending: i64,

@@ -18,6 +18,7 @@ use crate::types::{MessageState, NewMessage};
 /// `compensated`; without compensations it ends `failed`, `timed_out` or `cancelled`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RunStatus {
     /// Due, waiting for a worker.
     Queued,
@@ -110,6 +111,7 @@ impl fmt::Display for RunStatus {
 /// Where a step stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StepStatus {
     /// Known but not done: a sleep before its wake time, a wait for a signal or a child.
     Pending,
@@ -164,6 +166,7 @@ impl fmt::Display for StepStatus {
 /// What a history record stands for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StepKind {
     /// `ctx.step(…)` or the explicit step API.
     Step,
@@ -220,6 +223,7 @@ impl fmt::Display for StepKind {
 
 /// One record of a run's history, in the order the body reached it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepRecord {
     /// Position in the history, from 0.
     pub seq: i32,
@@ -259,6 +263,7 @@ pub struct PendingSignal {
 
 /// A run as its stored row has it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunRow {
     /// The run's id (also the id of the job that drives it).
     pub id: Uuid,
@@ -431,6 +436,7 @@ pub struct ChildOutcome {
 /// A run as `describe` shows it: the row, the status to show (derived from the row and its
 /// driving job), the job's attempt, and (for `describe`, not for lists) the history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunInfo {
     /// The stored row.
     pub run: RunRow,
@@ -502,6 +508,7 @@ pub struct NewRun {
 
 /// What one start did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStarted {
     /// The run: new, or the one already started with this workflow id.
     pub id: Uuid,
@@ -528,6 +535,7 @@ pub struct RunFilter {
 /// What a cancel did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RunCancel {
     /// Asked: the run stops at its next step boundary, then compensates. `runs` counts it
     /// and its unfinished descendants.

@@ -1,0 +1,418 @@
+//! Live events (server-sent events): a job's status and progress to its end, a workflow run's
+//! status and step changes to its end, and a stream of per-queue counts for dashboards.
+//!
+//! One hub per server follows everything subscribers watch: each tick
+//! ([`crate::ServerConfig::event_tick`]) it reads every followed job in one query, each followed
+//! run once, and the queue counts once (only while someone follows them), and fans the
+//! snapshots out to every subscriber through watch channels. A thousand subscribers to a
+//! thousand jobs cost one query per tick, not a thousand; nothing is read while nobody
+//! listens.
+//!
+//! Every event carries an `id`: a fingerprint of the state it reports. A client that
+//! reconnects with `Last-Event-ID` gets nothing until the state differs from the one it saw
+//! last, then the current state (intermediate progress it missed is not replayed; the state
+//! it resumes to is always the latest).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use dray_core::api::QueueCounts;
+use dray_core::workflow::{RunInfo, StepRecord};
+use dray_core::{Error, JobStatus, Message};
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use uuid::Uuid;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::P;
+use crate::jobs::JobResult;
+use crate::workflows::RunResult;
+use crate::{App, ServerStore};
+
+/// What the hub last read of a followed thing.
+#[derive(Clone, Debug, PartialEq)]
+enum Snap<T> {
+    Found(T),
+    Missing,
+}
+
+type Followers<T> = Mutex<HashMap<Uuid, watch::Sender<Snap<T>>>>;
+
+struct Shared<S> {
+    store: S,
+    jobs: Followers<Message>,
+    runs: Followers<RunInfo>,
+    queues: watch::Sender<Option<Vec<QueueCounts>>>,
+    poke: Notify,
+}
+
+/// The live-event hub.
+pub struct Hub<S> {
+    shared: Arc<Shared<S>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Keeps the followers somebody still listens to; answers their ids.
+fn live_ids<T>(followers: &Followers<T>) -> Vec<Uuid> {
+    let mut map = lock(followers);
+    map.retain(|_, tx| tx.receiver_count() > 0);
+    map.keys().copied().collect()
+}
+
+fn publish<T: PartialEq>(followers: &Followers<T>, id: Uuid, snap: Snap<T>) {
+    if let Some(tx) = lock(followers).get(&id) {
+        tx.send_if_modified(|cur| {
+            if *cur == snap {
+                false
+            } else {
+                *cur = snap;
+                true
+            }
+        });
+    }
+}
+
+impl<S: ServerStore> Shared<S> {
+    fn idle(&self) -> bool {
+        live_ids(&self.jobs).is_empty()
+            && live_ids(&self.runs).is_empty()
+            && self.queues.receiver_count() == 0
+    }
+
+    async fn refresh(&self) {
+        let ids = live_ids(&self.jobs);
+        if !ids.is_empty() {
+            match self.store.message_get_many(&ids).await {
+                Ok(found) => {
+                    let mut found: HashMap<Uuid, Message> =
+                        found.into_iter().map(|m| (m.id, m)).collect();
+                    for id in ids {
+                        let snap = found.remove(&id).map_or(Snap::Missing, Snap::Found);
+                        publish(&self.jobs, id, snap);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target: "dray::http", error = %e, "dray: live events could not read jobs; retrying next tick")
+                }
+            }
+        }
+        for run in live_ids(&self.runs) {
+            match self.store.workflow_get(run).await {
+                Ok(info) => publish(&self.runs, run, info.map_or(Snap::Missing, Snap::Found)),
+                Err(e) => {
+                    tracing::warn!(target: "dray::http", error = %e, "dray: live events could not read a run; retrying next tick")
+                }
+            }
+        }
+        if self.queues.receiver_count() > 0 {
+            match self.store.queue_list().await {
+                Ok(list) => {
+                    self.queues.send_if_modified(|cur| {
+                        if cur.as_ref() == Some(&list) {
+                            false
+                        } else {
+                            *cur = Some(list);
+                            true
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(target: "dray::http", error = %e, "dray: live events could not count queues; retrying next tick")
+                }
+            }
+        }
+    }
+}
+
+impl<S: ServerStore> Hub<S> {
+    /// A hub on `store`; its task runs until `shutdown` turns true or its sender is dropped.
+    /// Must be called inside a tokio runtime.
+    pub fn new(store: S, tick: Duration, mut shutdown: watch::Receiver<bool>) -> Self {
+        let shared = Arc::new(Shared {
+            store,
+            jobs: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            queues: watch::channel(None).0,
+            poke: Notify::new(),
+        });
+        let task = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                if task.idle() {
+                    tokio::select! {
+                        _ = task.poke.notified() => {}
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
+                }
+                task.refresh().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(tick) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+            }
+        });
+        Hub { shared }
+    }
+
+    fn follow<T: Clone>(
+        &self,
+        followers: &Followers<T>,
+        id: Uuid,
+        now: T,
+    ) -> watch::Receiver<Snap<T>> {
+        let rx = lock(followers)
+            .entry(id)
+            .or_insert_with(|| watch::channel(Snap::Found(now)).0)
+            .subscribe();
+        self.shared.poke.notify_one();
+        rx
+    }
+
+    fn follow_queues(&self) -> watch::Receiver<Option<Vec<QueueCounts>>> {
+        let rx = self.shared.queues.subscribe();
+        self.shared.poke.notify_one();
+        rx
+    }
+}
+
+fn fingerprint(v: &impl Serialize) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn event(name: &str, id: &str, data: &impl Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .id(id)
+        .json_data(data)
+        .unwrap_or_else(|_| Event::default().event(name).id(id).data("{}"))
+}
+
+fn last_event_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+struct Following<T, F> {
+    rx: watch::Receiver<T>,
+    shutdown: watch::Receiver<bool>,
+    render: F,
+    first: bool,
+    done: bool,
+}
+
+/// A stream that, on every change of `rx`, turns the snapshot into events, until `render`
+/// says it is over or the server shuts down.
+fn follow_stream<T, F>(
+    rx: watch::Receiver<T>,
+    shutdown: watch::Receiver<bool>,
+    render: F,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static
+where
+    T: Clone + Send + Sync + 'static,
+    F: FnMut(&T) -> (Vec<Event>, bool) + Send + 'static,
+{
+    let start = Following {
+        rx,
+        shutdown,
+        render,
+        first: true,
+        done: false,
+    };
+    futures_util::stream::unfold(start, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if !st.first {
+            tokio::select! {
+                changed = st.rx.changed() => changed.ok()?,
+                _ = st.shutdown.wait_for(|s| *s) => return None,
+            }
+        }
+        st.first = false;
+        let snap = st.rx.borrow_and_update().clone();
+        let (events, over) = (st.render)(&snap);
+        st.done = over;
+        Some((events, st))
+    })
+    .flat_map(|events| futures_util::stream::iter(events.into_iter().map(Ok)))
+}
+
+/// A job's status and progress as they change, its outcome at the end, then the stream
+/// closes. Events: `status` (id, state, attempt, progress, message) and `end` (the outcome).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "events",
+    params(("id" = Uuid, Path, description = "Job id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
+    responses((status = 200, description = "text/event-stream of `status` events, then one `end`", content_type = "text/event-stream", body = String),
+        crate::openapi::ReadErrors))]
+pub async fn job_events<S: ServerStore>(
+    State(app): State<App<S>>,
+    P(id): P<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let m = app
+        .client()
+        .get(id)
+        .await?
+        .ok_or(ApiError::from(Error::NotFound { id }))?;
+    let rx = app.hub().follow(&app.hub().shared.jobs, id, m);
+    let mut last = last_event_id(&headers);
+    let stream = follow_stream(rx, app.shutdown_signal(), move |snap| match snap {
+        Snap::Found(m) => {
+            let status = JobStatus::from(m);
+            let fp = fingerprint(&status);
+            let terminal = m.state.is_terminal();
+            if last.as_deref() == Some(fp.as_str()) {
+                return (Vec::new(), terminal);
+            }
+            last = Some(fp.clone());
+            let mut events = vec![event("status", &fp, &status)];
+            if terminal {
+                events.push(event("end", &fp, &JobResult::from(m.clone())));
+            }
+            (events, terminal)
+        }
+        Snap::Missing => (
+            vec![event(
+                "error",
+                "gone",
+                &serde_json::json!({"code": "not_found", "detail": "the job is gone (pruned after its retention)"}),
+            )],
+            true,
+        ),
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The status of a run, as `status` events carry it.
+#[derive(Serialize)]
+struct RunStatusEvent<'a> {
+    run_id: Uuid,
+    status: dray_core::RunStatus,
+    attempt: i32,
+    steps: usize,
+    note: Option<&'a str>,
+}
+
+/// A run's status and step changes, its outcome at the end, then the stream closes. Events:
+/// `status`, `step` (one per step that is new or changed), `end`.
+#[utoipa::path(get, path = "/api/v1/workflows/{run}/events", tag = "events",
+    params(("run" = Uuid, Path, description = "Run id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
+    responses((status = 200, description = "text/event-stream of `status` and `step` events, then one `end`", content_type = "text/event-stream", body = String),
+        crate::openapi::ReadErrors))]
+pub async fn run_events<S: ServerStore>(
+    State(app): State<App<S>>,
+    P(run): P<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let info = app.client().describe(run).await?;
+    let rx = app.hub().follow(&app.hub().shared.runs, run, info);
+    let mut last = last_event_id(&headers);
+    let mut seen: Vec<StepRecord> = Vec::new();
+    let mut last_status = None;
+    let stream = follow_stream(rx, app.shutdown_signal(), move |snap| match snap {
+        Snap::Found(info) => {
+            let fp = fingerprint(&(info.status, info.attempt, &info.steps));
+            let terminal = info.status.is_terminal();
+            if last.as_deref() == Some(fp.as_str()) {
+                return (Vec::new(), terminal);
+            }
+            last = Some(fp.clone());
+            let mut events = Vec::new();
+            if last_status != Some((info.status, info.attempt)) {
+                last_status = Some((info.status, info.attempt));
+                events.push(event(
+                    "status",
+                    &fp,
+                    &RunStatusEvent {
+                        run_id: run,
+                        status: info.status,
+                        attempt: info.attempt,
+                        steps: info.steps.len(),
+                        note: info.run.note.as_deref(),
+                    },
+                ));
+            }
+            for step in &info.steps {
+                if !seen.contains(step) {
+                    events.push(event("step", &fp, step));
+                }
+            }
+            seen.clone_from(&info.steps);
+            if terminal {
+                events.push(event(
+                    "end",
+                    &fp,
+                    &RunResult {
+                        run_id: run,
+                        status: info.status,
+                        finished: true,
+                        output: info.run.output.clone(),
+                        error: info.run.error.clone(),
+                    },
+                ));
+            }
+            (events, terminal)
+        }
+        Snap::Missing => (
+            vec![event(
+                "error",
+                "gone",
+                &serde_json::json!({"code": "run_not_found", "detail": "the run is gone (pruned after its retention)"}),
+            )],
+            true,
+        ),
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Per-queue counts for dashboards: one `queues` event with every queue, then a `queue`
+/// event for each queue whose counts change. It does not end.
+#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+    params(("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
+    responses((status = 200, description = "text/event-stream of `queues` and `queue` events", content_type = "text/event-stream", body = String),
+        crate::openapi::ReadErrors))]
+pub async fn all_events<S: ServerStore>(
+    State(app): State<App<S>>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let rx = app.hub().follow_queues();
+    let mut last = last_event_id(&headers);
+    let mut before: Option<HashMap<String, QueueCounts>> = None;
+    let stream = follow_stream(rx, app.shutdown_signal(), move |snap| {
+        let Some(list) = snap else {
+            return (Vec::new(), false);
+        };
+        let fp = fingerprint(list);
+        if last.as_deref() == Some(fp.as_str()) {
+            before = Some(list.iter().map(|q| (q.queue.clone(), q.clone())).collect());
+            return (Vec::new(), false);
+        }
+        last = Some(fp.clone());
+        let events = match &before {
+            None => vec![event("queues", &fp, &serde_json::json!({ "queues": list }))],
+            Some(prev) => list
+                .iter()
+                .filter(|q| prev.get(&q.queue) != Some(*q))
+                .map(|q| event("queue", &fp, q))
+                .collect(),
+        };
+        before = Some(list.iter().map(|q| (q.queue.clone(), q.clone())).collect());
+        (events, false)
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

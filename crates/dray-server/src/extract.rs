@@ -1,0 +1,125 @@
+//! Extractors whose rejections are problem bodies: a JSON body, a query string, path segments.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body; a bad one is 400 (not JSON), 415 (no JSON content type), 413 (too large)
+/// or 422 (JSON of the wrong shape, naming the field).
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Body(v)),
+            Err(e) => Err(json_rejection(e)),
+        }
+    }
+}
+
+fn json_rejection(e: JsonRejection) -> ApiError {
+    let status = e.status();
+    let (code, detail) = match &e {
+        JsonRejection::JsonDataError(_) => (
+            "invalid_body",
+            format!(
+                "the body does not match this route's schema: {}; see /api/v1/openapi.json",
+                source_text(&e)
+            ),
+        ),
+        JsonRejection::JsonSyntaxError(_) => (
+            "invalid_json",
+            format!("the body is not valid JSON: {}", source_text(&e)),
+        ),
+        JsonRejection::MissingJsonContentType(_) => (
+            "unsupported_media_type",
+            "send the body as JSON, with Content-Type: application/json".to_owned(),
+        ),
+        _ if status == StatusCode::PAYLOAD_TOO_LARGE => (
+            "body_too_large",
+            "the body is larger than the server accepts (ServerConfig::body_limit, `dray serve --body-limit`); store large data elsewhere and send a reference".to_owned(),
+        ),
+        _ => ("invalid_body", e.body_text()),
+    };
+    ApiError::new(status, code, detail)
+}
+
+/// The innermost error message of a rejection (serde's, naming the field and position).
+fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner: &dyn std::error::Error = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    dray_core::error::excerpt(&inner.to_string())
+}
+
+/// A query string; a bad one is 400 naming the parameter.
+pub struct Q<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Q(v)),
+            Err(e) => Err(query_rejection(e)),
+        }
+    }
+}
+
+fn query_rejection(e: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        format!("bad query string: {}", source_text(&e)),
+    )
+}
+
+/// Path segments; a bad one (an id that is not a UUID) is 400.
+pub struct P<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(P(v)),
+            Err(e) => Err(path_rejection(e)),
+        }
+    }
+}
+
+fn path_rejection(e: PathRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+        format!("bad path parameter: {}", source_text(&e)),
+    )
+}
+
+/// Seconds as a [`std::time::Duration`]: refused (400 naming `field`) when negative, not a
+/// number, or beyond Dray's longest span.
+pub fn secs(field: &str, v: f64) -> Result<std::time::Duration, ApiError> {
+    let d = std::time::Duration::try_from_secs_f64(v).map_err(|_| {
+        ApiError::field(
+            field,
+            format!("{field} must be a number of seconds from 0, got {v}"),
+        )
+    })?;
+    if d > dray_core::duration::MAX_SPAN {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{field} must be at most {} seconds, got {v}",
+                dray_core::duration::MAX_SPAN.as_secs()
+            ),
+        ));
+    }
+    Ok(d)
+}
