@@ -792,3 +792,29 @@ async fn outbox_section<S: dray::OutboxStore>(store: S) -> CliResult<()> {
     out!("  the consumer's inbox applied it once, though it was handed to it twice");
     Ok(())
 }
+
+/// The demo's jobs and workflows in a server's catalog (`dray serve` knows their types).
+pub(crate) fn catalog<S: dray_server::ServerStore>(
+    catalog: dray_server::Catalog<S>,
+) -> dray_server::Catalog<S> {
+    catalog
+        .job::<ExportUsers>()
+        .job::<SendEmail>()
+        .job::<ChargeCard>()
+        .workflow::<VerifyAccountWorkflow>()
+        .workflow::<BookTripWorkflow>()
+}
+
+/// A worker for the demo's jobs and workflows (`dray serve --worker`); `charge_card` succeeds.
+pub(crate) fn serve_worker<S: WorkflowStore>(store: S) -> CliResult<dray::WorkerHandle> {
+    Ok(Worker::new(store)
+        .register(ExportUsers)
+        .register(SendEmail)
+        .register(ChargeCard {
+            fixed: Arc::new(AtomicBool::new(true)),
+        })
+        .register_workflow(VerifyAccountWorkflow)
+        .register_workflow(BookTripWorkflow)
+        .queue("demo-jobs", 4)?
+        .start()?)
+}

@@ -36,6 +36,7 @@ macro_rules! out_inline {
 mod crons;
 mod demo;
 mod outbox;
+mod serve;
 mod workflows;
 
 use std::io::Read;
@@ -104,6 +105,11 @@ enum Command {
     /// The transactional outbox: stats, list, stage, requeue-failed, relay.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// The HTTP API: jobs, queues, workflows, crons, outbox, live events, workers over HTTP.
+    Serve(serve::ServeArgs),
+    /// Bearer tokens of the HTTP API: create, list, revoke.
+    #[command(subcommand)]
+    Tokens(serve::TokensCommand),
     /// A guided tour on a throwaway SQLite file (or --database): every layer, working.
     Demo(DemoArgs),
     /// Benchmark workloads (W1-single, W1-batch, W2, W2-tuned, W3, W3-remote, W3-scheduled,
@@ -339,6 +345,8 @@ enum CliError {
     Demo(String),
     #[error("bench: {0}")]
     Bench(String),
+    #[error("serve: {0}")]
+    Serve(String),
 }
 
 impl CliError {
@@ -353,6 +361,7 @@ impl CliError {
             CliError::NoPayloads => "no_payloads",
             CliError::Demo(_) => "demo",
             CliError::Bench(_) => "bench",
+            CliError::Serve(_) => "serve",
         }
     }
 }
@@ -581,6 +590,29 @@ async fn run(cli: Cli) -> CliResult<()> {
                 Backend::Sqlite => {
                     let c = Client::new(open_sqlite(&cli, SchemaMode::Migrate).await?);
                     outbox::outbox_command(&c, cmd, cli.json).await
+                }
+            }
+        }
+        Command::Serve(args) => match backend {
+            Backend::Postgres => serve::serve(open_pg(&cli, SchemaMode::Check).await?, args).await,
+            Backend::Sqlite => {
+                serve::serve(open_sqlite(&cli, SchemaMode::Migrate).await?, args).await
+            }
+        },
+        Command::Tokens(cmd) => {
+            serve::validate(cmd)?;
+            match backend {
+                Backend::Postgres => {
+                    serve::tokens_command(&open_pg(&cli, SchemaMode::Check).await?, cmd, cli.json)
+                        .await
+                }
+                Backend::Sqlite => {
+                    serve::tokens_command(
+                        &open_sqlite(&cli, SchemaMode::Migrate).await?,
+                        cmd,
+                        cli.json,
+                    )
+                    .await
                 }
             }
         }

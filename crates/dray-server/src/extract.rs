@@ -56,7 +56,15 @@ fn source_text(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(next) = inner.source() {
         inner = next;
     }
-    dray_core::error::excerpt(&inner.to_string())
+    let text = inner.to_string();
+    if text.len() <= 400 {
+        return text;
+    }
+    let mut end = 400;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// A query string; a bad one is 400 naming the parameter.
