@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use dray::api::{ApiStore, NewToken, check_token_name, format_scopes, generate_token, parse_scopes};
 use dray::WorkflowStore;
+use dray::api::{
+    ApiStore, NewToken, check_token_name, format_scopes, generate_token, parse_scopes,
+};
 use dray_server::{App, Auth, Catalog, ServerConfig, ServerStore};
 
 use crate::{CliError, CliResult, duration, print_json};
@@ -67,7 +69,11 @@ pub fn validate(cmd: &TokensCommand) -> CliResult<()> {
     Ok(())
 }
 
-pub async fn tokens_command<S: ApiStore>(store: &S, cmd: &TokensCommand, json: bool) -> CliResult<()> {
+pub async fn tokens_command<S: ApiStore>(
+    store: &S,
+    cmd: &TokensCommand,
+    json: bool,
+) -> CliResult<()> {
     match cmd {
         TokensCommand::Create { name, scopes, ttl } => {
             let (secret, hash) = generate_token()?;
@@ -161,14 +167,24 @@ pub async fn serve<S: ServerStore + WorkflowStore>(store: S, args: &ServeArgs) -
     } else {
         None
     };
-    if !args.insecure_no_auth && store.token_list().await?.iter().all(|t| t.revoked_at.is_some()) {
+    if !args.insecure_no_auth
+        && store
+            .token_list()
+            .await?
+            .iter()
+            .all(|t| t.revoked_at.is_some())
+    {
         eprintln!(
             "note: no live token exists yet: make one with `dray tokens create NAME --scopes read,write` (or run with --insecure-no-auth on loopback)"
         );
     }
     eprintln!(
         "dray serve: listening on http://{addr} (API under /api/v1, OpenAPI at /api/v1/openapi.json{}); Ctrl-C stops",
-        if args.worker { ", with a worker for the demo's jobs and workflows" } else { "" }
+        if args.worker {
+            ", with a worker for the demo's jobs and workflows"
+        } else {
+            ""
+        }
     );
     let app = App::new(store.clone(), config, catalog());
     let served = dray_server::serve_on(listener, app, stop_signal()).await;
