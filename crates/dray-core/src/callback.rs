@@ -12,8 +12,11 @@
 //! Verify it with [`verify`]; reject old timestamps to stop replays; dedup on (job id, state)
 //! since a delivery can arrive more than once (at-least-once, like everything else).
 //!
-//! Only `http://` URLs are supported in this build (terminate TLS at a local proxy or
-//! sidecar); an `https://` URL is refused at enqueue time, never silently dropped.
+//! `https://` URLs are sent over TLS with the system's root certificates (a certificate that
+//! does not check out fails the try, which is retried); `http://` URLs in the clear. Redirects
+//! are not followed: a 3xx answer is a failed try, so a callback never lands where its URL does
+//! not say. The requests go through `reqwest` (hyper and rustls), the same HTTP stack as
+//! `dray serve`.
 
 use std::time::Duration;
 
@@ -21,7 +24,6 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -36,12 +38,14 @@ pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
-/// A parsed `http://host[:port]/path` callback URL.
+/// A parsed `http[s]://host[:port]/path` callback URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
+    /// True for `https://` (sent over TLS, certificate checked).
+    pub tls: bool,
     /// Host name or address.
     pub host: String,
-    /// Port (80 by default).
+    /// Port (80 for http, 443 for https by default).
     pub port: u16,
     /// Path and query, starting with `/`.
     pub path: String,
@@ -59,14 +63,13 @@ impl Endpoint {
         if url.len() > MAX_URL_LEN {
             return Err(bad("is longer than 2048 bytes"));
         }
-        if url.starts_with("https://") {
-            return Err(bad(
-                "uses https, which this build cannot send; use http:// to a local TLS-terminating proxy",
-            ));
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| bad("is not an http:// URL"))?;
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("is not an http:// or https:// URL"));
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -80,7 +83,7 @@ impl Endpoint {
             Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
                 (h, p.parse::<u16>().map_err(|_| bad("has an invalid port"))?)
             }
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad("has no valid host"));
@@ -89,6 +92,7 @@ impl Endpoint {
             return Err(bad("has spaces or control characters in its path"));
         }
         Ok(Endpoint {
+            tls,
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
@@ -194,63 +198,52 @@ pub fn verify(
         .map_err(|_| bad("signature does not match"))
 }
 
-/// POSTs `body` to `endpoint` and returns the status code. HTTP/1.1, one request per
-/// connection, at most [`TRY_TIMEOUT`] in all.
+/// The HTTP client of callbacks: no redirects, [`TRY_TIMEOUT`] per try, the system's root
+/// certificates for `https://`.
+fn http() -> std::result::Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<std::result::Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(TRY_TIMEOUT)
+                .user_agent(concat!("dray/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| format!("cannot set up the HTTP client: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// POSTs `body` (JSON) to `url` with `headers` and returns the status code; at most
+/// [`TRY_TIMEOUT`] in all. A redirect is returned as its 3xx status, not followed.
 pub async fn post(
-    endpoint: &Endpoint,
+    url: &str,
     headers: &[(&str, String)],
-    body: &[u8],
+    body: Vec<u8>,
 ) -> std::result::Result<u16, String> {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| format!("connect to {}:{}: {e}", endpoint.host, endpoint.port))?;
-        let mut req = format!(
-            "POST {} HTTP/1.1\r\nHost: {}:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: dray\r\n",
-            endpoint.path,
-            endpoint.host,
-            endpoint.port,
-            body.len()
-        );
-        for (name, value) in headers {
-            req.push_str(&format!("{name}: {value}\r\n"));
-        }
-        req.push_str("\r\n");
-        stream
-            .write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        stream
-            .write_all(body)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        // Only the status line matters: read until its end.
-        let mut head = Vec::with_capacity(64);
-        let mut buf = [0u8; 256];
-        while !head.contains(&b'\n') && head.len() < 8192 {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                break;
+    Endpoint::parse(url).map_err(|e| e.to_string())?;
+    let mut req = http()?
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
+    for (name, value) in headers {
+        req = req.header(*name, value);
+    }
+    match req.send().await {
+        Ok(r) => Ok(r.status().as_u16()),
+        Err(e) => {
+            // The chain names the cause: refused, a certificate that does not check out, …
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
             }
-            head.extend_from_slice(&buf[..n]);
+            Err(why)
         }
-        let line = String::from_utf8_lossy(&head);
-        let line = line.lines().next().unwrap_or_default();
-        let mut parts = line.split_whitespace();
-        match (
-            parts.next(),
-            parts.next().and_then(|c| c.parse::<u16>().ok()),
-        ) {
-            (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
-            _ => Err(format!("not an HTTP response: {line:?}")),
-        }
-    };
-    tokio::time::timeout(TRY_TIMEOUT, attempt)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {TRY_TIMEOUT:?}")))
+    }
 }
 
 /// The delay before try `attempts + 1`.
@@ -270,10 +263,6 @@ pub async fn deliver(secret: &[u8], job: &Message) -> crate::CallbackSettle {
         after: retry_delay(cb.attempts),
         error,
     };
-    let endpoint = match Endpoint::parse(&cb.url) {
-        Ok(e) => e,
-        Err(e) => return retry(e.to_string()),
-    };
     let body = match serde_json::to_vec(&CallbackBody::from(job)) {
         Ok(b) => b,
         Err(e) => return retry(format!("cannot serialize the outcome: {e}")),
@@ -286,7 +275,7 @@ pub async fn deliver(secret: &[u8], job: &Message) -> crate::CallbackSettle {
             sign(secret, Utc::now().timestamp(), &body),
         ),
     ];
-    match post(&endpoint, &headers, &body).await {
+    match post(&cb.url, &headers, body).await {
         Ok(code) if (200..300).contains(&code) => crate::CallbackSettle::Delivered,
         Ok(code) => retry(format!("the endpoint answered {code}")),
         Err(e) => retry(e),
@@ -305,9 +294,10 @@ mod tests {
             ("127.0.0.1", 8080, "/hooks/dray?x=1")
         );
         let e = Endpoint::parse("http://example.com").unwrap();
-        assert_eq!((e.port, e.path.as_str()), (80, "/"));
+        assert_eq!((e.tls, e.port, e.path.as_str()), (false, 80, "/"));
+        let e = Endpoint::parse("https://example.com/hook").unwrap();
+        assert_eq!((e.tls, e.port, e.path.as_str()), (true, 443, "/hook"));
         for bad in [
-            "https://a/b",
             "ftp://a",
             "http://",
             "http://a:99999/",
@@ -336,6 +326,126 @@ mod tests {
         );
         assert!(verify(b"secret", &h, body, 1_700_009_999, Duration::from_secs(300)).is_err());
         assert!(verify(b"secret", "t=x", body, 0, Duration::from_secs(1)).is_err());
+    }
+
+    /// A one-shot HTTP server on loopback answering every request with `answer`; counts hits.
+    async fn answering(
+        answer: &'static str,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        (format!("127.0.0.1:{}", addr.port()), hits)
+    }
+
+    #[tokio::test]
+    async fn redirects_are_answers_not_followed() {
+        let (target, target_hits) = answering("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+        let redirect: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 302 Found\r\nlocation: http://{target}/\r\ncontent-length: 0\r\n\r\n"
+            )
+            .into_boxed_str(),
+        );
+        let (from, _) = answering(redirect).await;
+        let code = post(&format!("http://{from}/hook"), &[], b"{}".to_vec()).await;
+        assert_eq!(code, Ok(302));
+        assert_eq!(target_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let code = post(&format!("http://{target}/hook"), &[], b"{}".to_vec()).await;
+        assert_eq!(code, Ok(200));
+    }
+
+    #[tokio::test]
+    async fn https_checks_the_certificate() {
+        // A real TLS server (openssl s_server) with a self-signed certificate: the try fails
+        // on the certificate, it is not sent in the clear nor trusted blindly.
+        let dir = tempfile_dir();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = tokio::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(port.to_string())
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openssl s_server came up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let err = post(
+            &format!("https://127.0.0.1:{port}/hook"),
+            &[],
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+        // The same server over plain http: not an HTTP answer, an error, never a success.
+        let plain = post(
+            &format!("http://127.0.0.1:{port}/hook"),
+            &[],
+            b"{}".to_vec(),
+        )
+        .await;
+        assert!(plain.is_err() || plain.is_ok_and(|c| !(200..300).contains(&c)));
+        let _ = server.kill().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dray-tls-{}", Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -972,7 +972,7 @@ pub async fn http_callbacks_fire_once_per_terminal_state<F: Fixture>(_fx: Arc<F>
     w.shutdown().await.unwrap();
 
     // Bad URLs are refused at enqueue.
-    for bad in ["https://example.com/x", "ftp://x", "http://"] {
+    for bad in ["https://u:p@example.com/x", "ftp://x", "http://"] {
         let err = client
             .enqueue_with_callback_url::<Flaky>(
                 &FlakyIn {
