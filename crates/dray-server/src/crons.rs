@@ -127,7 +127,7 @@ pub async fn resume<S: ServerStore>(
 /// Runs a schedule's target now, outside its schedule.
 #[utoipa::path(post, path = "/api/v1/crons/{name}/trigger", tag = "crons",
     params(("name" = String, Path, description = "Schedule"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe")),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe", pattern = "^[!-~]{1,255}$")),
     responses((status = 201, description = "Started", body = Triggered), WriteErrors))]
 pub async fn trigger<S: ServerStore>(
     State(app): State<App<S>>,

@@ -36,6 +36,18 @@ use crate::jobs::JobResult;
 use crate::workflows::RunResult;
 use crate::{App, ServerStore};
 
+/// One server-sent event, as the OpenAPI document describes the stream's items: `event`
+/// names it, `id` is the fingerprint to resume from, `data` is its JSON.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SseEvent {
+    /// `status`, `step`, `end`, `error`, `queues` or `queue`.
+    pub event: String,
+    /// Send back as `Last-Event-ID` to resume.
+    pub id: String,
+    /// The event's JSON, as text.
+    pub data: String,
+}
+
 /// What the hub last read of a followed thing.
 #[derive(Clone, Debug, PartialEq)]
 enum Snap<T> {
@@ -256,7 +268,7 @@ where
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "events",
     params(("id" = Uuid, Path, description = "Job id"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
-    responses((status = 200, description = "text/event-stream of `status` events, then one `end`", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "text/event-stream of `status` events, then one `end`", content_type = "text/event-stream", body = SseEvent),
         crate::openapi::ReadErrors))]
 pub async fn job_events<S: ServerStore>(
     State(app): State<App<S>>,
@@ -312,7 +324,7 @@ struct RunStatusEvent<'a> {
 #[utoipa::path(get, path = "/api/v1/workflows/{run}/events", tag = "events",
     params(("run" = Uuid, Path, description = "Run id"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
-    responses((status = 200, description = "text/event-stream of `status` and `step` events, then one `end`", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "text/event-stream of `status` and `step` events, then one `end`", content_type = "text/event-stream", body = SseEvent),
         crate::openapi::ReadErrors))]
 pub async fn run_events<S: ServerStore>(
     State(app): State<App<S>>,
@@ -384,7 +396,7 @@ pub async fn run_events<S: ServerStore>(
 /// event for each queue whose counts change. It does not end.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
     params(("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
-    responses((status = 200, description = "text/event-stream of `queues` and `queue` events", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "text/event-stream of `queues` and `queue` events", content_type = "text/event-stream", body = SseEvent),
         crate::openapi::ReadErrors))]
 pub async fn all_events<S: ServerStore>(
     State(app): State<App<S>>,

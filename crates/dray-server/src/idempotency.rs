@@ -1,8 +1,8 @@
 //! `Idempotency-Key` on POSTs: the first request with a key runs and its answer is kept (for
 //! [`crate::ServerConfig::idempotency_retention`]); a retry with the same key and the same
 //! request gets that answer again (with `Idempotent-Replayed: true`) and changes nothing. The
-//! same key with another request is 422; a retry while the first is still running is 409.
-//! Keys are scoped by token. Answers of 5xx are not kept, so such a request can be retried.
+//! same key with another body is 422; a retry while the first is still running is 409.
+//! Keys are scoped by token and route. Answers of 5xx are not kept, so such a request can be retried.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -68,6 +68,8 @@ async fn run<S: ServerStore>(
         .get::<Caller>()
         .map_or_else(|| "anonymous".to_owned(), Caller::scope);
     let (parts, body) = req.into_parts();
+    // Keys are per token and per route: the same key on another route is another request.
+    let scope = format!("{scope} {} {}", parts.method, parts.uri.path());
     let bytes = axum::body::to_bytes(body, app.config().body_limit)
         .await
         .map_err(|_| {
@@ -77,13 +79,7 @@ async fn run<S: ServerStore>(
                 "the body is larger than the server accepts",
             )
         })?;
-    let mut h = Sha256::new();
-    h.update(parts.method.as_str().as_bytes());
-    h.update(b" ");
-    h.update(parts.uri.path().as_bytes());
-    h.update(b"\n");
-    h.update(&bytes);
-    let fingerprint = format!("{:x}", h.finalize());
+    let fingerprint = format!("{:x}", Sha256::digest(&bytes));
     match app
         .store()
         .idempotency_begin(&scope, &key, &fingerprint)
@@ -106,7 +102,7 @@ async fn run<S: ServerStore>(
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "idempotency_key_reused",
-                    "this Idempotency-Key was used with another request (method, path or body differ); use a new key for a new request",
+                    "this Idempotency-Key was used on this route with another body; use a new key for a new request",
                 ));
             }
             return Ok(replay(status, body));

@@ -27,18 +27,22 @@ use crate::{App, ServerStore};
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
     /// The job's kind (its name): what a worker's handler is registered under.
+    #[schema(min_length = 1, max_length = 255)]
     pub kind: String,
     /// The job's input, any JSON (default null).
     #[serde(default)]
     pub input: Value,
     /// Queue (default: the known job's queue, else `default`).
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
     pub queue: Option<String>,
     /// Dedup key: while a job of this queue with the key is unfinished, enqueueing another
     /// answers that one's id with `duplicate: true`.
+    #[schema(min_length = 1, max_length = 1024)]
     pub key: Option<String>,
     /// Priority, higher first (default: the known job's, else 0).
     pub priority: Option<i16>,
     /// Run no sooner than this many seconds from now (database clock).
+    #[schema(minimum = 0, maximum = 3153600000_u64)]
     pub delay_secs: Option<f64>,
     /// Run no sooner than this time (exclusive with `delay_secs`).
     pub not_before: Option<DateTime<Utc>>,
@@ -46,6 +50,7 @@ pub struct EnqueueRequest {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Attempts before it is dead (default: the known job's retry policy, else 25).
+    #[schema(minimum = 1)]
     pub max_attempts: Option<i32>,
     /// URL that receives a signed POST of the outcome when the job finishes.
     pub callback_url: Option<String>,
@@ -95,10 +100,13 @@ pub struct JobPage {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this queue.
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
     pub queue: Option<String>,
     /// Only this kind.
+    #[param(min_length = 1, max_length = 255)]
     pub kind: Option<String>,
     /// Only this state: scheduled, available, running, retryable, completed, dead, cancelled.
+    #[param(pattern = "^(scheduled|available|running|retryable|completed|dead|cancelled)$")]
     pub state: Option<String>,
     /// At most this many (1 to 1000, default 50).
     #[param(minimum = 1, maximum = 1000)]
@@ -112,7 +120,7 @@ pub struct ListQuery {
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Longest wait in seconds (default and most: the server's max wait, 30 s unless set).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, maximum = 3153600000_u64)]
     pub timeout_secs: Option<f64>,
 }
 
@@ -126,7 +134,7 @@ pub(crate) fn location(path: String) -> HeaderValue {
 
 /// Enqueue a job.
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", request_body = EnqueueRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe: the same key answers the first request's answer")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe: the same key answers the first request's answer", pattern = "^[!-~]{1,255}$")),
     responses(
         (status = 201, description = "Enqueued", body = Enqueued),
         (status = 200, description = "A job with this key is unfinished: its id, duplicate = true", body = Enqueued),
@@ -283,6 +291,12 @@ pub async fn list<S: ServerStore>(
             "limit",
             format!("limit must be 1 to 1000, got {limit}"),
         ));
+    }
+    if q.kind
+        .as_deref()
+        .is_some_and(|k| k.is_empty() || k.len() > 255)
+    {
+        return Err(ApiError::field("kind", "kind must be 1 to 255 bytes"));
     }
     let filter = JobFilter {
         queue: q.queue.map(QueueName::new).transpose()?,

@@ -302,7 +302,7 @@ pub fn router<S: ServerStore>(app: App<S>) -> Router {
 }
 
 /// `GET /healthz`: the process is up (no database access).
-#[utoipa::path(get, path = "/healthz", tag = "health",
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
     responses((status = 200, description = "The process is serving", body = Health)))]
 async fn health() -> axum::Json<Health> {
     axum::Json(Health {
@@ -321,7 +321,7 @@ pub struct Health {
 }
 
 /// `GET /readyz`: the database answers and its schema is the one this build needs.
-#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()), responses(
     (status = 200, description = "Ready: the database answers and the schema is current", body = Health),
     (status = 503, description = "Not ready", body = Problem, content_type = "application/problem+json")))]
 async fn ready<S: ServerStore>(

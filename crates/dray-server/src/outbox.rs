@@ -30,6 +30,7 @@ pub struct Requeued {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this status: pending, processing, published, failed.
+    #[param(pattern = "^(pending|processing|published|failed)$")]
     pub status: Option<String>,
     /// At most this many (1 to 1000, default 50).
     #[param(minimum = 1, maximum = 1000)]
@@ -38,7 +39,7 @@ pub struct ListQuery {
 
 /// An outbox's events counted by status.
 #[utoipa::path(get, path = "/api/v1/outbox/{outbox}/stats", tag = "outbox",
-    params(("outbox" = String, Path, description = "Outbox")),
+    params(("outbox" = String, Path, description = "Outbox", pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, description = "The counts", body = OutboxStats), ReadErrors))]
 pub async fn stats<S: ServerStore>(
     State(app): State<App<S>>,
@@ -49,7 +50,7 @@ pub async fn stats<S: ServerStore>(
 
 /// An outbox's events, newest first.
 #[utoipa::path(get, path = "/api/v1/outbox/{outbox}/events", tag = "outbox",
-    params(("outbox" = String, Path, description = "Outbox"), ListQuery),
+    params(("outbox" = String, Path, description = "Outbox", pattern = "^[A-Za-z0-9_.:-]{1,128}$"), ListQuery),
     responses((status = 200, description = "The events", body = EventList), ReadErrors))]
 pub async fn list<S: ServerStore>(
     State(app): State<App<S>>,
@@ -75,7 +76,7 @@ pub async fn list<S: ServerStore>(
 
 /// Puts an outbox's failed events back to pending, with fresh attempts.
 #[utoipa::path(post, path = "/api/v1/outbox/{outbox}/requeue-failed", tag = "outbox",
-    params(("outbox" = String, Path, description = "Outbox")),
+    params(("outbox" = String, Path, description = "Outbox", pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, description = "Requeued", body = Requeued), WriteErrors))]
 pub async fn requeue_failed<S: ServerStore>(
     State(app): State<App<S>>,

@@ -30,7 +30,7 @@ pub async fn list<S: ServerStore>(State(app): State<App<S>>) -> ApiResult<Json<Q
 
 /// One queue's jobs counted by state (all zero for a queue that has none).
 #[utoipa::path(get, path = "/api/v1/queues/{queue}", tag = "queues",
-    params(("queue" = String, Path, description = "Queue")),
+    params(("queue" = String, Path, description = "Queue", pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, description = "The queue's counts", body = QueueCounts), ReadErrors))]
 pub async fn stats<S: ServerStore>(
     State(app): State<App<S>>,

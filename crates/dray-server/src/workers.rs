@@ -29,12 +29,15 @@ use crate::{App, ServerStore};
 #[serde(deny_unknown_fields)]
 pub struct ClaimRequest {
     /// Most jobs to lease (1 to 1000, default 1).
+    #[schema(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Lease length in seconds (default 30): heartbeat before it ends, or the job is taken
     /// back and run again.
+    #[schema(minimum = 1, maximum = 3153600000_u64)]
     pub lease_secs: Option<f64>,
     /// Long-poll: wait up to this many seconds for a first job (default 0; at most the
     /// server's max wait).
+    #[schema(minimum = 0, maximum = 3153600000_u64)]
     pub wait_secs: Option<f64>,
 }
 
@@ -51,8 +54,10 @@ pub struct Claimed {
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The attempt the lease is for (the claimed job's `attempt`).
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// New lease length from now, in seconds (default 30).
+    #[schema(minimum = 1, maximum = 3153600000_u64)]
     pub lease_secs: Option<f64>,
     /// Progress, 0 to 100.
     #[schema(minimum = 0, maximum = 100)]
@@ -73,6 +78,7 @@ pub struct Heartbeat {
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// The attempt that finished.
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// The job's output, any JSON (default null).
     #[serde(default)]
@@ -84,6 +90,7 @@ pub struct CompleteRequest {
 #[serde(deny_unknown_fields)]
 pub struct FailRequest {
     /// The attempt that failed.
+    #[schema(minimum = 1)]
     pub attempt: i32,
     /// What went wrong (recorded in the job's errors).
     pub error: String,
@@ -91,6 +98,7 @@ pub struct FailRequest {
     #[serde(default)]
     pub permanent: bool,
     /// Retry after this many seconds (default: exponential backoff from 1 s, jittered).
+    #[schema(minimum = 0, maximum = 3153600000_u64)]
     pub retry_in_secs: Option<f64>,
 }
 
@@ -143,7 +151,7 @@ fn lease_of(id: Uuid, attempt: i32) -> ApiResult<LeaseRef> {
 
 /// Lease a batch of the queue's due jobs, waiting up to `wait_secs` for a first one.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/claim", tag = "workers",
-    params(("queue" = String, Path, description = "Queue")),
+    params(("queue" = String, Path, description = "Queue", pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     request_body = ClaimRequest,
     responses((status = 200, description = "The leased jobs (none when the wait ran out)", body = Claimed), WorkerErrors))]
 pub async fn claim<S: ServerStore>(
@@ -191,7 +199,7 @@ pub async fn claim<S: ServerStore>(
 
 /// Extend a running job's lease, and record its progress.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/jobs/{id}/heartbeat", tag = "workers",
-    params(("queue" = String, Path, description = "Queue"), ("id" = Uuid, Path, description = "Job id")),
+    params(("queue" = String, Path, description = "Queue", pattern = "^[A-Za-z0-9_.:-]{1,128}$"), ("id" = Uuid, Path, description = "Job id")),
     request_body = HeartbeatRequest,
     responses((status = 200, description = "The lease is extended", body = Heartbeat), WorkerErrors))]
 pub async fn heartbeat<S: ServerStore>(
@@ -241,7 +249,7 @@ pub async fn heartbeat<S: ServerStore>(
 
 /// Complete a running job with its result.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/jobs/{id}/complete", tag = "workers",
-    params(("queue" = String, Path, description = "Queue"), ("id" = Uuid, Path, description = "Job id")),
+    params(("queue" = String, Path, description = "Queue", pattern = "^[A-Za-z0-9_.:-]{1,128}$"), ("id" = Uuid, Path, description = "Job id")),
     request_body = CompleteRequest,
     responses((status = 200, description = "Recorded as completed", body = Applied), WorkerErrors))]
 pub async fn complete<S: ServerStore>(
@@ -267,7 +275,7 @@ pub async fn complete<S: ServerStore>(
 
 /// Fail a running job's attempt: retried later, or dead when permanent or out of attempts.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/jobs/{id}/fail", tag = "workers",
-    params(("queue" = String, Path, description = "Queue"), ("id" = Uuid, Path, description = "Job id")),
+    params(("queue" = String, Path, description = "Queue", pattern = "^[A-Za-z0-9_.:-]{1,128}$"), ("id" = Uuid, Path, description = "Job id")),
     request_body = FailRequest,
     responses((status = 200, description = "Recorded", body = Failed), WorkerErrors))]
 pub async fn fail<S: ServerStore>(

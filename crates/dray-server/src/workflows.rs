@@ -113,9 +113,13 @@ pub struct RunPage {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this workflow.
+    #[param(min_length = 1)]
     pub name: Option<String>,
     /// Only this status (queued, running, sleeping, waiting, completed, failed, cancelled,
     /// timed_out, compensating, compensated).
+    #[param(
+        pattern = "^(queued|running|sleeping|waiting|completed|failed|cancelled|timed_out|compensating|compensated)$"
+    )]
     pub status: Option<String>,
     /// At most this many (1 to 1000, default 50).
     #[param(minimum = 1, maximum = 1000)]
@@ -126,7 +130,7 @@ pub struct ListQuery {
 
 /// Start a run of a workflow the server knows.
 #[utoipa::path(post, path = "/api/v1/workflows", tag = "workflows", request_body = StartRequest,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe", pattern = "^[!-~]{1,255}$")),
     responses(
         (status = 201, description = "Started", body = Started),
         (status = 200, description = "The workflow id was taken: that run", body = Started),
@@ -219,7 +223,7 @@ pub async fn query<S: ServerStore>(
 /// Sends a signal to a run.
 #[utoipa::path(post, path = "/api/v1/workflows/{run}/signals", tag = "workflows",
     params(("run" = Uuid, Path, description = "Run id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe")),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried POST safe", pattern = "^[!-~]{1,255}$")),
     request_body = SignalRequest,
     responses((status = 201, description = "Delivered", body = Signalled), WriteErrors))]
 pub async fn signal<S: ServerStore>(
@@ -269,6 +273,9 @@ pub async fn list<S: ServerStore>(
             "limit",
             format!("limit must be 1 to 1000, got {limit}"),
         ));
+    }
+    if q.name.as_deref().is_some_and(str::is_empty) {
+        return Err(ApiError::field("name", "name must not be empty"));
     }
     let filter = RunFilter {
         name: q.name,
