@@ -61,12 +61,13 @@ pub async fn run(cli: &Cli, args: &DemoArgs) -> CliResult<()> {
     }
 }
 
-async fn tour<S: dray::CronStore + dray::OutboxStore>(store: S) -> CliResult<()> {
+async fn tour<S: dray_server::ServerStore>(store: S) -> CliResult<()> {
     queue_section(store.clone()).await?;
     jobs_section(store.clone()).await?;
     workflows_section(store.clone()).await?;
     crons_section(store.clone()).await?;
-    outbox_section(store).await?;
+    outbox_section(store.clone()).await?;
+    http_section(store).await?;
     out!("\nAll demo checks passed.");
     Ok(())
 }
@@ -817,4 +818,195 @@ pub(crate) fn serve_worker<S: WorkflowStore>(store: S) -> CliResult<dray::Worker
         .register_workflow(BookTripWorkflow)
         .queue("demo-jobs", 4)?
         .start()?)
+}
+
+fn http_err(e: reqwest::Error) -> CliError {
+    CliError::Demo(format!("HTTP request to the demo server failed: {e}"))
+}
+
+/// One call to the demo server: status and JSON body.
+async fn call(req: reqwest::RequestBuilder) -> CliResult<(u16, serde_json::Value)> {
+    let r = req.send().await.map_err(http_err)?;
+    let status = r.status().as_u16();
+    let body = r.json().await.map_err(http_err)?;
+    Ok((status, body))
+}
+
+async fn http_section<S: dray_server::ServerStore>(store: S) -> CliResult<()> {
+    use dray::api::{NewToken, Scope, generate_token};
+    out!("\n== The HTTP API: dray serve, a token, live progress over SSE, a worker over HTTP");
+    let (secret, hash) = generate_token()?;
+    store
+        .token_insert(&NewToken {
+            id: uuid::Uuid::now_v7(),
+            name: format!("demo-{}", &uuid::Uuid::now_v7().simple().to_string()[20..]),
+            scopes: vec![Scope::Admin],
+            hash,
+            ttl: Some(Duration::from_secs(600)),
+        })
+        .await?;
+    let config = dray_server::ServerConfig {
+        addr: "127.0.0.1:0"
+            .parse()
+            .map_err(|e| CliError::Demo(format!("{e}")))?,
+        event_tick: Duration::from_millis(50),
+        ..dray_server::ServerConfig::default()
+    };
+    let listener = dray_server::bind(&config)
+        .await
+        .map_err(|e| CliError::Demo(format!("cannot listen on loopback: {e}")))?;
+    let base = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .map_err(|e| CliError::Demo(e.to_string()))?
+    );
+    let app = dray_server::App::new(store.clone(), config, catalog(dray_server::Catalog::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(dray_server::serve_on(listener, app, async move {
+        let _ = stopped.await;
+    }));
+    let worker = serve_worker(store.clone())?;
+    out!("  serving {base}/api/v1 with a token of scope admin");
+    let http = reqwest::Client::new();
+
+    let (status, e) = call(
+        http.post(format!("{base}/api/v1/jobs"))
+            .bearer_auth(&secret)
+            .header("Idempotency-Key", "demo-export-1")
+            .json(&json!({"kind": "export_users", "input": {"format": "json", "users": 300}})),
+    )
+    .await?;
+    check(status == 201, "POST /api/v1/jobs answers 201")?;
+    let id = e["id"].as_str().unwrap_or_default().to_owned();
+    out!("  POST /api/v1/jobs → 201, job {id}");
+    let (status, again) = call(
+        http.post(format!("{base}/api/v1/jobs"))
+            .bearer_auth(&secret)
+            .header("Idempotency-Key", "demo-export-1")
+            .json(&json!({"kind": "export_users", "input": {"format": "json", "users": 300}})),
+    )
+    .await?;
+    check(
+        status == 201 && again == e,
+        "a retried POST with its Idempotency-Key answers the same job",
+    )?;
+    out!("  the same POST again with its Idempotency-Key → the same job, nothing new enqueued");
+
+    // Follow its progress over server-sent events, to the end.
+    let mut stream = http
+        .get(format!("{base}/api/v1/jobs/{id}/events"))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .map_err(http_err)?
+        .bytes_stream();
+    let mut buf = String::new();
+    let mut ended = None;
+    let follow = async {
+        while let Some(chunk) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk.map_err(http_err)?));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let event = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("event: "))
+                    .unwrap_or("");
+                let data: serde_json::Value = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or_default();
+                match event {
+                    "status" => {
+                        if let Some(p) = data["progress"].as_u64() {
+                            out!(
+                                "  SSE status: {} {}",
+                                bar(p as u8),
+                                data["message"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                    "end" => ended = Some(data),
+                    _ => {}
+                }
+            }
+        }
+        Ok::<(), CliError>(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), follow)
+        .await
+        .map_err(|_| CliError::Demo("the job's event stream did not end within 30 s".into()))??;
+    let ended = ended.unwrap_or_default();
+    check(
+        ended["state"] == "completed",
+        "the SSE stream ends with the completed job",
+    )?;
+    out!(
+        "  SSE end: {} with result {}",
+        ended["state"],
+        ended["result"]
+    );
+
+    // A worker in any language: claim over HTTP, complete; a late write is fenced off.
+    call(
+        http.post(format!("{base}/api/v1/jobs"))
+            .bearer_auth(&secret)
+            .json(&json!({"kind": "py.thumbnail", "queue": "http-demo", "input": {"image": "cat.png"}})),
+    )
+    .await?;
+    let (_, claimed) = call(
+        http.post(format!("{base}/api/v1/queues/http-demo/claim"))
+            .bearer_auth(&secret)
+            .json(&json!({"limit": 1, "lease_secs": 30, "wait_secs": 5})),
+    )
+    .await?;
+    let job = &claimed["jobs"][0];
+    let jid = job["id"].as_str().unwrap_or_default().to_owned();
+    out!(
+        "  an HTTP worker claimed {} (kind {}, attempt {})",
+        jid,
+        job["kind"],
+        job["attempt"]
+    );
+    let done = format!("{base}/api/v1/queues/http-demo/jobs/{jid}/complete");
+    let (s1, _) = call(
+        http.post(&done)
+            .bearer_auth(&secret)
+            .json(&json!({"attempt": 1, "result": {"thumb": "cat-64.png"}})),
+    )
+    .await?;
+    let (s2, p) = call(
+        http.post(&done)
+            .bearer_auth(&secret)
+            .json(&json!({"attempt": 1, "result": "again"})),
+    )
+    .await?;
+    check(
+        s1 == 200 && s2 == 409,
+        "completing twice: 200, then 409 lease_lost",
+    )?;
+    out!(
+        "  complete → 200; the same write again → {s2} {}",
+        p["code"]
+    );
+    let (s, p) = call(
+        http.get(format!("{base}/api/v1/jobs"))
+            .bearer_auth("dray_not_a_token"),
+    )
+    .await?;
+    check(s == 401, "an unknown token is refused")?;
+    out!(
+        "  a request with an unknown token → {s} {} (problem+json)",
+        p["code"]
+    );
+
+    let _ = stop.send(());
+    server
+        .await
+        .map_err(|e| CliError::Demo(format!("the demo server task failed: {e}")))?
+        .map_err(|e| CliError::Demo(format!("the demo server failed: {e}")))?;
+    worker.shutdown().await?;
+    out!("  server shut down gracefully; `dray serve` runs the same API (docs/http.md)");
+    Ok(())
 }

@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Guides: [`guide::queue`], [`guide::jobs`], [`guide::workflows`], [`guide::crons`],
-//! [`guide::outbox`], [`guide::guarantees`], [`guide::coming_from`].
+//! [`guide::outbox`], [`guide::http`], [`guide::guarantees`], [`guide::coming_from`].
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +38,10 @@ pub use dray_macros::{cron, job, workflow};
 /// Outbox relays to external brokers (features `redis`, `rabbitmq`, `nats`).
 #[cfg(any(feature = "redis", feature = "rabbitmq", feature = "nats"))]
 pub use dray_brokers as brokers;
+
+/// The HTTP API (`dray serve`): a `Router` to mount in an axum application (feature `server`).
+#[cfg(feature = "server")]
+pub use dray_server as server;
 
 #[cfg(feature = "postgres")]
 pub use dray_postgres::{self as postgres, PgStore, PgStoreBuilder};
@@ -58,6 +62,8 @@ pub mod guide {
     pub mod crons {}
     #[doc = include_str!("../../../docs/outbox.md")]
     pub mod outbox {}
+    #[doc = include_str!("../../../docs/http.md")]
+    pub mod http {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]
