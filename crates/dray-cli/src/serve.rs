@@ -188,10 +188,10 @@ pub async fn serve<S: ServerStore + WorkflowStore>(store: S, args: &ServeArgs) -
     );
     let app = App::new(store.clone(), config, catalog());
     let served = dray_server::serve_on(listener, app, stop_signal()).await;
-    if let Some(w) = worker {
-        if let Err(e) = w.shutdown().await {
-            eprintln!("warning: the worker did not stop cleanly: {e}");
-        }
+    if let Some(w) = worker
+        && let Err(e) = w.shutdown().await
+    {
+        eprintln!("warning: the worker did not stop cleanly: {e}");
     }
     served.map_err(|e| CliError::Serve(format!("the server failed: {e}")))
 }

@@ -23,6 +23,16 @@ type Start<S> = dyn Fn(Client<S>, Value, StartOptions) -> std::result::Result<St
     + Send
     + Sync;
 
+/// What a known job kind brings to an enqueue.
+pub(crate) struct JobDefaults {
+    /// Kind, priority and attempts.
+    pub options: EnqueueOptions,
+    /// Its queue.
+    pub queue: String,
+    /// Its unique key for this input, if it has one.
+    pub key: Option<String>,
+}
+
 struct JobEntry {
     options: JobOptions,
     prepare: Arc<Prepare>,
@@ -99,15 +109,18 @@ impl<S: ServerStore> Catalog<S> {
         &self,
         kind: &str,
         input: &Value,
-    ) -> Option<std::result::Result<(EnqueueOptions, String, Option<String>), String>> {
+    ) -> Option<std::result::Result<JobDefaults, String>> {
         let entry = self.jobs.get(kind)?;
         Some((entry.prepare)(input).map(|key| {
             let o = &entry.options;
-            let base = EnqueueOptions::new()
-                .kind(kind)
-                .priority(o.priority)
-                .max_attempts(o.retry.max_attempts);
-            (base, o.queue.clone(), key)
+            JobDefaults {
+                options: EnqueueOptions::new()
+                    .kind(kind)
+                    .priority(o.priority)
+                    .max_attempts(o.retry.max_attempts),
+                queue: o.queue.clone(),
+                key,
+            }
         }))
     }
 

@@ -147,7 +147,7 @@ pub async fn enqueue<S: ServerStore>(
         return Err(ApiError::field("kind", "kind must be 1 to 255 bytes"));
     }
     let (mut options, mut queue, key) = match app.catalog().job_defaults(&req.kind, &req.input) {
-        Some(Ok(d)) => d,
+        Some(Ok(d)) => (d.options, d.queue, d.key),
         Some(Err(why)) => {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

@@ -295,7 +295,7 @@ pub async fn fail<S: ServerStore>(
         (FailureKind::Error, FailTo::Retry(delay))
     };
     let message = cap(&req.error, MAX_ERROR_LEN);
-    let w = app.store().job_fail(lease, kind, &message, to).await?;
+    let w = app.store().job_fail(lease, kind, message, to).await?;
     if !w.applied.contains(&id) {
         return Err(lost(id, req.attempt));
     }
