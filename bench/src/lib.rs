@@ -51,6 +51,14 @@ pub enum Workload {
     /// holds back the xmin horizon, so VACUUM can remove nothing), then recovery. Pick-up
     /// latency p50/p99 per phase, and table sizes and dead rows at the end of each.
     W6,
+    /// `dray serve` in process on loopback with token auth: `n` jobs enqueued by
+    /// `POST /api/v1/jobs` from [`H1_CONNECTIONS`] concurrent keep-alive connections; jobs/s,
+    /// with the p50 and p99 of a request.
+    H1,
+    /// W2 (`n` jobs drained by a default worker) while [`H2_SUBSCRIBERS`] server-sent-event
+    /// streams follow as many of those jobs to their end; jobs/s, with the database's
+    /// transactions per second during the drain and the live-event hub's reads.
+    H2,
     /// The raw-SQL floor: claim 500 with SKIP LOCKED then complete them, 2 connections.
     Floor,
     /// A plain one-row autocommit INSERT through the same driver.
@@ -63,7 +71,7 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in report order.
-    pub const ALL: [Workload; 13] = [
+    pub const ALL: [Workload; 15] = [
         Workload::PlainInsert,
         Workload::W1Single,
         Workload::W1Batch,
@@ -77,6 +85,8 @@ impl Workload {
         Workload::W4,
         Workload::W5,
         Workload::W6,
+        Workload::H1,
+        Workload::H2,
     ];
 
     /// The name printed and accepted on the command line.
@@ -92,6 +102,8 @@ impl Workload {
             Workload::W4 => "W4",
             Workload::W5 => "W5",
             Workload::W6 => "W6",
+            Workload::H1 => "H1",
+            Workload::H2 => "H2",
             Workload::Floor => "floor",
             Workload::PlainInsert => "plain-insert",
             Workload::PacedInsert => "paced-insert",
@@ -453,6 +465,7 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
                 extra.insert("fetch_batch".into(), TUNED_FETCH_BATCH.into());
             }
             let wal_start = store.wal_position().await?;
+            let tx_start = store.transactions().await?;
             reset_peak_rss();
             let start = Instant::now();
             let handle = worker.start()?;
@@ -479,6 +492,9 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let secs = start.elapsed().as_secs_f64();
+            if let (Some(a), Some(b)) = (tx_start, store.transactions().await?) {
+                extra.insert("db_tx_per_s".into(), ((b - a) as f64 / secs).round().into());
+            }
             // Untimed: every one of them completed (not dead, not lost).
             let completed = Queue::new(store.clone()).stats(QUEUE).await?.completed;
             if completed as usize != n + history {
@@ -632,6 +648,8 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
             extra.insert("staging_secs".into(), staged.as_secs_f64().into());
             W5_EVENTS as f64 / secs
         }
+        Workload::H1 => http_enqueue(store, n, &mut extra).await?,
+        Workload::H2 => http_followed_drain(store, n, &mut extra).await?,
         Workload::W6 => {
             let producer = store.reopen(url).await?;
             let p99 = held_xmin_latency(store, &producer, cfg.phase, &mut extra).await;
@@ -1057,6 +1075,212 @@ fn percentile_ms(samples: &mut [u64], p: f64) -> f64 {
     samples.sort_unstable();
     let at = ((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1));
     samples.get(at).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+/// Concurrent connections of [`Workload::H1`].
+pub const H1_CONNECTIONS: usize = 32;
+/// Live-event subscribers of [`Workload::H2`].
+pub const H2_SUBSCRIBERS: usize = 1000;
+
+/// A `dray serve` in this process on a loopback port, with an admin token.
+async fn local_server<S: RawStore>(store: &S) -> BenchResult<(String, String, ServerHandle<S>)> {
+    use dray::api::{NewToken, Scope, generate_token};
+    let (token, hash) = generate_token()?;
+    store
+        .token_insert(&NewToken {
+            id: dray::uuid::Uuid::now_v7(),
+            name: format!("bench-{}", dray::uuid::Uuid::now_v7().simple()),
+            scopes: vec![Scope::Admin],
+            hash,
+            ttl: None,
+        })
+        .await?;
+    let config = dray_server::ServerConfig {
+        addr: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        ..dray_server::ServerConfig::default()
+    };
+    let listener = dray_server::bind(&config).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let app = dray_server::App::new(store.clone(), config, dray_server::Catalog::new());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(dray_server::serve_on(listener, app.clone(), async move {
+        let _ = stopped.await;
+    }));
+    Ok((base, token, ServerHandle { app, stop, task }))
+}
+
+struct ServerHandle<S: RawStore> {
+    app: dray_server::App<S>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl<S: RawStore> ServerHandle<S> {
+    async fn stop(self) -> BenchResult<()> {
+        let _ = self.stop.send(());
+        self.task.await.map_err(|e| format!("server task: {e}"))??;
+        Ok(())
+    }
+}
+
+async fn http_enqueue<S: RawStore>(
+    store: &S,
+    n: usize,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    let (base, token, server) = local_server(store).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(H1_CONNECTIONS)
+        .build()?;
+    let url = format!("{base}/api/v1/jobs");
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..H1_CONNECTIONS)
+        .map(|_| {
+            let (http, url, token, next) = (http.clone(), url.clone(), token.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut samples = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok::<_, String>(samples);
+                    }
+                    let t = Instant::now();
+                    let r = http
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&serde_json::json!({"kind": Noop::NAME, "queue": QUEUE, "input": {"i": i}}))
+                        .send()
+                        .await
+                        .map_err(|e| format!("H1: POST: {e}"))?;
+                    if r.status() != reqwest::StatusCode::CREATED {
+                        return Err(format!("H1: POST answered {}", r.status()));
+                    }
+                    let _ = r.bytes().await;
+                    samples.push(t.elapsed().as_micros() as u64);
+                }
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(n);
+    for t in tasks {
+        samples.extend(t.await.map_err(|e| format!("H1: {e}"))??);
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let queued = Queue::new(store.clone()).stats(QUEUE).await?.available as usize;
+    if queued != n {
+        return Err(format!("H1: {queued} of {n} jobs are queued").into());
+    }
+    extra.insert("connections".into(), H1_CONNECTIONS.into());
+    extra.insert("p50_ms".into(), percentile_ms(&mut samples, 0.50).into());
+    extra.insert("p99_ms".into(), percentile_ms(&mut samples, 0.99).into());
+    server.stop().await?;
+    Ok(rate)
+}
+
+async fn http_followed_drain<S: RawStore>(
+    store: &S,
+    n: usize,
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+) -> BenchResult<f64> {
+    use futures_util::StreamExt;
+    prefill_analyzed(store, n).await?;
+    let (base, token, server) = local_server(store).await?;
+    let followed: Vec<dray::uuid::Uuid> = Client::new(store.clone())
+        .list(&dray::JobFilter {
+            queue: Some(dray::QueueName::new(QUEUE)?),
+            limit: H2_SUBSCRIBERS.min(n) as u32,
+            ..dray::JobFilter::default()
+        })
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let http = reqwest::Client::new();
+    let ended = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for id in &followed {
+        let r = http
+            .get(format!("{base}/api/v1/jobs/{id}/events"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .map_err(|e| format!("H2: subscribe: {e}"))?;
+        let ended = ended.clone();
+        streams.push(tokio::spawn(async move {
+            let mut body = r.bytes_stream();
+            let mut seen = String::new();
+            while let Some(chunk) = body.next().await {
+                let Ok(chunk) = chunk else { break };
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+                if seen.contains("event: end") {
+                    ended.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                if seen.len() > 4096 {
+                    seen.drain(..seen.len() - 64);
+                }
+            }
+        }));
+    }
+    // Every subscriber is attached before the drain starts.
+    let deadline = Instant::now() + STALL;
+    while server.app.live_job_followers() < followed.len() {
+        if Instant::now() > deadline {
+            return Err("H2: the subscribers did not attach".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(store.clone()).register(Counted { runs: runs.clone() });
+    let reads0 = server.app.live_event_reads();
+    let tx_start = store.transactions().await?;
+    let start = Instant::now();
+    let handle = worker.start()?;
+    wait_for_count("H2", "ran", n, (Duration::from_millis(2), STALL), || {
+        runs.load(Ordering::Relaxed)
+    })
+    .await?;
+    let deadline = Instant::now() + STALL;
+    while store.any_unfinished(QUEUE).await? {
+        if Instant::now() > deadline {
+            return Err("H2: jobs were still unfinished".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if let (Some(a), Some(b)) = (tx_start, store.transactions().await?) {
+        extra.insert("db_tx_per_s".into(), ((b - a) as f64 / secs).round().into());
+    }
+    let reads = server.app.live_event_reads() - reads0;
+    // Untimed: every subscriber saw its job's end.
+    let deadline = Instant::now() + STALL;
+    while ended.load(Ordering::Relaxed) < followed.len() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "H2: {} of {} subscribers saw their job end",
+                ended.load(Ordering::Relaxed),
+                followed.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    extra.insert("subscribers".into(), followed.len().into());
+    extra.insert(
+        "subscribers_ended".into(),
+        ended.load(Ordering::Relaxed).into(),
+    );
+    extra.insert(
+        "hub_reads_per_s".into(),
+        (reads as f64 / secs).round().into(),
+    );
+    handle.shutdown().await?;
+    for s in streams {
+        let _ = s.await;
+    }
+    server.stop().await?;
+    Ok(n as f64 / secs)
 }
 
 #[cfg(test)]

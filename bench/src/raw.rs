@@ -10,7 +10,11 @@ use dray::{PgStore, SqliteStore};
 use crate::BenchResult;
 
 /// What the harness needs from a store beyond [`dray::WorkflowStore`] and [`dray::OutboxStore`].
-pub trait RawStore: dray::WorkflowStore + dray::OutboxStore {
+pub trait RawStore: dray_server::ServerStore {
+    /// Transactions the database has committed or rolled back so far, all sessions
+    /// (PostgreSQL's `pg_stat_database`); `None` on SQLite.
+    fn transactions(&self) -> impl Future<Output = BenchResult<Option<i64>>> + Send;
+
     /// The WAL position now (PostgreSQL), for WAL bytes per job.
     fn wal_position(&self) -> impl Future<Output = BenchResult<Option<String>>> + Send;
     /// Bytes of WAL between two positions.
@@ -145,6 +149,19 @@ impl RawStore for PgStore {
         Ok(any)
     }
 
+    async fn transactions(&self) -> BenchResult<Option<i64>> {
+        let mut conn = self.pool().acquire().await?;
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *conn)
+            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (xact_commit + xact_rollback)::int8 FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok(Some(n))
+    }
+
     async fn wal_position(&self) -> BenchResult<Option<String>> {
         let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
             .fetch_one(self.pool())
@@ -276,6 +293,10 @@ impl RawStore for SqliteStore {
         .fetch_one(self.pool())
         .await?;
         Ok(any)
+    }
+
+    async fn transactions(&self) -> BenchResult<Option<i64>> {
+        Ok(None)
     }
 
     async fn wal_position(&self) -> BenchResult<Option<String>> {

@@ -47,7 +47,7 @@ pub const HEAD: ClaimKey = (i32::MIN, DateTime::<Utc>::UNIX_EPOCH, Uuid::nil());
 pub const HEAD_SCAN_EVERY: Duration = Duration::from_millis(100);
 
 /// The share of the time that head scans may take: the interval between them is at least
-/// the last one's duration divided by this.
+/// the last one's duration times this (growing at most twofold per head scan).
 pub const HEAD_SCAN_SHARE: u32 = 200;
 
 /// The longest head-scan interval, however slow a head scan is.
@@ -134,7 +134,14 @@ impl ClaimCursors {
         cost: Duration,
     ) {
         let mut cursors = self.lock();
-        let head_every = (cost * HEAD_SCAN_SHARE).clamp(HEAD_SCAN_EVERY, HEAD_SCAN_MAX);
+        // The interval follows the cost, but grows at most twofold per head scan: one scan
+        // slowed by a busy machine (a scheduling delay, a checkpoint) must not push the next
+        // one HEAD_SCAN_MAX away, where a row released or enqueued by another process before
+        // the cursor would wait that long; a lasting slowdown still reaches it in a few scans.
+        let before = cursors.get(queue).map_or(HEAD_SCAN_EVERY, |c| c.head_every);
+        let head_every = (cost * HEAD_SCAN_SHARE)
+            .clamp(HEAD_SCAN_EVERY, HEAD_SCAN_MAX)
+            .min(before.saturating_mul(2));
         let cheap = match (from_head, cursors.get(queue)) {
             (true, _) => head_every <= HEAD_SCAN_EVERY,
             (false, Some(c)) => c.head_every <= HEAD_SCAN_EVERY,
@@ -345,12 +352,26 @@ mod tests {
             Some(key(0, 10, 5)),
             Duration::from_millis(10),
         );
+        // One slow scan doubles the interval at most; slow scans in a row reach their cost's
+        // share, then the ceiling.
+        assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_EVERY * 2);
+        for _ in 0..8 {
+            c.advance("q", true, false, None, Duration::from_millis(10));
+        }
         assert_eq!(
             c.lock()["q"].head_every,
             Duration::from_millis(10) * HEAD_SCAN_SHARE
         );
-        c.advance("q", true, false, None, Duration::from_secs(1));
+        for _ in 0..4 {
+            c.advance("q", true, false, None, Duration::from_secs(1));
+        }
         assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_MAX);
+        // A cheap scan brings it straight back.
+        c.advance("q", true, false, None, CHEAP);
+        assert_eq!(c.lock()["q"].head_every, HEAD_SCAN_EVERY);
+        for _ in 0..8 {
+            c.advance("q", true, false, None, Duration::from_secs(1));
+        }
         // While they are slow, an empty claim from the cursor does not retry from the head.
         c.lock().get_mut("q").unwrap().head_scan_at = Instant::now();
         let (mut round, after) = c.begin("q");

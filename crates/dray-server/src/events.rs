@@ -63,6 +63,7 @@ struct Shared<S> {
     runs: Followers<RunInfo>,
     queues: watch::Sender<Option<Vec<QueueCounts>>>,
     poke: Notify,
+    reads: std::sync::atomic::AtomicU64,
 }
 
 /// The live-event hub.
@@ -101,9 +102,15 @@ impl<S: ServerStore> Shared<S> {
             && self.queues.receiver_count() == 0
     }
 
+    fn count_read(&self) {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn refresh(&self) {
         let ids = live_ids(&self.jobs);
         if !ids.is_empty() {
+            self.count_read();
             match self.store.message_get_many(&ids).await {
                 Ok(found) => {
                     let mut found: HashMap<Uuid, Message> =
@@ -119,6 +126,7 @@ impl<S: ServerStore> Shared<S> {
             }
         }
         for run in live_ids(&self.runs) {
+            self.count_read();
             match self.store.workflow_get(run).await {
                 Ok(info) => publish(&self.runs, run, info.map_or(Snap::Missing, Snap::Found)),
                 Err(e) => {
@@ -127,6 +135,7 @@ impl<S: ServerStore> Shared<S> {
             }
         }
         if self.queues.receiver_count() > 0 {
+            self.count_read();
             match self.store.queue_list().await {
                 Ok(list) => {
                     self.queues.send_if_modified(|cur| {
@@ -156,6 +165,7 @@ impl<S: ServerStore> Hub<S> {
             runs: Mutex::new(HashMap::new()),
             queues: watch::channel(None).0,
             poke: Notify::new(),
+            reads: std::sync::atomic::AtomicU64::new(0),
         });
         let task = shared.clone();
         tokio::spawn(async move {
@@ -188,6 +198,19 @@ impl<S: ServerStore> Hub<S> {
             .subscribe();
         self.shared.poke.notify_one();
         rx
+    }
+
+    /// Database reads the hub has made for all its subscribers together.
+    pub fn reads(&self) -> u64 {
+        self.shared.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Streams following a job right now.
+    pub fn job_followers(&self) -> usize {
+        lock(&self.shared.jobs)
+            .values()
+            .map(watch::Sender::receiver_count)
+            .sum()
     }
 
     fn follow_queues(&self) -> watch::Receiver<Option<Vec<QueueCounts>>> {

@@ -175,6 +175,17 @@ impl<S: ServerStore> App<S> {
         let _ = self.inner.stop.send(true);
     }
 
+    /// Database reads the live-event hub has made so far, for every subscriber together (one
+    /// per tick for all followed jobs): what live events cost the database.
+    pub fn live_event_reads(&self) -> u64 {
+        self.inner.hub.reads()
+    }
+
+    /// Live-event streams following a job right now.
+    pub fn live_job_followers(&self) -> usize {
+        self.inner.hub.job_followers()
+    }
+
     pub(crate) fn store(&self) -> &S {
         self.inner.client.store()
     }
