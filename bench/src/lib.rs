@@ -465,7 +465,6 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
                 extra.insert("fetch_batch".into(), TUNED_FETCH_BATCH.into());
             }
             let wal_start = store.wal_position().await?;
-            let tx_start = store.transactions().await?;
             reset_peak_rss();
             let start = Instant::now();
             let handle = worker.start()?;
@@ -492,9 +491,6 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let secs = start.elapsed().as_secs_f64();
-            if let (Some(a), Some(b)) = (tx_start, store.transactions().await?) {
-                extra.insert("db_tx_per_s".into(), ((b - a) as f64 / secs).round().into());
-            }
             // Untimed: every one of them completed (not dead, not lost).
             let completed = Queue::new(store.clone()).stats(QUEUE).await?.completed;
             if completed as usize != n + history {
@@ -1183,26 +1179,79 @@ async fn http_followed_drain<S: RawStore>(
     n: usize,
     extra: &mut serde_json::Map<String, serde_json::Value>,
 ) -> BenchResult<f64> {
+    let (base, token, server) = local_server(store).await?;
+    // The same drain twice on one server: without subscribers, then with them.
+    let alone = followed_drain(store, n, &base, &token, &server, 0).await?;
+    let followed = followed_drain(store, n, &base, &token, &server, H2_SUBSCRIBERS).await?;
+    server.stop().await?;
+    extra.insert("subscribers".into(), H2_SUBSCRIBERS.into());
+    extra.insert("subscribers_ended".into(), followed.ended.into());
+    extra.insert(
+        "hub_reads_per_s".into(),
+        followed.hub_reads_per_s.round().into(),
+    );
+    extra.insert(
+        "jobs_per_s_without_subscribers".into(),
+        alone.rate.round().into(),
+    );
+    if let (Some(a), Some(b)) = (alone.tx_per_job, followed.tx_per_job) {
+        extra.insert(
+            "db_tx_per_job_without".into(),
+            ((a * 1000.0).round() / 1000.0).into(),
+        );
+        extra.insert(
+            "db_tx_per_job_with".into(),
+            ((b * 1000.0).round() / 1000.0).into(),
+        );
+    }
+    Ok(followed.rate)
+}
+
+/// What one drain of [`Workload::H2`] measured.
+struct Drained {
+    rate: f64,
+    /// Database transactions per job during the drain (PostgreSQL).
+    tx_per_job: Option<f64>,
+    hub_reads_per_s: f64,
+    ended: usize,
+}
+
+/// PostgreSQL's backends report their transaction counts when idle, at most every
+/// `PGSTAT_IDLE_INTERVAL` (10 s): a count read sooner misses the last second of work.
+const STATS_SETTLE: Duration = Duration::from_millis(10_500);
+
+async fn followed_drain<S: RawStore>(
+    store: &S,
+    n: usize,
+    base: &str,
+    token: &str,
+    server: &ServerHandle<S>,
+    subscribers: usize,
+) -> BenchResult<Drained> {
     use futures_util::StreamExt;
     prefill_analyzed(store, n).await?;
-    let (base, token, server) = local_server(store).await?;
-    let followed: Vec<dray::uuid::Uuid> = Client::new(store.clone())
-        .list(&dray::JobFilter {
-            queue: Some(dray::QueueName::new(QUEUE)?),
-            limit: H2_SUBSCRIBERS.min(n) as u32,
-            ..dray::JobFilter::default()
-        })
-        .await?
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    let followed: Vec<dray::uuid::Uuid> = if subscribers == 0 {
+        Vec::new()
+    } else {
+        Client::new(store.clone())
+            .list(&dray::JobFilter {
+                queue: Some(dray::QueueName::new(QUEUE)?),
+                state: Some(dray::MessageState::Available),
+                limit: subscribers.min(n) as u32,
+                ..dray::JobFilter::default()
+            })
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    };
     let http = reqwest::Client::new();
     let ended = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
     for id in &followed {
         let r = http
             .get(format!("{base}/api/v1/jobs/{id}/events"))
-            .bearer_auth(&token)
+            .bearer_auth(token)
             .send()
             .await
             .map_err(|e| format!("H2: subscribe: {e}"))?;
@@ -1231,10 +1280,11 @@ async fn http_followed_drain<S: RawStore>(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    tokio::time::sleep(STATS_SETTLE).await;
+    let tx_start = store.transactions().await?;
     let runs = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(store.clone()).register(Counted { runs: runs.clone() });
     let reads0 = server.app.live_event_reads();
-    let tx_start = store.transactions().await?;
     let start = Instant::now();
     let handle = worker.start()?;
     wait_for_count("H2", "ran", n, (Duration::from_millis(2), STALL), || {
@@ -1249,10 +1299,8 @@ async fn http_followed_drain<S: RawStore>(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let secs = start.elapsed().as_secs_f64();
-    if let (Some(a), Some(b)) = (tx_start, store.transactions().await?) {
-        extra.insert("db_tx_per_s".into(), ((b - a) as f64 / secs).round().into());
-    }
     let reads = server.app.live_event_reads() - reads0;
+    handle.shutdown().await?;
     // Untimed: every subscriber saw its job's end.
     let deadline = Instant::now() + STALL;
     while ended.load(Ordering::Relaxed) < followed.len() {
@@ -1266,21 +1314,20 @@ async fn http_followed_drain<S: RawStore>(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    extra.insert("subscribers".into(), followed.len().into());
-    extra.insert(
-        "subscribers_ended".into(),
-        ended.load(Ordering::Relaxed).into(),
-    );
-    extra.insert(
-        "hub_reads_per_s".into(),
-        (reads as f64 / secs).round().into(),
-    );
-    handle.shutdown().await?;
     for s in streams {
         let _ = s.await;
     }
-    server.stop().await?;
-    Ok(n as f64 / secs)
+    tokio::time::sleep(STATS_SETTLE).await;
+    let tx_per_job = match (tx_start, store.transactions().await?) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / n as f64),
+        _ => None,
+    };
+    Ok(Drained {
+        rate: n as f64 / secs,
+        tx_per_job,
+        hub_reads_per_s: reads as f64 / secs,
+        ended: ended.load(Ordering::Relaxed),
+    })
 }
 
 #[cfg(test)]
