@@ -45,7 +45,7 @@ def main(path):
         print("# " + json.dumps(m))
     print()
     print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
-    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "paced-insert", "W3", "W3-remote", "W4", "W5"]
+    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "paced-insert", "W3", "W3-remote", "W4", "W5", "H1", "H2"]
     workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: order.index(w) if w in order else 99)
     for w in workloads:
         for (wk, system, store), note in unavailable.items():
@@ -64,6 +64,12 @@ def main(path):
             p99 = [e["p99_ms"] for e in ex if "p99_ms" in e]
             if p99:
                 notes = f"p99 median {statistics.median(p99):.2f} ms"
+            with_subs = [e for e in ex if "db_tx_per_job_with" in e]
+            if with_subs:
+                e = with_subs[len(with_subs) // 2]
+                notes = (f"{e['subscribers_ended']}/{e['subscribers']} subscribers saw the end; "
+                         f"without them {e['jobs_per_s_without_subscribers']:.0f} jobs/s; db tx/job "
+                         f"{e['db_tx_per_job_without']} -> {e['db_tx_per_job_with']}; hub reads {e['hub_reads_per_s']:.0f}/s")
             d = 2 if units[w] in LOWER_IS_BETTER else 1  # latencies to the hundredth of a ms
             print(f"{w:<13} {system + ' (' + store + ')':<26} {med:>10.{d}f} {min(values):>10.{d}f}-{max(values):<10.{d}f} {units[w]:>7}  {ratio:>9}  {notes}")
     def med(w, system):

@@ -23,7 +23,7 @@ rm -f "$OUT.meta"
 echo "{\"system\":\"meta-peers\",\"node\":\"$($NODE --version)\",\"graphile-worker\":\"$(version graphile-worker)\",\"pg-boss\":\"$(version pg-boss)\",\"dbos-sdk\":\"$(version @dbos-inc/dbos-sdk)\"}" >> "$OUT"
 for rep in $(seq 1 "$REPS"); do
   echo "rep $rep/$REPS" >&2
-  for w in plain-insert W1-single W1-batch floor W2 W2-tuned paced-insert W3 W3-remote W4 W5; do
+  for w in plain-insert W1-single W1-batch floor W2 W2-tuned paced-insert W3 W3-remote W4 W5 H1 H2; do
     "$DRAY" --database "$URL" --json bench --reps 1 --n "$N" --workload "$w" | tail -n +2 >> "$OUT"
     case "$w" in
       W1-single|W1-batch|W2|W2-tuned|W3)
