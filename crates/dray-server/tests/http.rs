@@ -1276,6 +1276,82 @@ async fn readiness_is_503_when_the_schema_is_not_current() {
     s.stop().await;
 }
 
+/// A TCP proxy to PostgreSQL that can be cut: every connection through it ends, and new ones
+/// are refused.
+struct Cut {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+async fn proxy_to_postgres() -> Cut {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, watch) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let mut stop = watch.clone();
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|c| *c) => return, // the listener is dropped: refused
+            };
+            let Ok((mut client, _)) = accepted else { return };
+            let mut stop = watch.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = stop.wait_for(|c| *c) => {}
+                }
+            });
+        }
+    });
+    Cut { addr, cut }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_503_and_the_process_stays_healthy() {
+    let proxy = proxy_to_postgres().await;
+    let schema = format!("dray_h_{}", uuid::Uuid::now_v7().simple());
+    let url = format!("postgres://postgres@{}/postgres", proxy.addr);
+    let store = dray::PgStore::builder(&url)
+        .schema(&schema)
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(1))
+        .schema_mode(dray::SchemaMode::Migrate)
+        .connect()
+        .await
+        .unwrap();
+    let s = Server::start(store, |_| {}).await;
+    assert_eq!(s.get("/api/v1/queues").await.0, StatusCode::OK);
+    let _ = proxy.cut.send(true);
+    // The database is gone: reads, writes and readiness say 503 with a problem body, the
+    // process stays healthy.
+    let (st, p) = s.get("/api/v1/queues").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{p}");
+    assert!(
+        ["connect", "pool_exhausted"].contains(&p["code"].as_str().unwrap()),
+        "{p}"
+    );
+    let (st, _) = s.post("/api/v1/jobs", json!({"kind": "x", "queue": "q"})).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    let (st, _) = read(s.http.get(s.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    s.stop().await;
+    let cleanup = dray::PgStore::builder(pg_url())
+        .schema(&schema)
+        .schema_mode(dray::SchemaMode::Skip)
+        .connect()
+        .await
+        .unwrap();
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+        .execute(cleanup.pool())
+        .await;
+}
+
 impl Server {
     async fn start_without_token<S: ServerStore>(store: S) -> Server {
         let config = ServerConfig {

@@ -3,7 +3,7 @@
 //! A claim returns each row's `rowid` beside its columns. Completing a batch by rowid lets SQLite
 //! go straight to each row in the table, where completing it by id first descends the primary
 //! key's index (a second B-tree, comparing 16-byte blobs) for every row: about a quarter of a
-//! completion's time per row on this box (see `bench/HISTORY.md`, session 10).
+//! completion's time per row on this box (see `bench/HISTORY.md`).
 //!
 //! A hint is never trusted: the completion statement still names each row's id and lease
 //! (`sql::COMPLETE_UNIFORM_ROWS`), so a row that moved (a `VACUUM` may renumber rowids) or was
