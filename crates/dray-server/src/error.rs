@@ -200,6 +200,22 @@ pub async fn timeout<S: ServerStore>(
     }
 }
 
+/// Logs each request at `debug` (target `dray::http`): method, path, status and duration; a
+/// 5xx at `warn`. Never headers or query strings, so a token never reaches a log line.
+pub async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let start = std::time::Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if status >= 500 {
+        tracing::warn!(target: "dray::http", %method, path = %dray_core::error::excerpt(&path), status, duration_ms = ms, "dray: request failed");
+    } else {
+        tracing::debug!(target: "dray::http", %method, path = %dray_core::error::excerpt(&path), status, duration_ms = ms, "dray: request");
+    }
+    response
+}
+
 /// The CORS layer for `origins` (none when empty).
 pub fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use tower_http::cors::{AllowOrigin, Any, CorsLayer};

@@ -305,7 +305,8 @@ pub fn router<S: ServerStore>(app: App<S>) -> Router {
         .layer(DefaultBodyLimit::max(app.config().body_limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             error::panicked,
-        ));
+        ))
+        .layer(axum::middleware::from_fn(error::log_request));
     if let Some(cors) = error::cors(&app.config().cors_origins) {
         router = router.layer(cors);
     }
