@@ -1294,7 +1294,9 @@ async fn proxy_to_postgres() -> Cut {
                 a = listener.accept() => a,
                 _ = stop.wait_for(|c| *c) => return, // the listener is dropped: refused
             };
-            let Ok((mut client, _)) = accepted else { return };
+            let Ok((mut client, _)) = accepted else {
+                return;
+            };
             let mut stop = watch.clone();
             tokio::spawn(async move {
                 let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
@@ -1334,7 +1336,9 @@ async fn an_unreachable_database_is_503_and_the_process_stays_healthy() {
         ["connect", "pool_exhausted"].contains(&p["code"].as_str().unwrap()),
         "{p}"
     );
-    let (st, _) = s.post("/api/v1/jobs", json!({"kind": "x", "queue": "q"})).await;
+    let (st, _) = s
+        .post("/api/v1/jobs", json!({"kind": "x", "queue": "q"}))
+        .await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
     let (st, _) = read(s.http.get(s.url("/readyz")).send().await.unwrap()).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
@@ -1347,9 +1351,11 @@ async fn an_unreachable_database_is_503_and_the_process_stays_healthy() {
         .connect()
         .await
         .unwrap();
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
-        .execute(cleanup.pool())
-        .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(cleanup.pool())
+    .await;
 }
 
 impl Server {
