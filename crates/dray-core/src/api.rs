@@ -190,6 +190,29 @@ pub struct QueueCounts {
     pub stats: QueueStats,
 }
 
+/// Decodes a row of `(queue, available, scheduled, leased, completed, dead, cancelled)`, as
+/// both stores' [`ApiStore::queue_list`] select it.
+pub fn decode_queue_counts<'r, R>(row: &'r R, op: &'static str) -> Result<QueueCounts>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let g = |i: usize| -> Result<i64> { row.try_get(i).map_err(Error::db(op)) };
+    Ok(QueueCounts {
+        queue: row.try_get(0).map_err(Error::db(op))?,
+        stats: QueueStats {
+            available: g(1)?,
+            scheduled: g(2)?,
+            leased: g(3)?,
+            completed: g(4)?,
+            dead: g(5)?,
+            cancelled: g(6)?,
+        },
+    })
+}
+
 /// What [`ApiStore::idempotency_begin`] found for a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdempotencyBegin {

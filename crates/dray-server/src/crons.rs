@@ -150,13 +150,7 @@ pub async fn history<S: ServerStore>(
     P(name): P<String>,
     Q(q): Q<HistoryQuery>,
 ) -> ApiResult<Json<History>> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field(
-            "limit",
-            format!("limit must be 1 to 1000, got {limit}"),
-        ));
-    }
+    let limit = crate::extract::limit(q.limit, 50)?;
     let ticks = app
         .client()
         .schedule_history(&name, limit)

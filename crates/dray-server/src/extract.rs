@@ -131,3 +131,31 @@ pub fn secs(field: &str, v: f64) -> Result<std::time::Duration, ApiError> {
     }
     Ok(d)
 }
+
+/// A listing's `limit`: `default` when absent, else 1 to 1000 (400 naming `limit` otherwise).
+pub fn limit(given: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    let limit = given.unwrap_or(default);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("limit must be 1 to 1000, got {limit}"),
+        ));
+    }
+    Ok(limit)
+}
+
+/// A lease length in seconds: `DEFAULT_LEASE` when absent, else at least one second (400
+/// naming `lease_secs` otherwise).
+pub fn lease(given: Option<f64>) -> Result<std::time::Duration, ApiError> {
+    let lease = match given {
+        Some(s) => secs("lease_secs", s)?,
+        None => dray_core::queue::DEFAULT_LEASE,
+    };
+    if lease < std::time::Duration::from_secs(1) {
+        return Err(ApiError::field(
+            "lease_secs",
+            "lease_secs must be at least 1 second",
+        ));
+    }
+    Ok(lease)
+}

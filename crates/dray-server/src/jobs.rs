@@ -285,13 +285,7 @@ pub async fn list<S: ServerStore>(
     State(app): State<App<S>>,
     Q(q): Q<ListQuery>,
 ) -> ApiResult<Json<JobPage>> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field(
-            "limit",
-            format!("limit must be 1 to 1000, got {limit}"),
-        ));
-    }
+    let limit = crate::extract::limit(q.limit, 50)?;
     if q.kind
         .as_deref()
         .is_some_and(|k| k.is_empty() || k.len() > 255)

@@ -57,13 +57,7 @@ pub async fn list<S: ServerStore>(
     P(outbox): P<String>,
     Q(q): Q<ListQuery>,
 ) -> ApiResult<Json<EventList>> {
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field(
-            "limit",
-            format!("limit must be 1 to 1000, got {limit}"),
-        ));
-    }
+    let limit = crate::extract::limit(q.limit, 50)?;
     let status = q
         .status
         .as_deref()

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use dray_core::queue::DEFAULT_LEASE;
 use dray_core::{
     Completion, Error, FailTo, FailureKind, LeaseRef, Message, QueueName, ReceiveOptions,
     RetryPolicy,
@@ -160,23 +159,8 @@ pub async fn claim<S: ServerStore>(
     Body(req): Body<ClaimRequest>,
 ) -> ApiResult<Json<Claimed>> {
     QueueName::new(queue.as_str())?;
-    let limit = req.limit.unwrap_or(1);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field(
-            "limit",
-            format!("limit must be 1 to 1000, got {limit}"),
-        ));
-    }
-    let lease = match req.lease_secs {
-        Some(s) => secs("lease_secs", s)?,
-        None => DEFAULT_LEASE,
-    };
-    if lease < Duration::from_secs(1) {
-        return Err(ApiError::field(
-            "lease_secs",
-            "lease_secs must be at least 1 second",
-        ));
-    }
+    let limit = crate::extract::limit(req.limit, 1)?;
+    let lease = crate::extract::lease(req.lease_secs)?;
     let wait = match req.wait_secs {
         Some(s) => secs("wait_secs", s)?.min(app.config().max_wait),
         None => Duration::ZERO,
@@ -209,16 +193,7 @@ pub async fn heartbeat<S: ServerStore>(
 ) -> ApiResult<Json<Heartbeat>> {
     let queue = QueueName::new(queue)?;
     let lease_ref = lease_of(id, req.attempt)?;
-    let lease = match req.lease_secs {
-        Some(s) => secs("lease_secs", s)?,
-        None => DEFAULT_LEASE,
-    };
-    if lease < Duration::from_secs(1) {
-        return Err(ApiError::field(
-            "lease_secs",
-            "lease_secs must be at least 1 second",
-        ));
-    }
+    let lease = crate::extract::lease(req.lease_secs)?;
     if let Some(p) = req.progress
         && p > 100
     {

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use dray_core::api::{
-    ApiStore, IdempotencyBegin, NewToken, QueueCounts, TokenInfo, format_scopes, parse_scopes,
+    ApiStore, IdempotencyBegin, NewToken, QueueCounts, TokenInfo, decode_queue_counts,
+    format_scopes, parse_scopes,
 };
 use dray_core::batch::millis;
-use dray_core::{Error, Message, QueueStats, Result};
+use dray_core::{Error, Message, Result};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use uuid::Uuid;
@@ -82,20 +83,7 @@ impl ApiStore for SqliteStore {
             .await
             .map_err(Error::db(op))?;
         rows.iter()
-            .map(|row| {
-                let g = |i: usize| -> Result<i64> { row.try_get(i).map_err(Error::db(op)) };
-                Ok(QueueCounts {
-                    queue: row.try_get(0).map_err(Error::db(op))?,
-                    stats: QueueStats {
-                        available: g(1)?,
-                        scheduled: g(2)?,
-                        leased: g(3)?,
-                        completed: g(4)?,
-                        dead: g(5)?,
-                        cancelled: g(6)?,
-                    },
-                })
-            })
+            .map(|row| decode_queue_counts(row, op))
             .collect()
     }
 
