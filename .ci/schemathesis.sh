@@ -37,15 +37,18 @@ fuzz() { # name database-url port
   local spec="http://127.0.0.1:$port/api/v1/openapi.json"
   local common=(--checks all -H "Authorization: Bearer $token"
     --phases examples,coverage,fuzzing --max-examples "${SCHEMATHESIS_EXAMPLES:-40}" --seed 1 --no-color)
+  # Each pass must pass: `|| return 1`, since `set -e` does not apply inside a function called
+  # from a condition (`fuzz … || status=$?` below).
   schemathesis --config-file .ci/schemathesis.toml run "$spec" "${common[@]}" \
-    --exclude-method DELETE --exclude-path /api/v1/events
-  schemathesis --config-file .ci/schemathesis.toml run "$spec" "${common[@]}" --include-method DELETE
+    --exclude-method DELETE --exclude-path /api/v1/events || return 1
+  schemathesis --config-file .ci/schemathesis.toml run "$spec" "${common[@]}" \
+    --include-method DELETE || return 1
   # The dashboard stream never ends by itself: each case reads until schemathesis's timeout.
   schemathesis --config-file .ci/schemathesis.toml run "$spec" "${common[@]}" \
-    --include-path /api/v1/events --max-examples 2 --request-timeout 2
+    --include-path /api/v1/events --max-examples 2 --request-timeout 2 || return 1
 }
 
-fuzz sqlite "sqlite://$work/fuzz.db" 18931
+fuzz sqlite "sqlite://$work/fuzz.db" 18931 || exit 1
 schema="dray_fuzz_$(cat /proc/sys/kernel/random/uuid | tr -d -)"
 DRAY_SCHEMA=$schema fuzz postgres "postgres://postgres@127.0.0.1:5432/postgres" 18932 || status=$?
 psql -q -h 127.0.0.1 -U postgres -d postgres -c "DROP SCHEMA IF EXISTS \"$schema\" CASCADE" >/dev/null 2>&1 || true

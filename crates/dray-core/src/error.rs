@@ -48,6 +48,9 @@ pub fn excerpt(input: &str) -> String {
 enum Refusal {
     ReadOnly,
     Full,
+    /// Text the database cannot store: PostgreSQL refuses the NUL character in `text`
+    /// (`22021`) and in `jsonb` strings (`22P05`).
+    Unstorable,
 }
 
 impl Refusal {
@@ -62,6 +65,7 @@ impl Refusal {
         match code.as_ref() {
             "25006" => Some(Refusal::ReadOnly),
             "53100" => Some(Refusal::Full),
+            "22021" | "22P05" => Some(Refusal::Unstorable),
             sqlstate if sqlstate.len() == 5 => None,
             other => match other.parse::<i64>().ok()? & 0xff {
                 8 => Some(Refusal::ReadOnly),
@@ -346,8 +350,25 @@ impl Error {
                     Error::ReadOnly { op, source }
                 }
                 Some(Refusal::Full) => Error::StorageFull { op, source },
+                Some(Refusal::Unstorable) => Error::InvalidArgument {
+                    what: "text",
+                    reason: format!(
+                        "{op} was given text the database cannot store (PostgreSQL refuses the NUL character, \\u0000, in text and JSON strings): {source}; remove it. Nothing was written"
+                    ),
+                },
                 None => Error::Database { op, source },
             },
+        }
+    }
+
+    /// `text` made storable everywhere: each NUL character (which PostgreSQL refuses in text)
+    /// replaced by U+FFFD. For messages Dray records on its own (a handler's error, a progress
+    /// message), which must not fail to be written.
+    pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+        if text.contains('\0') {
+            std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+        } else {
+            std::borrow::Cow::Borrowed(text)
         }
     }
 

@@ -243,7 +243,13 @@ impl<S: Store> ContextOps for Ops<S> {
         percent: u8,
         message: Option<&'a str>,
     ) -> BoxFuture<'a, Result<LeaseWrite>> {
-        self.store.job_progress(lease, percent, message).boxed()
+        async move {
+            let message = message.map(Error::storable);
+            self.store
+                .job_progress(lease, percent, message.as_deref())
+                .await
+        }
+        .boxed()
     }
     fn extend<'a>(
         &'a self,
@@ -1251,7 +1257,11 @@ async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg:
         outcome = next, error = %msg,
         "dray: job attempt failed"
     );
-    let recorded = match shared.store.job_fail(m.lease(), kind, msg, to).await {
+    let recorded = match shared
+        .store
+        .job_fail(m.lease(), kind, &Error::storable(msg), to)
+        .await
+    {
         Ok(w) => w.applied.contains(&m.id),
         Err(err) => {
             tracing::warn!(%err, id = %m.id, "dray: could not record a failed attempt; its lease will expire and it runs again");

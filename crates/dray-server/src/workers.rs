@@ -211,7 +211,14 @@ pub async fn heartbeat<S: ServerStore>(
     }
     if let Some(p) = req.progress {
         let w = store
-            .job_progress(lease_ref, p, req.message.as_deref())
+            .job_progress(
+                lease_ref,
+                p,
+                req.message
+                    .as_deref()
+                    .map(dray_core::Error::storable)
+                    .as_deref(),
+            )
             .await?;
         if !w.applied.contains(&id) {
             return Err(lost(id, req.attempt));
@@ -269,8 +276,8 @@ pub async fn fail<S: ServerStore>(
         };
         (FailureKind::Error, FailTo::Retry(delay))
     };
-    let message = cap(&req.error, MAX_ERROR_LEN);
-    let w = app.store().job_fail(lease, kind, message, to).await?;
+    let message = dray_core::Error::storable(cap(&req.error, MAX_ERROR_LEN));
+    let w = app.store().job_fail(lease, kind, &message, to).await?;
     if !w.applied.contains(&id) {
         return Err(lost(id, req.attempt));
     }

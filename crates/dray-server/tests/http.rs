@@ -283,6 +283,7 @@ async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: 
 // ---- the tests, run on both stores ----------------------------------------------------------
 
 async fn jobs_resource<S: ServerStore>(store: S) {
+    let backend = store.backend();
     let s = Server::start(store, |c| c.body_limit = 64 * 1024).await;
     // Enqueue a known kind: its queue comes from the job; Location names it.
     let r = s
@@ -476,6 +477,23 @@ async fn jobs_resource<S: ServerStore>(store: S) {
         (st, p["code"].as_str()),
         (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
     );
+    // A NUL character: PostgreSQL cannot store it in text or JSON, which is bad input (400
+    // naming it), never a 500; SQLite stores it.
+    for body in [
+        json!({"kind": "x", "queue": "nul", "headers": {"a": "b\u{0}c"}}),
+        json!({"kind": "x", "queue": "nul", "input": "a\u{0}b"}),
+    ] {
+        let (st, p) = s.post("/api/v1/jobs", body).await;
+        if backend == "postgres" {
+            assert_eq!(
+                (st, p["field"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("text")),
+                "{p}"
+            );
+        } else {
+            assert_eq!(st, StatusCode::CREATED, "{p}");
+        }
+    }
     let (st, p) = s.get("/api/v1/nothing-here").await;
     assert_eq!(
         (st, p["code"].as_str()),
@@ -780,6 +798,34 @@ async fn http_worker_with_fencing<S: ServerStore>(store: S) {
     assert_eq!(res["state"], "dead");
     assert_eq!(res["errors"][0]["message"], "bad image");
     assert_eq!(res["errors"][0]["kind"], "permanent");
+    // An error message with a NUL character is recorded (the NUL replaced), on both stores.
+    let (_, r) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "py.work", "queue": "ext-nul"}),
+        )
+        .await;
+    let nul_id = r["id"].as_str().unwrap().to_owned();
+    s.post_as("/api/v1/queues/ext-nul/claim", json!({}), &w)
+        .await;
+    let (st, _) = s
+        .post_as(
+            &format!("/api/v1/queues/ext-nul/jobs/{nul_id}/heartbeat"),
+            json!({"attempt": 1, "progress": 5, "message": "half\u{0}way"}),
+            &w,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = s
+        .post_as(
+            &format!("/api/v1/queues/ext-nul/jobs/{nul_id}/fail"),
+            json!({"attempt": 1, "error": "bad\u{0}byte", "permanent": true}),
+            &w,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, res) = s.get(&format!("/api/v1/jobs/{nul_id}/result")).await;
+    assert_eq!(res["errors"][0]["message"], "bad\u{FFFD}byte");
     // A cancel request reaches the worker at its next heartbeat.
     let (_, c) = s
         .post(&format!("/api/v1/jobs/{}/cancel", ids[2]), json!(null))
