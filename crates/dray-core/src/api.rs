@@ -142,6 +142,19 @@ pub struct NewToken {
     pub ttl: Option<Duration>,
 }
 
+impl NewToken {
+    /// The error of a store that found a live token with this one's name.
+    pub fn name_taken(&self) -> Error {
+        Error::invalid(
+            "token name",
+            format!(
+                "a live token is already named {:?}; revoke it first or pick another name",
+                self.name
+            ),
+        )
+    }
+}
+
 /// Prefix of every token Dray makes, so secret scanners and people recognise one.
 pub const TOKEN_PREFIX: &str = "dray_";
 

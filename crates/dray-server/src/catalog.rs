@@ -9,38 +9,29 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dray_core::job::unique_key;
-use dray_core::{Client, EnqueueOptions, Job, JobOptions, Result, StartOptions, Workflow};
+use dray_core::{Client, EnqueueOptions, Job, NewMessage, Result, StartOptions, Workflow};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::ServerStore;
 
-type Prepare = dyn Fn(&Value) -> std::result::Result<Option<String>, String> + Send + Sync;
+/// Changes a request makes to a job's options (queue, key, priority, delay, …).
+pub(crate) type Adjust = Box<dyn FnOnce(EnqueueOptions) -> EnqueueOptions + Send>;
+
+/// Builds a known job's row with `Client::job_message`; `Err` with why when the input does not
+/// fit the job's input type.
+type Build<S> = dyn Fn(&Client<S>, &Value, Adjust) -> std::result::Result<Result<NewMessage>, String>
+    + Send
+    + Sync;
 
 type StartFuture = Pin<Box<dyn Future<Output = Result<(Uuid, bool)>> + Send>>;
 type Start<S> = dyn Fn(Client<S>, Value, StartOptions) -> std::result::Result<StartFuture, String>
     + Send
     + Sync;
 
-/// What a known job kind brings to an enqueue.
-pub(crate) struct JobDefaults {
-    /// Kind, priority and attempts.
-    pub options: EnqueueOptions,
-    /// Its queue.
-    pub queue: String,
-    /// Its unique key for this input, if it has one.
-    pub key: Option<String>,
-}
-
-struct JobEntry {
-    options: JobOptions,
-    prepare: Arc<Prepare>,
-}
-
 /// Jobs and workflows known by type. Build it with [`Catalog::job`] and [`Catalog::workflow`].
 pub struct Catalog<S: ServerStore> {
-    jobs: BTreeMap<String, JobEntry>,
+    jobs: BTreeMap<String, Arc<Build<S>>>,
     workflows: BTreeMap<String, Arc<Start<S>>>,
 }
 
@@ -61,24 +52,14 @@ impl<S: ServerStore> Catalog<S> {
 
     /// Knows job `J`.
     pub fn job<J: Job>(mut self) -> Self {
-        let prepare = |input: &Value| -> std::result::Result<Option<String>, String> {
+        let build = |client: &Client<S>,
+                     input: &Value,
+                     adjust: Adjust|
+         -> std::result::Result<Result<NewMessage>, String> {
             let typed = J::Input::deserialize(input).map_err(|e| e.to_string())?;
-            if let Some(key) = J::key(&typed) {
-                return Ok(Some(format!("{}:{key}", J::NAME)));
-            }
-            if J::options().unique {
-                let text = serde_json::to_string(&typed).map_err(|e| e.to_string())?;
-                return Ok(Some(unique_key(J::NAME, &text)));
-            }
-            Ok(None)
+            Ok(client.job_message::<J>(&typed, adjust))
         };
-        self.jobs.insert(
-            J::NAME.to_owned(),
-            JobEntry {
-                options: J::options(),
-                prepare: Arc::new(prepare),
-            },
-        );
+        self.jobs.insert(J::NAME.to_owned(), Arc::new(build));
         self
     }
 
@@ -103,25 +84,28 @@ impl<S: ServerStore> Catalog<S> {
         self.workflows.keys().map(String::as_str).collect()
     }
 
-    /// The defaults of a known kind, and its unique key for `input`; `Err` when the input
-    /// does not fit the kind's input type.
-    pub(crate) fn job_defaults(
+    /// The row of a job of kind `kind`: a known kind's defaults (queue, priority, attempts,
+    /// unique key) from its options as `Client::job_message` applies them, then `adjust`; a
+    /// kind the server does not know as given, on `adjust`'s queue or `default`. `Err` with
+    /// why when the input does not fit a known kind's input type.
+    pub(crate) fn message(
         &self,
+        client: &Client<S>,
         kind: &str,
         input: &Value,
-    ) -> Option<std::result::Result<JobDefaults, String>> {
-        let entry = self.jobs.get(kind)?;
-        Some((entry.prepare)(input).map(|key| {
-            let o = &entry.options;
-            JobDefaults {
-                options: EnqueueOptions::new()
-                    .kind(kind)
-                    .priority(o.priority)
-                    .max_attempts(o.retry.max_attempts),
-                queue: o.queue.clone(),
-                key,
+        adjust: Adjust,
+    ) -> std::result::Result<Result<NewMessage>, String> {
+        match self.jobs.get(kind) {
+            Some(build) => build(client, input, adjust),
+            None => {
+                let options = adjust(EnqueueOptions::new().kind(kind));
+                let queue = options
+                    .queue
+                    .clone()
+                    .unwrap_or_else(|| dray_core::job::DEFAULT_JOB_QUEUE.to_owned());
+                Ok(client.queue().message(&queue, input, &options))
             }
-        }))
+        }
     }
 
     pub(crate) fn starter(&self, name: &str) -> Option<Arc<Start<S>>> {

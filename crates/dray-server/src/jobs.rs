@@ -146,10 +146,39 @@ pub async fn enqueue<S: ServerStore>(
     if req.kind.is_empty() || req.kind.len() > 255 {
         return Err(ApiError::field("kind", "kind must be 1 to 255 bytes"));
     }
-    let (mut options, mut queue, key) = match app.catalog().job_defaults(&req.kind, &req.input) {
-        Some(Ok(d)) => (d.options, d.queue, d.key),
-        Some(Err(why)) => {
-            return Err(ApiError::new(
+    let delay = req.delay_secs.map(|d| secs("delay_secs", d)).transpose()?;
+    let adjust = move |mut options: EnqueueOptions| {
+        if let Some(q) = req.queue {
+            options = options.queue(q);
+        }
+        if let Some(k) = req.key {
+            options = options.key(k);
+        }
+        if let Some(p) = req.priority {
+            options = options.priority(Priority(p));
+        }
+        if let Some(d) = delay {
+            options = options.delay(d);
+        }
+        if let Some(t) = req.not_before {
+            options = options.not_before(t);
+        }
+        for (k, v) in req.headers {
+            options = options.header(k, v);
+        }
+        if let Some(n) = req.max_attempts {
+            options = options.max_attempts(n);
+        }
+        if let Some(url) = req.callback_url {
+            options = options.callback_url(url);
+        }
+        options
+    };
+    let message = app
+        .catalog()
+        .message(app.client(), &req.kind, &req.input, Box::new(adjust))
+        .map_err(|why| {
+            ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_input",
                 format!(
@@ -157,40 +186,9 @@ pub async fn enqueue<S: ServerStore>(
                     req.kind,
                     dray_core::error::excerpt(&why)
                 ),
-            ));
-        }
-        None => (
-            EnqueueOptions::new().kind(req.kind.clone()),
-            dray_core::job::DEFAULT_JOB_QUEUE.to_owned(),
-            None,
-        ),
-    };
-    if let Some(q) = req.queue {
-        queue = q;
-    }
-    if let Some(k) = req.key.or(key) {
-        options = options.key(k);
-    }
-    if let Some(p) = req.priority {
-        options = options.priority(Priority(p));
-    }
-    if let Some(d) = req.delay_secs {
-        options = options.delay(secs("delay_secs", d)?);
-    }
-    if let Some(t) = req.not_before {
-        options = options.not_before(t);
-    }
-    for (k, v) in req.headers {
-        options = options.header(k, v);
-    }
-    if let Some(n) = req.max_attempts {
-        options = options.max_attempts(n);
-    }
-    if let Some(url) = req.callback_url {
-        options = options.callback_url(url);
-    }
+            )
+        })??;
     let queue_handle = app.client().queue();
-    let message = queue_handle.message(&queue, &req.input, &options)?;
     let e = queue_handle
         .enqueue_messages(std::slice::from_ref(&message))
         .await?

@@ -99,13 +99,7 @@ impl ApiStore for SqliteStore {
             .map_err(Error::db("token_insert"))?;
         match row {
             Some(row) => decode_token(&row),
-            None => Err(Error::invalid(
-                "token name",
-                format!(
-                    "a live token is already named {:?}; revoke it first or pick another name",
-                    token.name
-                ),
-            )),
+            None => Err(token.name_taken()),
         }
     }
 
