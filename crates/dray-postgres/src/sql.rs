@@ -342,26 +342,20 @@ const GET: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = $1";
 const GET_MANY: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = ANY($1)";
 
 /// Every queue with its counts, at one now().
-const QUEUE_LIST: &str = "
-SELECT queue,
-    count(*) FILTER (WHERE state IN {pending} AND run_at <= now()) AS available,
-    count(*) FILTER (WHERE state IN {pending} AND run_at > now())  AS scheduled,
-    count(*) FILTER (WHERE state = 'running')   AS leased,
-    count(*) FILTER (WHERE state = 'completed') AS completed,
-    count(*) FILTER (WHERE state = 'dead')      AS dead,
-    count(*) FILTER (WHERE state = 'cancelled') AS cancelled
-FROM {s}.dray_jobs_all GROUP BY queue ORDER BY queue";
+const QUEUE_LIST: &str =
+    "SELECT queue, {counts} FROM {s}.dray_jobs_all GROUP BY queue ORDER BY queue";
 
 /// Stats: one scan of the queue's rows, every count at the same now().
-const STATS: &str = "
-SELECT
+const STATS: &str = "SELECT {counts} FROM {s}.dray_jobs_all WHERE queue = $1";
+
+/// A queue's counts by state, every one at the same now().
+const COUNTS: &str = "
     count(*) FILTER (WHERE state IN {pending} AND run_at <= now()) AS available,
     count(*) FILTER (WHERE state IN {pending} AND run_at > now())  AS scheduled,
     count(*) FILTER (WHERE state = 'running')   AS leased,
     count(*) FILTER (WHERE state = 'completed') AS completed,
     count(*) FILTER (WHERE state = 'dead')      AS dead,
-    count(*) FILTER (WHERE state = 'cancelled') AS cancelled
-FROM {s}.dray_jobs_all WHERE queue = $1";
+    count(*) FILTER (WHERE state = 'cancelled') AS cancelled";
 
 /// Time until the queue's earliest pending row is due, in microseconds (NULL: none; zero or
 /// less: one is due already). Rows already due count: a row that came due between a claim that
@@ -722,37 +716,38 @@ impl Sql {
             ("callback_error", "NULL::text"),
         ];
         let f = |t: &str| -> Arc<str> {
-            t.replace(
-                "{settle_in_history}",
-                &SETTLE_IN.replace("{table}", "dray_jobs_history"),
-            )
-            .replace(
-                "{settle_in_hot}",
-                &SETTLE_IN.replace("{table}", "dray_jobs"),
-            )
-            .replace("{refs}", REFS)
-            .replace("{refs_where}", REFS_WHERE)
-            .replace("{nack_dies}", NACK_DIES)
-            .replace("{move}", MOVE)
-            .replace("{gone_returning}", GONE_RETURNING)
-            .replace("{moved_with_result}", &moved(&with_result))
-            .replace("{moved_completed}", &moved(&completed))
-            .replace("{moved_dead}", &moved(&finishing("'dead'")))
-            .replace("{moved_expired}", &moved(&expired))
-            .replace("{moved_failed}", &moved(&failed))
-            .replace("{moved_cancelled}", &moved(&cancelled))
-            .replace("{moved_quarantined}", &moved(&quarantined))
-            .replace("{moved_redriven}", &moved(&redriven))
-            .replace("{lease_expired}", LEASE_EXPIRED)
-            .replace("{fail_error}", FAIL_ERROR)
-            .replace("{all}", &all)
-            .replace("{running}", RUNNING)
-            .replace("{lease_returning}", LEASE_RETURNING)
-            .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
-            .replace("{claim_cols}", CLAIM_COLS)
-            .replace("{pending}", PENDING)
-            .replace("{s}", quoted_schema)
-            .into()
+            t.replace("{counts}", COUNTS)
+                .replace(
+                    "{settle_in_history}",
+                    &SETTLE_IN.replace("{table}", "dray_jobs_history"),
+                )
+                .replace(
+                    "{settle_in_hot}",
+                    &SETTLE_IN.replace("{table}", "dray_jobs"),
+                )
+                .replace("{refs}", REFS)
+                .replace("{refs_where}", REFS_WHERE)
+                .replace("{nack_dies}", NACK_DIES)
+                .replace("{move}", MOVE)
+                .replace("{gone_returning}", GONE_RETURNING)
+                .replace("{moved_with_result}", &moved(&with_result))
+                .replace("{moved_completed}", &moved(&completed))
+                .replace("{moved_dead}", &moved(&finishing("'dead'")))
+                .replace("{moved_expired}", &moved(&expired))
+                .replace("{moved_failed}", &moved(&failed))
+                .replace("{moved_cancelled}", &moved(&cancelled))
+                .replace("{moved_quarantined}", &moved(&quarantined))
+                .replace("{moved_redriven}", &moved(&redriven))
+                .replace("{lease_expired}", LEASE_EXPIRED)
+                .replace("{fail_error}", FAIL_ERROR)
+                .replace("{all}", &all)
+                .replace("{running}", RUNNING)
+                .replace("{lease_returning}", LEASE_RETURNING)
+                .replace("{cols}", &format!("{CLAIM_COLS}, {TAIL_COLS}"))
+                .replace("{claim_cols}", CLAIM_COLS)
+                .replace("{pending}", PENDING)
+                .replace("{s}", quoted_schema)
+                .into()
         };
         let insert = |rows: &str, keyed: bool| {
             f(&INSERT

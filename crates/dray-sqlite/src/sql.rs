@@ -232,25 +232,20 @@ pub const GET_MANY: &str =
     "SELECT {cols} FROM dray_jobs WHERE id IN (SELECT unhex(value) FROM json_each(?1))";
 
 /// Every queue with its counts, at one instant.
-pub const QUEUE_LIST: &str = "
-SELECT queue,
-    count(*) FILTER (WHERE state IN {pending} AND run_at <= n.now),
-    count(*) FILTER (WHERE state IN {pending} AND run_at > n.now),
-    count(*) FILTER (WHERE state = 'running'),
-    count(*) FILTER (WHERE state = 'completed'),
-    count(*) FILTER (WHERE state = 'dead'),
-    count(*) FILTER (WHERE state = 'cancelled')
-FROM dray_jobs, (SELECT {now} AS now) n GROUP BY queue ORDER BY queue";
+pub const QUEUE_LIST: &str = "SELECT queue, {counts} FROM dray_jobs, (SELECT {now} AS now) n \
+    GROUP BY queue ORDER BY queue";
 
-pub const STATS: &str = "
-SELECT
+pub const STATS: &str = "SELECT {counts} FROM dray_jobs, (SELECT {now} AS now) n WHERE queue = ?1";
+
+/// A queue's counts by state (available, scheduled, leased, completed, dead, cancelled), every
+/// one at the same instant `n.now`.
+const COUNTS: &str = "
     count(*) FILTER (WHERE state IN {pending} AND run_at <= n.now),
     count(*) FILTER (WHERE state IN {pending} AND run_at > n.now),
     count(*) FILTER (WHERE state = 'running'),
     count(*) FILTER (WHERE state = 'completed'),
     count(*) FILTER (WHERE state = 'dead'),
-    count(*) FILTER (WHERE state = 'cancelled')
-FROM dray_jobs, (SELECT {now} AS now) n WHERE queue = ?1";
+    count(*) FILTER (WHERE state = 'cancelled')";
 
 /// Time until the queue's earliest pending row is due, in ms (NULL: none; zero or less: one is
 /// due already, see the PostgreSQL store's NEXT_DUE).
@@ -389,7 +384,8 @@ pub const LEADER_RELEASE: &str = "DELETE FROM dray_leaders WHERE name = ?1 AND h
 
 /// Expands the placeholders of a statement above (done once per statement, cached).
 pub fn expand(t: &str) -> String {
-    t.replace("{refs}", REFS)
+    t.replace("{counts}", COUNTS)
+        .replace("{refs}", REFS)
         .replace("{lease_items}", &LEASE_ITEMS.replace("?N", "?2"))
         .replace("{complete_items}", &LEASE_ITEMS.replace("?N", "?1"))
         .replace("{lease_returning}", LEASE_RETURNING)
