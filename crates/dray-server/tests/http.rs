@@ -86,6 +86,25 @@ struct Server {
 
 impl Server {
     async fn start<S: ServerStore>(store: S, adjust: impl FnOnce(&mut ServerConfig)) -> Server {
+        let admin = token(
+            &store,
+            &format!("admin-{}", uuid::Uuid::now_v7().simple()),
+            &[Scope::Admin],
+        )
+        .await;
+        Server::launch(store, adjust, admin).await
+    }
+
+    /// A server whose store holds no token (one that cannot be written to, say).
+    async fn start_without_token<S: ServerStore>(store: S) -> Server {
+        Server::launch(store, |_| {}, String::new()).await
+    }
+
+    async fn launch<S: ServerStore>(
+        store: S,
+        adjust: impl FnOnce(&mut ServerConfig),
+        admin: String,
+    ) -> Server {
         let mut config = ServerConfig {
             addr: "127.0.0.1:0".parse().unwrap(),
             token_cache: Duration::ZERO,
@@ -94,12 +113,6 @@ impl Server {
             ..ServerConfig::default()
         };
         adjust(&mut config);
-        let admin = token(
-            &store,
-            &format!("admin-{}", uuid::Uuid::now_v7().simple()),
-            &[Scope::Admin],
-        )
-        .await;
         let listener = dray_server::bind(&config).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = App::new(store, config, catalog());
@@ -1402,29 +1415,6 @@ async fn an_unreachable_database_is_503_and_the_process_stays_healthy() {
     )))
     .execute(cleanup.pool())
     .await;
-}
-
-impl Server {
-    async fn start_without_token<S: ServerStore>(store: S) -> Server {
-        let config = ServerConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            ..ServerConfig::default()
-        };
-        let listener = dray_server::bind(&config).await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = App::new(store, config, catalog());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(dray_server::serve_on(listener, app, async move {
-            let _ = rx.await;
-        }));
-        Server {
-            base,
-            http: reqwest::Client::new(),
-            admin: String::new(),
-            stop: Some(tx),
-            task,
-        }
-    }
 }
 
 fn pg_url() -> String {
