@@ -162,6 +162,8 @@ pub async fn serve<S: ServerStore + WorkflowStore>(store: S, args: &ServeArgs) -
         .await
         .map_err(|e| CliError::Serve(format!("cannot listen on {}: {e}", args.addr)))?;
     let addr = listener.local_addr().unwrap_or(args.addr);
+    // Before the worker: Dray's metric handles are made on first use.
+    dray_server::metrics::install().map_err(|e| CliError::Serve(e.to_string()))?;
     let worker = if args.worker {
         Some(crate::demo::serve_worker(store.clone())?)
     } else {
@@ -179,7 +181,7 @@ pub async fn serve<S: ServerStore + WorkflowStore>(store: S, args: &ServeArgs) -
         );
     }
     eprintln!(
-        "dray serve: listening on http://{addr} (API under /api/v1, OpenAPI at /api/v1/openapi.json{}); Ctrl-C stops",
+        "dray serve: listening on http://{addr} (API under /api/v1, OpenAPI at /api/v1/openapi.json, Prometheus metrics at /metrics{}); Ctrl-C stops",
         if args.worker {
             ", with a worker for the demo's jobs and workflows"
         } else {

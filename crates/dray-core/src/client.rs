@@ -199,11 +199,12 @@ impl<S: Store> Client<S> {
         input: &J::Input,
     ) -> Result<Enqueued> {
         let m = self.job_message::<J>(input, |o| o)?;
-        Ok(self
-            .store()
-            .message_insert_many_in(conn, std::slice::from_ref(&m))
-            .await?
-            .remove(0))
+        let one = std::slice::from_ref(&m);
+        Ok(crate::metrics::count_enqueued(
+            one,
+            self.store().message_insert_many_in(conn, one).await,
+        )?
+        .remove(0))
     }
 
     /// Enqueues job `J` and waits for its output (blocking; FastWorker's `submit_task`).

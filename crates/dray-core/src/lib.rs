@@ -15,10 +15,12 @@ pub mod duration;
 mod duration_grammar;
 pub mod error;
 pub mod job;
+pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod queue;
 pub mod store;
+pub mod trace;
 pub mod types;
 pub mod wake;
 pub mod worker;
@@ -36,7 +38,7 @@ pub use store::{Store, StoreConnection};
 pub use types::{
     AttemptError, CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued,
     FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueName, QueueStats, RescueReport, RunAt,
+    NackAction, NewMessage, Priority, QueueGauge, QueueName, QueueStats, RescueReport, RunAt,
 };
 pub use wake::WakeHub;
 pub use worker::{Secret, Worker, WorkerConfig, WorkerEvent, WorkerHandle};

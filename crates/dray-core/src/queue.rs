@@ -336,7 +336,7 @@ impl<S: Store> Queue<S> {
             kind: options.kind.clone(),
             key: options.key.clone(),
             payload,
-            headers: serde_json::to_string(&options.headers)?,
+            headers: crate::trace::headers_json(&options.headers)?,
             priority: options.priority,
             run_at,
             enqueued_at: options.enqueued_at,
@@ -406,13 +406,14 @@ impl<S: Store> Queue<S> {
         {
             return self.hand_off(m, offer).await.map(|e| vec![e]);
         }
-        self.store.message_insert_many(messages).await
+        crate::metrics::count_enqueued(messages, self.store.message_insert_many(messages).await)
     }
 
     /// Inserts `m` leased as `offer` asks and hands it over (see [`Queue::enqueue_messages`]).
     async fn hand_off(&self, m: &NewMessage, offer: TakenOffer) -> Result<Enqueued> {
         // On an error the offer drops unfulfilled, and its receiver looks at the queue again.
         let message = self.store.message_insert_leased(m, &offer.params).await?;
+        crate::metrics::enqueued(std::slice::from_ref(m), std::iter::once(true));
         let id = message.id;
         let queue = offer.params.queue.clone();
         if let Some(message) = offer.deliver(message) {
@@ -449,10 +450,11 @@ impl<S: Store> Queue<S> {
         options: &EnqueueOptions,
     ) -> Result<Enqueued> {
         let msg = self.message(queue, payload, options)?;
-        let mut out = self
-            .store
-            .message_insert_many_in(conn, std::slice::from_ref(&msg))
-            .await?;
+        let one = std::slice::from_ref(&msg);
+        let mut out = crate::metrics::count_enqueued(
+            one,
+            self.store.message_insert_many_in(conn, one).await,
+        )?;
         Ok(out.remove(0))
     }
 
@@ -468,7 +470,7 @@ impl<S: Store> Queue<S> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
-        self.store.message_insert_many_in(conn, &msgs).await
+        crate::metrics::count_enqueued(&msgs, self.store.message_insert_many_in(conn, &msgs).await)
     }
 
     /// Receives up to `limit` messages, waiting up to `timeout` for the first one. Returned

@@ -15,8 +15,8 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::types::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind,
-    JobFilter, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueName,
-    QueueStats, RescueReport,
+    JobFilter, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueGauge,
+    QueueName, QueueStats, RescueReport,
 };
 use crate::wake::WakeHub;
 
@@ -138,6 +138,11 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Counts a queue's messages by state, at one instant of the database clock.
     fn queue_stats(&self, queue: &QueueName) -> impl Future<Output = Result<QueueStats>> + Send;
+
+    /// Every queue with unfinished jobs, with its counts of available, scheduled and running
+    /// jobs and the age of its oldest available one, read from the unfinished jobs only (the
+    /// maintenance leader samples it for the per-queue gauges of [`crate::metrics`]).
+    fn queue_gauges(&self) -> impl Future<Output = Result<Vec<QueueGauge>>> + Send;
 
     /// How long until the earliest pending message of the queue is due (database clock): zero
     /// when one is due already (it came due after a claim looked, or another receiver is

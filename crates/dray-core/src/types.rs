@@ -524,6 +524,22 @@ pub struct QueueStats {
     pub cancelled: i64,
 }
 
+/// One queue's unfinished jobs at one instant of the database clock, as the maintenance leader
+/// samples them for the per-queue gauges ([`crate::Store::queue_gauges`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueGauge {
+    /// The queue.
+    pub queue: String,
+    /// Due and waiting for a receiver.
+    pub available: i64,
+    /// Waiting for their due time.
+    pub scheduled: i64,
+    /// Delivered and under lease.
+    pub running: i64,
+    /// How long the oldest available job has been due (zero when none is available).
+    pub oldest_available_age: Duration,
+}
+
 /// A request to lease up to `limit` due messages of `queue`.
 #[derive(Clone, Debug)]
 pub struct ClaimParams {

@@ -94,6 +94,11 @@ pub struct WorkerConfig {
     pub maintenance: bool,
     /// How often maintenance runs on the leader (default 1 s).
     pub maintenance_interval: Duration,
+    /// How often the maintenance leader samples the gauges of [`crate::metrics`] (per-queue
+    /// counts and oldest-job age, outbox counts): one query on the unfinished jobs per
+    /// interval, however many workers run (default [`GAUGE_SAMPLE_EVERY`], 10 s; at least
+    /// 1 ms).
+    pub gauge_interval: Duration,
     /// Finished jobs older than this are pruned (default 24 h). On PostgreSQL, finished jobs
     /// live in a history partitioned by the hour, and pruning drops whole hours: a job is kept
     /// at least this long and at most an hour more (a retention under an hour is kept row by
@@ -129,6 +134,7 @@ impl Default for WorkerConfig {
             shutdown_grace: Duration::from_secs(10),
             maintenance: true,
             maintenance_interval: Duration::from_secs(1),
+            gauge_interval: GAUGE_SAMPLE_EVERY,
             retention: Duration::from_secs(24 * 3600),
             quiet: false,
             callback_secret: None,
@@ -293,6 +299,8 @@ struct Shared<S: Store> {
     scheduler: Option<Arc<dyn crate::cron::SchedulerOps>>,
     /// Prunes published outbox events and old inbox marks, when this worker relays.
     outbox_prune: Option<PruneFn>,
+    /// Gauge samplers the maintenance leader runs besides the queues' (one per relayed outbox).
+    samplers: Vec<SampleFn>,
 }
 
 impl<S: Store> Shared<S> {
@@ -316,12 +324,17 @@ pub struct Worker<S: Store> {
     /// maintenance leader.
     relays: Vec<StartRelay>,
     outbox_prune: Option<PruneFn>,
+    /// Gauge samplers the maintenance leader runs besides the queues' (one per relayed outbox).
+    samplers: Vec<SampleFn>,
     /// A registration that failed (a bad cron expression): `start` reports it.
     invalid: Option<Error>,
 }
 
 /// Prunes what grows with time (given the worker's retention); answers how many rows went.
 type PruneFn = Arc<dyn Fn(Duration) -> BoxFuture<'static, Result<u64>> + Send + Sync>;
+
+/// Samples a gauge source (an outbox's counts by state) into the metrics recorder.
+type SampleFn = Arc<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// Starts a relay that stops with the token.
 type StartRelay = Box<dyn FnOnce(CancelToken) -> tokio::task::JoinHandle<()> + Send>;
@@ -366,6 +379,7 @@ impl<S: Store> Worker<S> {
             crons: Crons::default(),
             relays: Vec::new(),
             outbox_prune: None,
+            samplers: Vec::new(),
             invalid: None,
         }
     }
@@ -442,6 +456,7 @@ impl<S: Store> Worker<S> {
             Duration::from_millis(1),
         )?;
         check_span("retention", c.retention, Duration::ZERO)?;
+        check_span("gauge_interval", c.gauge_interval, Duration::from_millis(1))?;
         if self.config.fetch_batch == 0 {
             return Err(Error::invalid("fetch_batch", "must be at least 1"));
         }
@@ -470,6 +485,7 @@ impl<S: Store> Worker<S> {
             workflows: self.workflows.engine,
             scheduler: self.crons.scheduler.clone(),
             outbox_prune: self.outbox_prune.clone(),
+            samplers: self.samplers.clone(),
             events,
         });
         let (shared_for_run, queues, stop_for_run) = (
@@ -556,6 +572,20 @@ impl<S: crate::outbox::OutboxStore> Worker<S> {
     /// also prunes published events after the worker's `retention`, and inbox marks after
     /// `inbox_retention` (default 7 days).
     pub fn relay_outbox(mut self, relay: crate::outbox::Relay<S>) -> Self {
+        let store = self.store.clone();
+        let outbox = relay.outbox.clone();
+        self.samplers.push(Arc::new(move || {
+            let (store, outbox) = (store.clone(), outbox.clone());
+            async move {
+                let stats = store.outbox_stats(&outbox).await?;
+                for (state, n) in [("pending", stats.pending), ("failed", stats.failed)] {
+                    metrics::gauge!(crate::metrics::OUTBOX_EVENTS, "outbox" => outbox.clone(), "state" => state)
+                        .set(n as f64);
+                }
+                Ok(())
+            }
+            .boxed()
+        }));
         self.relays.push(Box::new(move |stop: CancelToken| {
             tokio::spawn(async move { relay.run(stop).await })
         }));
@@ -672,7 +702,7 @@ async fn run<S: Store>(
     declared: Vec<crate::cron::ScheduleSpec>,
     stop: CancelToken,
 ) {
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
     let completer = tokio::spawn(completer(shared.clone(), done_rx));
     let beat_stop = CancelToken::new();
     let heartbeat = tokio::spawn(heartbeat(shared.clone(), beat_stop.clone()));
@@ -792,7 +822,7 @@ async fn fetch_loop<S: Store>(
     queue: Arc<QueueName>,
     concurrency: usize,
     stop: CancelToken,
-    done: mpsc::UnboundedSender<Completion>,
+    done: mpsc::UnboundedSender<Done>,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut tasks = JoinSet::new();
@@ -1056,7 +1086,7 @@ async fn run_one<S: Store>(
     shared: Arc<Shared<S>>,
     queue: Arc<QueueName>,
     mut m: Message,
-    done: mpsc::UnboundedSender<Completion>,
+    done: mpsc::UnboundedSender<Done>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let lease = m.lease();
@@ -1068,6 +1098,7 @@ async fn run_one<S: Store>(
         return;
     };
     let options = handler.options();
+    let jm = crate::metrics::job(&m.queue, &kind);
     // The entry `hold` made at claim time: the heartbeat may have seen a cancel request or a
     // lost lease while the job waited in the buffer.
     let (cancel, cancel_requested) = match shared.running().get(&m.id) {
@@ -1084,6 +1115,7 @@ async fn run_one<S: Store>(
         Box::pin(fail(
             &shared,
             &m,
+            &jm,
             FailureKind::Cancelled,
             "cancelled before it started",
             FailTo::Cancelled,
@@ -1092,6 +1124,11 @@ async fn run_one<S: Store>(
         return;
     }
     let span = tracing::info_span!(target: "dray::jobs", "dray.job", id = %m.id, kind = %kind, attempt = m.attempt, queue = %m.queue);
+    crate::trace::set_parent(
+        &span,
+        m.headers.get(crate::trace::TRACEPARENT).map(String::as_str),
+        m.headers.get(crate::trace::TRACESTATE).map(String::as_str),
+    );
     // The database clock minus this machine's, as of the claim (which set the lease from the
     // database's now()): workflows keep their times on the database clock with it. Never
     // ahead of the database, since the claim's answer took time to arrive.
@@ -1120,6 +1157,13 @@ async fn run_one<S: Store>(
         attempt: m.attempt,
     });
     let started = Instant::now();
+    jm.started.increment(1);
+    jm.in_flight.increment(1.0);
+    // Due since the later of its enqueue and its due time (a delay or a retry), on the
+    // database clock.
+    jm.pickup.record(crate::metrics::seconds(
+        chrono::Utc::now() + db_offset - m.enqueued_at.max(m.run_at),
+    ));
     let log_span = span.clone();
     // The handler runs inside this task (no task of its own per job): a panic is caught here,
     // a timeout drops it, and shutdown aborts this task after its grace period.
@@ -1130,6 +1174,8 @@ async fn run_one<S: Store>(
         Some(t) => tokio::time::timeout(t, run).await.ok(),
         None => Some(run.await),
     };
+    jm.in_flight.decrement(1.0);
+    jm.duration.record(started.elapsed().as_secs_f64());
     let cancel_requested = shared
         .running()
         .remove(&m.id)
@@ -1159,7 +1205,7 @@ async fn run_one<S: Store>(
                 });
             }
             // Handed to the completer; the slot is free as soon as it is queued there.
-            let _ = done.send(Completion { lease, result });
+            let _ = done.send((Completion { lease, result }, jm));
             drop(permit);
         }
         Some(Ok(Ok(Handled::Settled { recorded }))) => {
@@ -1176,6 +1222,7 @@ async fn run_one<S: Store>(
                 fail(
                     &shared,
                     &m,
+                    &jm,
                     FailureKind::Error,
                     &msg,
                     retry(FailureKind::Error),
@@ -1189,6 +1236,7 @@ async fn run_one<S: Store>(
                 fail(
                     &shared,
                     &m,
+                    &jm,
                     FailureKind::Permanent,
                     &msg,
                     retry(FailureKind::Permanent),
@@ -1202,6 +1250,7 @@ async fn run_one<S: Store>(
                 fail(
                     &shared,
                     &m,
+                    &jm,
                     FailureKind::Cancelled,
                     "the handler stopped on a cancel request",
                     FailTo::Cancelled,
@@ -1216,6 +1265,7 @@ async fn run_one<S: Store>(
                 fail(
                     &shared,
                     &m,
+                    &jm,
                     FailureKind::Panic,
                     &msg,
                     retry(FailureKind::Panic),
@@ -1233,6 +1283,7 @@ async fn run_one<S: Store>(
                 fail(
                     &shared,
                     &m,
+                    &jm,
                     FailureKind::Timeout,
                     &msg,
                     retry(FailureKind::Timeout),
@@ -1244,7 +1295,15 @@ async fn run_one<S: Store>(
     }
 }
 
-async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg: &str, to: FailTo) {
+async fn fail<S: Store>(
+    shared: &Shared<S>,
+    m: &Message,
+    jm: &crate::metrics::JobMetrics,
+    kind: FailureKind,
+    msg: &str,
+    to: FailTo,
+) {
+    jm.failed(kind).increment(1);
     let next = match to {
         FailTo::Retry(_) if m.attempt >= m.max_attempts => "dead",
         FailTo::Retry(_) => "retry",
@@ -1268,6 +1327,13 @@ async fn fail<S: Store>(shared: &Shared<S>, m: &Message, kind: FailureKind, msg:
             false
         }
     };
+    if recorded {
+        match next {
+            "retry" => jm.retried.increment(1),
+            "dead" => jm.dead.increment(1),
+            _ => jm.cancelled.increment(1),
+        }
+    }
     if !recorded {
         tracing::warn!(id = %m.id, attempt = m.attempt, "dray: lease lost before the failure was recorded; the newer attempt is authoritative");
     } else if matches!(to, FailTo::Retry(_)) {
@@ -1312,16 +1378,24 @@ async fn defer_unknown<S: Store>(shared: &Shared<S>, queue: &QueueName, m: &Mess
     shared.emit(WorkerEvent::Deferred { id: m.id, kind });
 }
 
+/// A finished attempt on its way to the completer, with the counters its recording moves.
+type Done = (Completion, Arc<crate::metrics::JobMetrics>);
+
 /// Writes finished attempts in batches: everything that finished while the previous write
 /// was in flight goes in the next one statement.
-async fn completer<S: Store>(shared: Arc<Shared<S>>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+async fn completer<S: Store>(shared: Arc<Shared<S>>, mut rx: mpsc::UnboundedReceiver<Done>) {
     const MAX_BATCH: usize = 2000;
     let mut completions: Vec<Completion> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut counters: Vec<Arc<crate::metrics::JobMetrics>> = Vec::new();
+    while let Some((first, jm)) = rx.recv().await {
         completions.push(first);
+        counters.push(jm);
         while completions.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(c) => completions.push(c),
+                Ok((c, jm)) => {
+                    completions.push(c);
+                    counters.push(jm);
+                }
                 Err(_) => break,
             }
         }
@@ -1342,13 +1416,15 @@ async fn completer<S: Store>(shared: Arc<Shared<S>>, mut rx: mpsc::UnboundedRece
                 }
             }
         };
-        for c in completions.drain(..) {
+        for (c, jm) in completions.drain(..).zip(counters.drain(..)) {
             let recorded = match &applied {
                 Some(None) => true,
                 Some(Some(a)) => a.contains(&c.lease.id),
                 None => false,
             };
-            if !recorded {
+            if recorded {
+                jm.completed.increment(1);
+            } else {
                 tracing::warn!(id = %c.lease.id, "dray: completion refused: the lease was taken back meanwhile");
             }
             shared.emit(WorkerEvent::Finished {
@@ -1415,6 +1491,8 @@ const MAINTENANCE: &str = "maintenance";
 /// On the leader only: rescue expired leases and prune old finished jobs.
 async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
     let every = shared.config.maintenance_interval;
+    let mut gauges = crate::metrics::QueueGauges::new();
+    let mut sampled: Option<Instant> = None;
     loop {
         let leader = match shared
             .store
@@ -1427,6 +1505,18 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                 false
             }
         };
+        if leader && sampled.is_none_or(|at| at.elapsed() >= shared.config.gauge_interval) {
+            sampled = Some(Instant::now());
+            match shared.store.queue_gauges().await {
+                Ok(now) => gauges.record(&now),
+                Err(err) => tracing::warn!(%err, "dray: sampling the queue gauges failed"),
+            }
+            for sample in &shared.samplers {
+                if let Err(err) = sample().await {
+                    tracing::warn!(%err, "dray: sampling the outbox gauges failed");
+                }
+            }
+        }
         if leader {
             match shared.store.message_rescue_expired(None).await {
                 Ok(r) if r.requeued + r.dead > 0 => shared.emit(WorkerEvent::Rescued {
@@ -1482,6 +1572,10 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
         }
     }
 }
+
+/// How often the maintenance leader samples the per-queue (and outbox) gauges: one query on
+/// the unfinished jobs per interval, whatever the number of workers.
+pub const GAUGE_SAMPLE_EVERY: Duration = Duration::from_secs(10);
 
 /// Finished jobs pruned per statement where a store prunes row by row.
 const PRUNE_BATCH: u32 = 1000;

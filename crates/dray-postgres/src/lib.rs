@@ -28,16 +28,17 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
     RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
-    decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    fail_to_parts, list_limit, micros, queues_to_wake, redrive_key_taken, redrive_refused,
-    settle_parts,
+    decode_attempts, decode_errors, decode_gauge, decode_headers, decode_progress, decode_state,
+    dedup_keys, fail_to_parts, list_limit, micros, queues_to_wake, redrive_key_taken,
+    redrive_refused, settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey, HEAD, claim_key};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
     JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction,
-    NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
+    NewMessage, Priority, QueueGauge, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -1454,6 +1455,16 @@ impl Store for PgStore {
             dead: g(4)?,
             cancelled: g(5)?,
         })
+    }
+
+    async fn queue_gauges(&self) -> Result<Vec<QueueGauge>> {
+        let rows = sqlx::query(AssertSqlSafe(self.inner.sql.gauges.clone()))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(Error::db("queue_gauges"))?;
+        rows.iter()
+            .map(|row| decode_gauge(row, Duration::from_micros))
+            .collect()
     }
 
     async fn queue_next_due(&self, queue: &QueueName) -> Result<Option<Duration>> {

@@ -345,6 +345,16 @@ const GET_MANY: &str = "SELECT {cols} FROM {s}.dray_jobs_all j WHERE j.id = ANY(
 const QUEUE_LIST: &str =
     "SELECT queue, {counts} FROM {s}.dray_jobs_all GROUP BY queue ORDER BY queue";
 
+/// The per-queue gauges: the unfinished rows only (the hot table), every count at one now().
+const GAUGES: &str = "
+SELECT queue,
+    count(*) FILTER (WHERE state IN {pending} AND run_at <= now()) AS available,
+    count(*) FILTER (WHERE state IN {pending} AND run_at > now())  AS scheduled,
+    count(*) FILTER (WHERE state = 'running') AS running,
+    COALESCE((EXTRACT(EPOCH FROM now() - min(run_at)
+        FILTER (WHERE state IN {pending} AND run_at <= now())) * 1000000)::int8, 0) AS oldest_us
+FROM {s}.dray_jobs WHERE finished_at IS NULL GROUP BY queue ORDER BY queue";
+
 /// Stats: one scan of the queue's rows, every count at the same now().
 const STATS: &str = "SELECT {counts} FROM {s}.dray_jobs_all WHERE queue = $1";
 
@@ -657,6 +667,7 @@ pub struct Sql {
     pub get: Arc<str>,
     pub get_many: Arc<str>,
     pub queue_list: Arc<str>,
+    pub gauges: Arc<str>,
     pub stats: Arc<str>,
     pub next_due: Arc<str>,
     pub next_due_after: Arc<str>,
@@ -771,6 +782,7 @@ impl Sql {
             get: f(GET),
             get_many: f(GET_MANY),
             queue_list: f(QUEUE_LIST),
+            gauges: f(GAUGES),
             stats: f(STATS),
             next_due: f(NEXT_DUE),
             next_due_after: f(NEXT_DUE_AFTER),

@@ -32,6 +32,7 @@ mod events;
 mod extract;
 mod idempotency;
 mod jobs;
+pub mod metrics;
 mod openapi;
 mod outbox;
 mod queues;
@@ -297,7 +298,11 @@ pub fn router<S: ServerStore>(app: App<S>) -> Router {
         .merge(live)
         .route("/openapi.json", get(openapi::document))
         .fallback(error::not_found);
+    let scrape = Router::new().route("/metrics", get(metrics::scrape)).layer(
+        axum::middleware::from_fn_with_state((app.clone(), Scope::Read), auth::require::<S>),
+    );
     let mut router = Router::new()
+        .merge(scrape)
         .route("/healthz", get(health))
         .route("/readyz", get(ready::<S>))
         .nest("/api/v1", api)

@@ -97,7 +97,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "Dray HTTP API", description = "Durable background work: jobs, queues, workflows, crons, the outbox; live events; workers over HTTP. Errors are RFC 9457 problem+json bodies whose `type` is `urn:dray:problem:<code>`."),
     paths(
-        crate::health, crate::ready,
+        crate::health, crate::ready, crate::metrics::scrape,
         crate::jobs::enqueue, crate::jobs::list, crate::jobs::get_job, crate::jobs::result,
         crate::jobs::wait, crate::jobs::cancel, crate::jobs::retry,
         crate::queues::list, crate::queues::stats,
@@ -123,7 +123,7 @@ impl Modify for BearerAuth {
         (name = "outbox", description = "The transactional outbox"),
         (name = "tokens", description = "Bearer tokens (admin)"),
         (name = "events", description = "Live events (server-sent events)"),
-        (name = "health", description = "Liveness and readiness"),
+        (name = "health", description = "Liveness, readiness and Prometheus metrics"),
     )
 )]
 pub struct ApiDoc;

@@ -30,8 +30,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dray_core::batch::{
     RowHead, RowTail, Salvaged, SweepCursor, Unreadable, cancel_outcome, claimed_in_order,
-    decode_attempts, decode_errors, decode_headers, decode_progress, decode_state, dedup_keys,
-    fail_to_parts, list_limit, millis, redrive_key_taken, redrive_refused, settle_parts,
+    decode_attempts, decode_errors, decode_gauge, decode_headers, decode_progress, decode_state,
+    dedup_keys, fail_to_parts, list_limit, millis, redrive_key_taken, redrive_refused,
+    settle_parts,
 };
 use dray_core::claim::{ClaimCursors, ClaimKey};
 use dray_core::duration::MAX_SPAN;
@@ -39,7 +40,8 @@ use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
     JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction,
-    NewMessage, Priority, QueueName, QueueStats, RescueReport, Result, RunAt, Store, WakeHub,
+    NewMessage, Priority, QueueGauge, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
+    WakeHub,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -135,6 +137,7 @@ struct Statements {
     get: String,
     get_many: String,
     queue_list: String,
+    gauges: String,
     stats: String,
     next_due: String,
     now: String,
@@ -171,6 +174,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements {
     get: sql::expand(sql::GET),
     get_many: sql::expand(sql::GET_MANY),
     queue_list: sql::expand(sql::QUEUE_LIST),
+    gauges: sql::expand(sql::GAUGES),
     stats: sql::expand(sql::STATS),
     next_due: sql::expand(sql::NEXT_DUE),
     now: sql::expand(sql::NOW_MS),
@@ -1472,6 +1476,16 @@ impl Store for SqliteStore {
             dead: g(4)?,
             cancelled: g(5)?,
         })
+    }
+
+    async fn queue_gauges(&self) -> Result<Vec<QueueGauge>> {
+        let rows = q(&SQL.gauges)
+            .fetch_all(&self.inner.reader)
+            .await
+            .map_err(Error::db("queue_gauges"))?;
+        rows.iter()
+            .map(|row| decode_gauge(row, Duration::from_millis))
+            .collect()
     }
 
     async fn queue_next_due(&self, queue: &QueueName) -> Result<Option<Duration>> {

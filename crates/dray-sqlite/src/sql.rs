@@ -235,6 +235,14 @@ pub const GET_MANY: &str =
 pub const QUEUE_LIST: &str = "SELECT queue, {counts} FROM dray_jobs, (SELECT {now} AS now) n \
     GROUP BY queue ORDER BY queue";
 
+/// The per-queue gauges: unfinished rows only, every count at one instant `n.now`.
+pub const GAUGES: &str = "SELECT queue,
+    count(*) FILTER (WHERE state IN {pending} AND run_at <= n.now),
+    count(*) FILTER (WHERE state IN {pending} AND run_at > n.now),
+    count(*) FILTER (WHERE state = 'running'),
+    COALESCE(n.now - min(run_at) FILTER (WHERE state IN {pending} AND run_at <= n.now), 0)
+FROM dray_jobs, (SELECT {now} AS now) n WHERE finished_at IS NULL GROUP BY queue ORDER BY queue";
+
 pub const STATS: &str = "SELECT {counts} FROM dray_jobs, (SELECT {now} AS now) n WHERE queue = ?1";
 
 /// A queue's counts by state (available, scheduled, leased, completed, dead, cancelled), every

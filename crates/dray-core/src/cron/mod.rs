@@ -493,25 +493,60 @@ async fn round<S: CronStore>(
                     )
                 })
                 .collect();
-            let report = store
-                .cron_fire(&CronFire {
-                    schedule: spec.name.clone(),
-                    fire,
-                    skip,
-                    overlap: spec.overlap,
-                    advance_to: newest,
-                    manual: false,
-                })
-                .await?;
+            let cron_fire = CronFire {
+                schedule: spec.name.clone(),
+                fire,
+                skip,
+                overlap: spec.overlap,
+                advance_to: newest,
+                manual: false,
+            };
+            let report = store.cron_fire(&cron_fire).await?;
             for (tick, id) in &report.fired {
                 tracing::debug!(schedule = %spec.name, %tick, job = %id, "dray: cron tick fired");
             }
+            count_ticks(&spec.name, &cron_fire.fire, &report, now);
         }
         if let Some(n) = expr.next_after(now) {
             next = next.min(n);
         }
     }
     Ok((next - now).to_std().unwrap_or_default())
+}
+
+/// Moves the cron metrics by what one `cron_fire` did (its handling time: `now`).
+fn count_ticks(schedule: &str, fire: &[TickFire], report: &FireReport, now: DateTime<Utc>) {
+    use crate::metrics as m;
+    if !report.fired.is_empty() {
+        let ticks =
+            metrics::counter!(m::CRON_TICKS, "schedule" => schedule.to_owned(), "outcome" => "run");
+        ticks.increment(report.fired.len() as u64);
+        let delay = metrics::histogram!(m::CRON_TICK_DELAY, "schedule" => schedule.to_owned());
+        let mut late = 0;
+        for (tick, _) in &report.fired {
+            let d = m::seconds(now - *tick);
+            delay.record(d);
+            if d > m::CRON_LATE_AFTER.as_secs_f64() {
+                late += 1;
+            }
+            if let Some(f) = fire.iter().find(|f| f.tick == *tick) {
+                if let Some(job) = &f.job {
+                    m::enqueued(std::slice::from_ref(job), std::iter::once(true));
+                }
+                if let Some(run) = &f.run {
+                    m::run_started(&run.name);
+                }
+            }
+        }
+        if late > 0 {
+            metrics::counter!(m::CRON_TICKS_LATE, "schedule" => schedule.to_owned())
+                .increment(late);
+        }
+    }
+    if !report.skipped.is_empty() {
+        metrics::counter!(m::CRON_TICKS, "schedule" => schedule.to_owned(), "outcome" => "skipped")
+            .increment(report.skipped.len() as u64);
+    }
 }
 
 /// Client calls for schedules.
@@ -579,17 +614,26 @@ impl<S: CronStore> crate::Client<S> {
             .ok_or_else(|| no_schedule(name))?;
         let now = self.store().now().await?;
         let work = tick_work(&s.spec, now, true)?;
-        let report = self
-            .store()
-            .cron_fire(&CronFire {
-                schedule: s.spec.name.clone(),
-                fire: vec![work],
-                skip: Vec::new(),
-                overlap: Overlap::Allow,
-                advance_to: s.last_tick,
-                manual: true,
-            })
-            .await?;
+        let cron_fire = CronFire {
+            schedule: s.spec.name.clone(),
+            fire: vec![work],
+            skip: Vec::new(),
+            overlap: Overlap::Allow,
+            advance_to: s.last_tick,
+            manual: true,
+        };
+        let report = self.store().cron_fire(&cron_fire).await?;
+        // A manual run is no tick: it counts as the job (or run) it made, not in the tick metrics.
+        if !report.fired.is_empty() {
+            for f in &cron_fire.fire {
+                if let Some(job) = &f.job {
+                    crate::metrics::enqueued(std::slice::from_ref(job), std::iter::once(true));
+                }
+                if let Some(run) = &f.run {
+                    crate::metrics::run_started(&run.name);
+                }
+            }
+        }
         report
             .fired
             .first()

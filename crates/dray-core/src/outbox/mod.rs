@@ -234,7 +234,8 @@ impl<S: Store> Sink for QueueSink<S> {
                     callback_url: None,
                 })
                 .collect();
-            match self.store.message_insert_many(&messages).await {
+            let stored = self.store.message_insert_many(&messages).await;
+            match crate::metrics::count_enqueued(&messages, stored) {
                 Ok(_) => events.iter().map(|_| Ok(())).collect(),
                 Err(e) => PublishError::transient(format!("enqueue to {}: {e}", self.queue))
                     .for_each(events),
@@ -306,7 +307,7 @@ pub struct RelayRound {
 /// Claims an outbox's events, publishes them to a sink, and marks them.
 pub struct Relay<S: OutboxStore> {
     store: S,
-    outbox: String,
+    pub(crate) outbox: String,
     sink: Arc<dyn Sink>,
     config: RelayConfig,
 }
@@ -379,6 +380,8 @@ impl<S: OutboxStore> Relay<S> {
                     .collect()
             });
         let mut now = None;
+        let latency = metrics::histogram!(crate::metrics::OUTBOX_PUBLISH_LATENCY, "outbox" => self.outbox.clone());
+        let published_at = chrono::Utc::now();
         for (row, outcome) in rows
             .iter()
             .zip(
@@ -390,7 +393,13 @@ impl<S: OutboxStore> Relay<S> {
             )
         {
             match outcome {
-                Ok(()) => marks.published.push(row.id),
+                Ok(()) => {
+                    // Created when its UUIDv7 id was made, at the stage.
+                    if let Some(created) = crate::metrics::uuid_time(row.id) {
+                        latency.record(crate::metrics::seconds(published_at - created));
+                    }
+                    marks.published.push(row.id)
+                }
                 Err(e) if e.permanent || row.attempts >= self.config.max_attempts => {
                     marks.failed.push((row.id, e.message));
                 }
@@ -421,8 +430,16 @@ impl<S: OutboxStore> Relay<S> {
             claimed: marks.claimed,
             ..RelayRound::default()
         };
+        let label = || self.outbox.clone();
         if !marks.published.is_empty() {
             round.published = self.store.outbox_mark_published(&marks.published).await? as usize;
+            metrics::counter!(crate::metrics::OUTBOX_PUBLISHED, "outbox" => label())
+                .increment(round.published as u64);
+        }
+        let failures = marks.retries.len() + marks.failed.len();
+        if failures > 0 {
+            metrics::counter!(crate::metrics::OUTBOX_PUBLISH_FAILURES, "outbox" => label())
+                .increment(failures as u64);
         }
         if !marks.retries.is_empty() {
             for r in &marks.retries {

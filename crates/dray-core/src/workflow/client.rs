@@ -171,10 +171,8 @@ impl<S: WorkflowStore> Client<S> {
         options: StartOptions,
     ) -> Result<WorkflowHandle<S, W>> {
         let run = self.spec::<W>(input, options.workflow_id.clone())?;
-        let s = self
-            .store()
-            .workflow_start_many(std::slice::from_ref(&run))
-            .await?
+        let one = std::slice::from_ref(&run);
+        let s = crate::metrics::count_started(one, self.store().workflow_start_many(one).await)?
             .into_iter()
             .next()
             .ok_or_else(no_answer)?;
@@ -190,13 +188,14 @@ impl<S: WorkflowStore> Client<S> {
         options: StartOptions,
     ) -> Result<WorkflowHandle<S, W>> {
         let run = self.spec::<W>(input, options.workflow_id.clone())?;
-        let s = self
-            .store()
-            .workflow_start_many_in(conn, std::slice::from_ref(&run))
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(no_answer)?;
+        let one = std::slice::from_ref(&run);
+        let s = crate::metrics::count_started(
+            one,
+            self.store().workflow_start_many_in(conn, one).await,
+        )?
+        .into_iter()
+        .next()
+        .ok_or_else(no_answer)?;
         self.started::<W>(&run, s, &options)
     }
 
@@ -210,7 +209,7 @@ impl<S: WorkflowStore> Client<S> {
             .into_iter()
             .map(|(input, id)| self.spec::<W>(input, id))
             .collect::<Result<Vec<_>>>()?;
-        self.store().workflow_start_many(&runs).await
+        crate::metrics::count_started(&runs, self.store().workflow_start_many(&runs).await)
     }
 
     /// A handle on run `run_id` of `W`.

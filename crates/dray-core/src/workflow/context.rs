@@ -531,7 +531,12 @@ impl WorkflowContext {
         let mut tries = 0;
         loop {
             tries += 1;
-            let attempt_fut = std::panic::AssertUnwindSafe(f()).catch_unwind();
+            // Each attempt of a step runs in a span of its own, a child of the run's job span.
+            let step_span = tracing::info_span!(target: "dray::jobs", "dray.step", step = %full, attempt = prior + tries);
+            let attempt_fut =
+                std::panic::AssertUnwindSafe(tracing::Instrument::instrument(f(), step_span))
+                    .catch_unwind();
+            let began = std::time::Instant::now();
             let timed = async {
                 match options.timeout {
                     Some(t) => tokio::time::timeout(t, attempt_fut).await.ok(),
@@ -553,6 +558,7 @@ impl WorkflowContext {
                 o = timed => o,
                 _ = mark => unreachable!("the mark never completes"),
             };
+            crate::metrics::step_ran(self.workflow_name(), began.elapsed());
             let err = match outcome {
                 Some(Ok(Ok(out))) => {
                     let json = serde_json::to_string(&out).map_err(|e| {

@@ -158,7 +158,9 @@ impl<S: WorkflowStore> RunOps for WorkflowEngine<S> {
     fn start(&self, spec: NewRunSpec) -> BoxFuture<'_, Result<RunStarted>> {
         async move {
             let run = spec.build()?;
-            let started = self.store.workflow_start_many(&[run]).await?;
+            let runs = std::slice::from_ref(&run);
+            let started =
+                crate::metrics::count_started(runs, self.store.workflow_start_many(runs).await)?;
             started
                 .into_iter()
                 .next()
@@ -340,15 +342,18 @@ impl Drive {
         output: Option<String>,
         error: Option<String>,
     ) -> Result<Handled, JobError> {
-        settled(
-            self.write(RunOp::Finish {
+        let written = self
+            .write(RunOp::Finish {
                 status,
                 output,
                 error,
                 parent: loaded.run.parent_id,
             })
-            .await,
-        )
+            .await;
+        if matches!(written, Ok(true)) {
+            crate::metrics::run_ended(&loaded.run.name, status);
+        }
+        settled(written)
     }
 
     /// A transient failure: the run retries from its last completed step, or fails once its

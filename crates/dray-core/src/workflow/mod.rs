@@ -177,7 +177,8 @@ impl NewRunSpec {
                 kind: Some(job_kind(self.name)),
                 key: None,
                 payload: "null".to_owned(),
-                headers: "{}".to_owned(),
+                // The span that starts the run parents every attempt of its driving job.
+                headers: crate::trace::headers_json(&Default::default())?,
                 priority: self.options.priority,
                 run_at: RunAt::Now,
                 enqueued_at: None,
