@@ -113,6 +113,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "api",
         sql: include_str!("../migrations/0013_api.sql"),
     },
+    Migration {
+        version: 14,
+        name: "outbox_headers",
+        sql: include_str!("../migrations/0014_outbox_headers.sql"),
+    },
 ];
 
 /// The span of one partition of the history of finished jobs (schema version 9): a partition

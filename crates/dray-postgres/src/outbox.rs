@@ -18,18 +18,19 @@ use uuid::Uuid;
 use crate::PgStore;
 
 const COLS: &str = "id, outbox, event_type, event_id, payload, ordering_key, occurred_at, status, \
-    attempts, available_at, claimed_at, published_at, last_error";
+    attempts, available_at, claimed_at, published_at, last_error, headers";
 
 /// The rows, and the NOTIFY that wakes the outbox's relays (delivered at the caller's commit,
 /// never on a rollback), in one statement: one round trip per flush.
 const INSERT: &str = "
 WITH ins AS (
     INSERT INTO {s}.dray_outbox
-        (id, outbox, event_type, event_id, payload, ordering_key, occurred_at)
+        (id, outbox, event_type, event_id, payload, ordering_key, occurred_at, headers)
     SELECT u.id, $1, u.event_type, u.event_id, u.payload, u.ordering_key,
-           COALESCE(u.occurred_at, now())
-    FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::timestamptz[])
-        AS u(id, event_type, event_id, payload, ordering_key, occurred_at)
+           COALESCE(u.occurred_at, now()), u.headers
+    FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::timestamptz[],
+                $10::jsonb[])
+        AS u(id, event_type, event_id, payload, ordering_key, occurred_at, headers)
     ON CONFLICT (outbox, event_id) DO NOTHING
     RETURNING 1)
 SELECT count(*), pg_notify($8, $9) FROM ins";
@@ -61,6 +62,10 @@ fn decode(row: &PgRow) -> Result<OutboxRow> {
         ordering_key: row
             .try_get("ordering_key")
             .map_err(|e| bad("ordering_key", e))?,
+        headers: dray_core::batch::decode_headers(
+            &id,
+            row.try_get("headers").map_err(|e| bad("headers", e))?,
+        )?,
         occurred_at: row
             .try_get("occurred_at")
             .map_err(|e| bad("occurred_at", e))?,
@@ -134,6 +139,12 @@ impl OutboxStore for PgStore {
             .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
             .bind(&self.inner.channel)
             .bind(wake_channel(outbox))
+            .bind(
+                events
+                    .iter()
+                    .map(|e| serde_json::to_value(&e.headers).unwrap_or_default())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_one(&mut *conn)
             .await
             .map_err(Error::db(op))?;

@@ -98,6 +98,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "api",
         sql: include_str!("../migrations/0009_api.sql"),
     },
+    Migration {
+        version: 10,
+        name: "outbox_headers",
+        sql: include_str!("../migrations/0010_outbox_headers.sql"),
+    },
 ];
 
 /// Fallback poll interval of waiting receivers: enqueues inside a caller's transaction on the

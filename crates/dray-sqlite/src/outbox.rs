@@ -18,7 +18,7 @@ use crate::{SqliteStore, ms_to_time};
 const NOW: &str = "CAST(round(unixepoch('subsec') * 1000) AS INTEGER)";
 
 const COLS: &str = "id, outbox, event_type, event_id, payload, ordering_key, occurred_at, status, \
-    attempts, available_at, claimed_at, published_at, last_error";
+    attempts, available_at, claimed_at, published_at, last_error, headers";
 
 fn q(text: &str) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
     sqlx::query(sqlx::AssertSqlSafe(
@@ -70,6 +70,10 @@ fn decode(row: &SqliteRow) -> Result<OutboxRow> {
         last_error: row
             .try_get("last_error")
             .map_err(|e| bad("last_error", e.to_string()))?,
+        headers: dray_core::batch::decode_headers(
+            &id,
+            serde_json::from_str(&text("headers")?).map_err(|e| bad("headers", e.to_string()))?,
+        )?,
     })
 }
 
@@ -84,8 +88,8 @@ impl OutboxStore for SqliteStore {
         for e in events {
             n += q("INSERT INTO dray_outbox
                         (id, outbox, event_type, event_id, payload, ordering_key, occurred_at,
-                         available_at)
-                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, COALESCE(?7, {now}), {now})
+                         available_at, headers)
+                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, COALESCE(?7, {now}), {now}, ?8)
                     ON CONFLICT (outbox, event_id) DO NOTHING")
             .bind(Uuid::now_v7())
             .bind(outbox.to_owned())
@@ -94,6 +98,7 @@ impl OutboxStore for SqliteStore {
             .bind(e.payload.to_string())
             .bind(e.ordering_key.clone())
             .bind(e.occurred_at.map(|t| t.timestamp_millis()))
+            .bind(serde_json::to_string(&e.headers)?)
             .execute(&mut *conn)
             .await
             .map_err(Error::db("outbox_flush"))?

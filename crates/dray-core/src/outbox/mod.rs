@@ -83,8 +83,9 @@ impl Outbox {
     }
 
     /// Stages a built event (Forze `stage_event`).
-    pub fn stage_event(&mut self, event: OutboxEvent) -> Result<&mut Self> {
+    pub fn stage_event(&mut self, mut event: OutboxEvent) -> Result<&mut Self> {
         event.check()?;
+        crate::trace::inject(&mut event.headers);
         self.staged.push(event);
         Ok(self)
     }
@@ -180,7 +181,7 @@ pub trait Sink: Send + Sync + 'static {
 
 /// The headers every delivered message carries.
 pub fn event_headers(e: &OutboxRow) -> BTreeMap<String, String> {
-    let mut h = BTreeMap::new();
+    let mut h = e.headers.clone();
     h.insert(EVENT_ID_HEADER.to_owned(), e.event_id.clone());
     h.insert(EVENT_TYPE_HEADER.to_owned(), e.event_type.clone());
     if let Some(k) = &e.ordering_key {

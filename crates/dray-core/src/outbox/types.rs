@@ -1,5 +1,6 @@
 //! The values of the outbox and inbox layer that cross the store seam.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -24,6 +25,11 @@ pub struct OutboxEvent {
     /// Events of one key are relayed in the order they were staged (on the happy path), and
     /// brokers that partition use it (RabbitMQ's routing key, the Redis stream).
     pub ordering_key: Option<String>,
+    /// Headers delivered with the event by every sink (a queue message's headers, NATS and
+    /// RabbitMQ headers, Redis stream fields). Staging adds the W3C trace context of the
+    /// current span (see [`crate::trace`]) unless a `traceparent` is set already.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 impl OutboxEvent {
@@ -35,6 +41,7 @@ impl OutboxEvent {
             payload: serde_json::to_value(payload)?,
             occurred_at: None,
             ordering_key: None,
+            headers: BTreeMap::new(),
         })
     }
     /// Sets a stable event id (what consumers deduplicate on).
@@ -53,7 +60,13 @@ impl OutboxEvent {
         self
     }
 
-    /// Checks the type, id and key.
+    /// Sets a header delivered with the event.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Checks the type, id, key and headers.
     pub fn check(&self) -> Result<()> {
         for (what, v, max) in [
             ("event_type", Some(self.event_type.as_str()), 256),
@@ -71,6 +84,17 @@ impl OutboxEvent {
                     ),
                 ));
             }
+        }
+        if self.headers.len() > 64
+            || self
+                .headers
+                .iter()
+                .any(|(k, v)| k.is_empty() || k.len() > 256 || v.len() > 4096)
+        {
+            return Err(Error::invalid(
+                "headers",
+                "use at most 64 headers, each a name of 1 to 256 bytes and a value of at most 4,096",
+            ));
         }
         Ok(())
     }
@@ -155,6 +179,9 @@ pub struct OutboxRow {
     pub published_at: Option<DateTime<Utc>>,
     /// The last failed try's error.
     pub last_error: Option<String>,
+    /// The headers it was staged with (see [`OutboxEvent::headers`]).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// Counts of one outbox's events by status.
