@@ -132,6 +132,10 @@ struct BenchArgs {
     /// W6's phase length in seconds: clean and recovery last one, the held transaction two.
     #[arg(long, default_value_t = 60)]
     phase_secs: u64,
+    /// Record Dray's metrics into a Prometheus recorder while measuring (what `dray serve`
+    /// does), to measure what they cost.
+    #[arg(long)]
+    metrics: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -636,13 +640,17 @@ async fn bench(cli: &Cli, args: &BenchArgs) -> CliResult<()> {
             "--n, --reps and --phase-secs must be at least 1".into(),
         ));
     }
+    if args.metrics {
+        dray_server::metrics::install().map_err(|e| CliError::Bench(e.to_string()))?;
+    }
     let cfg = dray_bench::BenchConfig {
         url: cli.url().to_owned(),
         n: args.n,
         reps: args.reps,
         phase: std::time::Duration::from_secs(args.phase_secs.min(24 * 3600)),
     };
-    let meta = dray_bench::meta(&cfg.url).await;
+    let mut meta = dray_bench::meta(&cfg.url).await;
+    meta["metrics"] = serde_json::Value::Bool(args.metrics);
     if cli.json {
         out!("{meta}");
     } else {

@@ -76,6 +76,32 @@ pub const OUTBOX_PUBLISH_FAILURES: &str = "dray_outbox_publish_failures_total";
 /// outbox.
 pub const OUTBOX_PUBLISH_LATENCY: &str = "dray_outbox_publish_latency_seconds";
 
+/// Every metric Dray records.
+pub const ALL: &[&str] = &[
+    JOBS_ENQUEUED,
+    JOBS_STARTED,
+    JOBS_COMPLETED,
+    JOBS_FAILED,
+    JOBS_RETRIED,
+    JOBS_DEAD,
+    JOBS_CANCELLED,
+    JOB_DURATION,
+    JOB_PICKUP_LATENCY,
+    JOBS_IN_FLIGHT,
+    QUEUE_JOBS,
+    QUEUE_OLDEST_AVAILABLE_AGE,
+    WORKFLOW_RUNS_STARTED,
+    WORKFLOW_RUNS_ENDED,
+    WORKFLOW_STEP_DURATION,
+    CRON_TICKS,
+    CRON_TICKS_LATE,
+    CRON_TICK_DELAY,
+    OUTBOX_EVENTS,
+    OUTBOX_PUBLISHED,
+    OUTBOX_PUBLISH_FAILURES,
+    OUTBOX_PUBLISH_LATENCY,
+];
+
 /// A cron tick handled later than this after its time counts in [`CRON_TICKS_LATE`].
 pub const CRON_LATE_AFTER: Duration = Duration::from_secs(1);
 

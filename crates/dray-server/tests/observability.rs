@@ -451,6 +451,57 @@ async fn worker_metrics_on_their_own_address<S: ServerStore>(store: S) {
     served.await.unwrap().unwrap();
 }
 
+/// The guide lists every metric, and the Grafana dashboard queries only metrics that exist.
+#[test]
+fn the_guide_and_the_dashboard_match_the_metrics() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs");
+    let guide = std::fs::read_to_string(format!("{root}/observability.md")).unwrap();
+    for name in dray::metrics::ALL {
+        assert!(
+            guide.contains(&format!("| `{name}` |")),
+            "{name} is not in the guide's table"
+        );
+    }
+    let dashboard = std::fs::read_to_string(format!("{root}/grafana-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() > 10));
+    let mut used = std::collections::BTreeSet::new();
+    for (i, _) in dashboard.match_indices("dray_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        if name.len() > "dray_".len() {
+            used.insert(name);
+        }
+    }
+    for name in &used {
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(
+            dray::metrics::ALL.contains(&base),
+            "the dashboard queries {name}, which Dray does not record"
+        );
+    }
+    let all: std::collections::BTreeSet<&str> = dray::metrics::ALL.iter().copied().collect();
+    let queried: std::collections::BTreeSet<&str> = used
+        .iter()
+        .map(|n| {
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+        })
+        .collect();
+    assert_eq!(
+        all.difference(&queried).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "every metric has a panel"
+    );
+}
+
 fn pg_url() -> String {
     std::env::var("DRAY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

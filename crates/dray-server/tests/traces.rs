@@ -71,7 +71,10 @@ fn own(exporter: &InMemorySpanExporter, name: &str) -> (TraceId, SpanId) {
         .filter(|s| s.name == name)
         .collect();
     assert_eq!(all.len(), 1, "one span {name}");
-    (all[0].span_context.trace_id(), all[0].span_context.span_id())
+    (
+        all[0].span_context.trace_id(),
+        all[0].span_context.span_id(),
+    )
 }
 
 /// Waits until `check` holds (a span is exported when it closes, just after the handler).
@@ -179,7 +182,9 @@ async fn enqueue_to_handler_is_one_trace<S: dray_server::ServerStore + dray::Wor
     // staging span's child.
     let mut outbox = Outbox::new("t-orders").unwrap();
     tracing::info_span!("stage.order").in_scope(|| {
-        outbox.stage("order_placed", &serde_json::json!({"order": 7})).unwrap();
+        outbox
+            .stage("order_placed", &serde_json::json!({"order": 7}))
+            .unwrap();
     });
     let mut tx = store.pool().begin().await.unwrap();
     outbox.flush(&store, &mut *tx).await.unwrap();
@@ -197,7 +202,10 @@ async fn enqueue_to_handler_is_one_trace<S: dray_server::ServerStore + dray::Wor
     // Without a span around it, an enqueue adds no header and its handler starts a trace of
     // its own.
     let plain = client.enqueue::<TracedJob>(&2).await.unwrap();
-    client.wait(plain.id, Duration::from_secs(30)).await.unwrap();
+    client
+        .wait(plain.id, Duration::from_secs(30))
+        .await
+        .unwrap();
     let stored = client.get(plain.id).await.unwrap().unwrap();
     assert!(!stored.headers.contains_key("traceparent"));
 

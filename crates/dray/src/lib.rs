@@ -64,6 +64,8 @@ pub mod guide {
     pub mod outbox {}
     #[doc = include_str!("../../../docs/http.md")]
     pub mod http {}
+    #[doc = include_str!("../../../docs/observability.md")]
+    pub mod observability {}
     #[doc = include_str!("../../../docs/guarantees.md")]
     pub mod guarantees {}
     #[doc = include_str!("../../../docs/coming-from.md")]
