@@ -5,6 +5,9 @@
 
 #![allow(missing_docs)]
 
+mod common;
+use common::{on_both_stores, pg_url};
+
 use std::time::Duration;
 
 use dray::api::{ApiStore, NewToken, Scope, generate_token};
@@ -1415,47 +1418,6 @@ async fn an_unreachable_database_is_503_and_the_process_stays_healthy() {
     )))
     .execute(cleanup.pool())
     .await;
-}
-
-fn pg_url() -> String {
-    std::env::var("DRAY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-macro_rules! on_both_stores {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = dray::SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
-                        .await
-                        .unwrap();
-                    super::$name(store).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let schema = format!("dray_h_{}", uuid::Uuid::now_v7().simple());
-                    let store = dray::PgStore::builder(super::pg_url())
-                        .schema(&schema)
-                        .max_connections(8)
-                        .schema_mode(dray::SchemaMode::Migrate)
-                        .connect()
-                        .await
-                        .unwrap_or_else(|e| panic!("PostgreSQL is required for these tests: {e}"));
-                    super::$name(store.clone()).await;
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
-                        .execute(store.pool())
-                        .await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_stores!(

@@ -7,6 +7,9 @@
 
 #![allow(missing_docs)]
 
+mod common;
+use common::on_both_stores;
+
 use std::time::Duration;
 
 use dray::{
@@ -212,34 +215,4 @@ async fn enqueue_to_handler_is_one_trace<S: dray_server::ServerStore + dray::Wor
     worker.shutdown().await.unwrap();
 }
 
-fn pg_url() -> String {
-    std::env::var("DRAY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_enqueue_to_handler_is_one_trace() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dray::SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
-        .await
-        .unwrap();
-    enqueue_to_handler_is_one_trace(store).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_enqueue_to_handler_is_one_trace() {
-    let schema = format!("dray_t_{}", uuid::Uuid::now_v7().simple());
-    let store = dray::PgStore::builder(pg_url())
-        .schema(&schema)
-        .max_connections(8)
-        .schema_mode(dray::SchemaMode::Migrate)
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is required for these tests: {e}"));
-    enqueue_to_handler_is_one_trace(store.clone()).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA \"{schema}\" CASCADE"
-    )))
-    .execute(store.pool())
-    .await;
-}
+on_both_stores!(enqueue_to_handler_is_one_trace);
