@@ -642,6 +642,30 @@ impl<K: Clone> Sweep<K> {
     }
 }
 
+/// Decodes a row of `(queue, available, scheduled, running, oldest available age)`, as both
+/// stores' [`crate::Store::queue_gauges`] select it; `unit` turns the age column (the store's
+/// clock unit) into a duration.
+pub fn decode_gauge<'r, R>(
+    row: &'r R,
+    unit: fn(u64) -> std::time::Duration,
+) -> Result<crate::types::QueueGauge>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let op = "queue_gauges";
+    let age: i64 = row.try_get(4).map_err(Error::db(op))?;
+    Ok(crate::types::QueueGauge {
+        queue: row.try_get(0).map_err(Error::db(op))?,
+        available: row.try_get(1).map_err(Error::db(op))?,
+        scheduled: row.try_get(2).map_err(Error::db(op))?,
+        running: row.try_get(3).map_err(Error::db(op))?,
+        oldest_available_age: unit(age.max(0) as u64),
+    })
+}
+
 #[cfg(test)]
 mod sweep_tests {
     use super::*;
@@ -706,28 +730,4 @@ mod sweep_tests {
         );
         assert_eq!(sweep(&c, 100), vec![(None, SWEEP_WINDOW)]);
     }
-}
-
-/// Decodes a row of `(queue, available, scheduled, running, oldest available age)`, as both
-/// stores' [`crate::Store::queue_gauges`] select it; `unit` turns the age column (the store's
-/// clock unit) into a duration.
-pub fn decode_gauge<'r, R>(
-    row: &'r R,
-    unit: fn(u64) -> std::time::Duration,
-) -> Result<crate::types::QueueGauge>
-where
-    R: sqlx::Row,
-    usize: sqlx::ColumnIndex<R>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let op = "queue_gauges";
-    let age: i64 = row.try_get(4).map_err(Error::db(op))?;
-    Ok(crate::types::QueueGauge {
-        queue: row.try_get(0).map_err(Error::db(op))?,
-        available: row.try_get(1).map_err(Error::db(op))?,
-        scheduled: row.try_get(2).map_err(Error::db(op))?,
-        running: row.try_get(3).map_err(Error::db(op))?,
-        oldest_available_age: unit(age.max(0) as u64),
-    })
 }
