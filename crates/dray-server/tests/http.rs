@@ -6,11 +6,11 @@
 #![allow(missing_docs)]
 
 mod common;
-use common::{on_both_stores, pg_url};
+use common::{on_both_stores, pg_url, token};
 
 use std::time::Duration;
 
-use dray::api::{ApiStore, NewToken, Scope, generate_token};
+use dray::api::Scope;
 use dray::{JobContext, JobError, Worker, WorkflowContext, WorkflowError};
 use dray_server::{App, Auth, Catalog, ServerConfig, ServerStore};
 use reqwest::StatusCode;
@@ -200,21 +200,6 @@ async fn read(r: reqwest::Response) -> (StatusCode, Value) {
         );
     }
     (status, body)
-}
-
-async fn token<S: ApiStore>(store: &S, name: &str, scopes: &[Scope]) -> String {
-    let (secret, hash) = generate_token().unwrap();
-    store
-        .token_insert(&NewToken {
-            id: uuid::Uuid::now_v7(),
-            name: name.to_owned(),
-            scopes: scopes.to_vec(),
-            hash,
-            ttl: None,
-        })
-        .await
-        .unwrap();
-    secret
 }
 
 /// One server-sent event.

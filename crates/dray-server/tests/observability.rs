@@ -8,12 +8,12 @@
 #![allow(missing_docs)]
 
 mod common;
-use common::on_both_stores;
+use common::{on_both_stores, token};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use dray::api::{ApiStore, NewToken, Scope, generate_token};
+use dray::api::Scope;
 use dray::cron::ScheduleSpec;
 use dray::{
     Client, EnqueueOptions, JobContext, JobError, Outbox, QueueSink, Relay, Worker,
@@ -135,21 +135,6 @@ async fn scrape_until(
     }
 }
 
-async fn token<S: ApiStore>(store: &S, scopes: &[Scope]) -> String {
-    let (secret, hash) = generate_token().unwrap();
-    store
-        .token_insert(&NewToken {
-            id: uuid::Uuid::now_v7(),
-            name: format!("t-{}", uuid::Uuid::now_v7().simple()),
-            scopes: scopes.to_vec(),
-            hash,
-            ttl: None,
-        })
-        .await
-        .unwrap();
-    secret
-}
-
 async fn metrics_after_known_work<S: ServerStore + dray::WorkflowStore>(store: S) {
     dray_server::metrics::install().unwrap();
     let client = Client::new(store.clone());
@@ -236,7 +221,7 @@ async fn metrics_after_known_work<S: ServerStore + dray::WorkflowStore>(store: S
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let reader = token(&store, &[Scope::Read]).await;
+    let reader = token(&store, "prometheus", &[Scope::Read]).await;
     let app = App::new(store.clone(), ServerConfig::default(), Catalog::new());
     let server = tokio::spawn(dray_server::serve_on(listener, app, std::future::pending()));
     let http = reqwest::Client::new();
@@ -418,7 +403,9 @@ async fn metrics_after_known_work<S: ServerStore + dray::WorkflowStore>(store: S
 }
 
 async fn worker_metrics_on_their_own_address<S: ServerStore>(store: S) {
-    // A worker process without the API: /metrics alone, no token.
+    // A worker process without the API: /metrics alone, no token. The recorder goes in before
+    // the worker starts (serve installs it too, but in its own task: maybe after the job ran).
+    dray_server::metrics::install().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -530,12 +530,7 @@ fn count_ticks(schedule: &str, fire: &[TickFire], report: &FireReport, now: Date
                 late += 1;
             }
             if let Some(f) = fire.iter().find(|f| f.tick == *tick) {
-                if let Some(job) = &f.job {
-                    m::enqueued(std::slice::from_ref(job), std::iter::once(true));
-                }
-                if let Some(run) = &f.run {
-                    m::run_started(&run.name);
-                }
+                count_work(f);
             }
         }
         if late > 0 {
@@ -546,6 +541,16 @@ fn count_ticks(schedule: &str, fire: &[TickFire], report: &FireReport, now: Date
     if !report.skipped.is_empty() {
         metrics::counter!(m::CRON_TICKS, "schedule" => schedule.to_owned(), "outcome" => "skipped")
             .increment(report.skipped.len() as u64);
+    }
+}
+
+/// Counts the job (or workflow run) a fired tick enqueued.
+fn count_work(f: &TickFire) {
+    if let Some(job) = &f.job {
+        crate::metrics::enqueued(std::slice::from_ref(job), std::iter::once(true));
+    }
+    if let Some(run) = &f.run {
+        crate::metrics::run_started(&run.name);
     }
 }
 
@@ -625,14 +630,7 @@ impl<S: CronStore> crate::Client<S> {
         let report = self.store().cron_fire(&cron_fire).await?;
         // A manual run is no tick: it counts as the job (or run) it made, not in the tick metrics.
         if !report.fired.is_empty() {
-            for f in &cron_fire.fire {
-                if let Some(job) = &f.job {
-                    crate::metrics::enqueued(std::slice::from_ref(job), std::iter::once(true));
-                }
-                if let Some(run) = &f.run {
-                    crate::metrics::run_started(&run.name);
-                }
-            }
+            cron_fire.fire.iter().for_each(count_work);
         }
         report
             .fired

@@ -3,6 +3,26 @@
 
 #![allow(dead_code)]
 
+/// Stores a token named `name` with `scopes`; returns its secret.
+pub async fn token<S: dray::api::ApiStore>(
+    store: &S,
+    name: &str,
+    scopes: &[dray::api::Scope],
+) -> String {
+    let (secret, hash) = dray::api::generate_token().unwrap();
+    store
+        .token_insert(&dray::api::NewToken {
+            id: uuid::Uuid::now_v7(),
+            name: name.to_owned(),
+            scopes: scopes.to_vec(),
+            hash,
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    secret
+}
+
 /// The PostgreSQL the tests use (`DRAY_TEST_DATABASE_URL`, default the local server).
 pub fn pg_url() -> String {
     std::env::var("DRAY_TEST_DATABASE_URL")
