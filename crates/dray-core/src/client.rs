@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::changes::JobChange;
 use crate::error::{Error, Result};
 use crate::job::{Job, unique_key};
 use crate::queue::{EnqueueOptions, Queue};
@@ -315,18 +316,40 @@ impl<S: Store> Client<S> {
     /// Cancels a job: one that has not started never runs; a running one is asked to stop
     /// (cooperatively: its handler sees `JobContext::is_cancelled` at the next heartbeat).
     pub async fn cancel(&self, id: Uuid) -> Result<CancelOutcome> {
-        self.store()
+        let outcome = self
+            .store()
             .job_cancel(id)
             .await?
-            .ok_or(Error::NotFound { id })
+            .ok_or(Error::NotFound { id })?;
+        let feed = self.store().wake().changes();
+        if outcome == CancelOutcome::Cancelled && feed.watched() {
+            // The change names its queue: read it (only while somebody watches).
+            if let Ok(Some(m)) = self.store().message_get(id).await {
+                feed.record_with(|| {
+                    Some(JobChange::new(
+                        id,
+                        &m.queue,
+                        MessageState::Cancelled,
+                        Some(m.attempt),
+                    ))
+                });
+            }
+        }
+        Ok(outcome)
     }
 
     /// Re-drives a dead or cancelled job with fresh attempts.
     pub async fn retry(&self, id: Uuid) -> Result<Message> {
-        self.store()
+        let m = self
+            .store()
             .job_redrive(id)
             .await?
-            .ok_or(Error::NotFound { id })
+            .ok_or(Error::NotFound { id })?;
+        self.store()
+            .wake()
+            .changes()
+            .record_with(|| Some(JobChange::new(id, &m.queue, m.state, Some(m.attempt))));
+        Ok(m)
     }
 
     /// Lists jobs by queue, kind and state, newest first.

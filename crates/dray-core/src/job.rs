@@ -270,6 +270,7 @@ impl CancelToken {
 pub(crate) trait ContextOps: Send + Sync {
     fn progress<'a>(
         &'a self,
+        queue: &'a QueueName,
         lease: LeaseRef,
         percent: u8,
         message: Option<&'a str>,
@@ -350,7 +351,7 @@ impl JobContext {
         let w = self
             .inner
             .ops
-            .progress(lease, percent, Some(message.as_ref()))
+            .progress(&self.inner.queue, lease, percent, Some(message.as_ref()))
             .await?;
         self.check(w)
     }

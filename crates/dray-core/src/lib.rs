@@ -8,6 +8,7 @@
 pub mod api;
 pub mod batch;
 pub mod callback;
+pub mod changes;
 pub mod claim;
 pub mod client;
 pub mod cron;

@@ -254,6 +254,11 @@ fn failure_index(kind: FailureKind) -> usize {
 }
 
 impl JobMetrics {
+    /// The queue these handles count.
+    pub(crate) fn queue(&self) -> &str {
+        &self.queue
+    }
+
     fn new(queue: &str, kind: &str) -> Self {
         let labels = [("queue", queue.to_owned()), ("kind", kind.to_owned())];
         Self {

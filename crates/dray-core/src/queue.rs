@@ -28,8 +28,8 @@ use crate::duration::check_span;
 use crate::error::{Error, Result};
 use crate::store::{Store, StoreConnection};
 use crate::types::{
-    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, NackAction, NewMessage, Priority,
-    QueueName, QueueStats, RescueReport, RunAt,
+    ClaimParams, Enqueued, LeaseRef, LeaseWrite, Message, MessageState, NackAction, NewMessage,
+    Priority, QueueName, QueueStats, RescueReport, RunAt,
 };
 use crate::wake::TakenOffer;
 
@@ -406,13 +406,18 @@ impl<S: Store> Queue<S> {
         {
             return self.hand_off(m, offer).await.map(|e| vec![e]);
         }
-        crate::metrics::count_enqueued(messages, self.store.message_insert_many(messages).await)
+        let stored = self.store.message_insert_many(messages).await;
+        if let Ok(enqueued) = &stored {
+            crate::changes::record_enqueued(self.store.wake().changes(), messages, enqueued);
+        }
+        crate::metrics::count_enqueued(messages, stored)
     }
 
     /// Inserts `m` leased as `offer` asks and hands it over (see [`Queue::enqueue_messages`]).
     async fn hand_off(&self, m: &NewMessage, offer: TakenOffer) -> Result<Enqueued> {
         // On an error the offer drops unfulfilled, and its receiver looks at the queue again.
         let message = self.store.message_insert_leased(m, &offer.params).await?;
+        crate::changes::record_claimed(self.store.wake().changes(), std::slice::from_ref(&message));
         crate::metrics::enqueued(std::slice::from_ref(m), std::iter::once(true));
         let id = message.id;
         let queue = offer.params.queue.clone();
@@ -423,12 +428,20 @@ impl<S: Store> Queue<S> {
                 id,
                 attempt: Some(message.attempt),
             };
-            if let Err(err) = self
+            match self
                 .store
                 .message_nack_many(&queue, &[lease], NackAction::Release)
                 .await
             {
-                tracing::warn!(%err, %id, "dray: cannot give back a message whose receiver left; it returns when its lease expires");
+                Ok(w) => self.store.wake().changes().record_write(
+                    queue.as_str(),
+                    &[lease],
+                    &w,
+                    MessageState::Available,
+                ),
+                Err(err) => {
+                    tracing::warn!(%err, %id, "dray: cannot give back a message whose receiver left; it returns when its lease expires")
+                }
             }
         }
         Ok(Enqueued {
@@ -544,6 +557,7 @@ impl<S: Store> Queue<S> {
                 None => {
                     let got = self.store.message_claim(&params).await?;
                     if !got.is_empty() {
+                        crate::changes::record_claimed(self.store.wake().changes(), &got);
                         return Ok(got);
                     }
                     let looked = Instant::now();
@@ -667,12 +681,14 @@ impl<S: Store> Queue<S> {
         refs: impl IntoIterator<Item = R>,
     ) -> Result<u64> {
         let (queue, refs) = Self::refs(queue, refs)?;
-        Ok(self
-            .store
-            .message_ack_many(&queue, &refs)
-            .await?
-            .applied
-            .len() as u64)
+        let w = self.store.message_ack_many(&queue, &refs).await?;
+        self.store.wake().changes().record_write(
+            queue.as_str(),
+            &refs,
+            &w,
+            MessageState::Completed,
+        );
+        Ok(w.applied.len() as u64)
     }
 
     /// Acknowledges one message you received, fenced: [`Error::LeaseLost`] if its lease was
@@ -683,6 +699,12 @@ impl<S: Store> Queue<S> {
             .store
             .message_ack_many(&queue, &[message.lease()])
             .await?;
+        self.store.wake().changes().record_write(
+            queue.as_str(),
+            &[message.lease()],
+            &w,
+            MessageState::Completed,
+        );
         Self::fenced(message, w)
     }
 
@@ -715,7 +737,12 @@ impl<S: Store> Queue<S> {
     ) -> Result<LeaseWrite> {
         check_span("delay", action.delay(), Duration::ZERO)?;
         let (queue, refs) = Self::refs(queue, refs)?;
-        self.store.message_nack_many(&queue, &refs, action).await
+        let w = self.store.message_nack_many(&queue, &refs, action).await?;
+        self.store
+            .wake()
+            .changes()
+            .record_write(queue.as_str(), &refs, &w, action.next_state());
+        Ok(w)
     }
 
     /// Extends leases: each now ends `by` from the database's `now()` (a heartbeat). Returns

@@ -578,6 +578,16 @@ pub enum NackAction {
 }
 
 impl NackAction {
+    /// The state a message given back this way is in, unless it went dead (out of attempts,
+    /// or [`NackAction::Dead`]).
+    pub fn next_state(self) -> MessageState {
+        match self {
+            NackAction::Dead => MessageState::Dead,
+            a if a.delay().is_zero() => MessageState::Available,
+            _ => MessageState::Scheduled,
+        }
+    }
+
     /// The name the stores' SQL uses for this action.
     pub fn mode(self) -> &'static str {
         match self {

@@ -17,12 +17,14 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, oneshot};
 
+use crate::changes::ChangeFeed;
 use crate::types::{ClaimParams, Message};
 
 /// Wake-up channels, one per queue name.
 #[derive(Debug, Default)]
 pub struct WakeHub {
     queues: Mutex<HashMap<String, Arc<QueueSignal>>>,
+    changes: ChangeFeed,
 }
 
 /// One queue's wake-up channel.
@@ -219,6 +221,11 @@ impl WakeHub {
     /// A new hub with no queues.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The store's job change feed (see [`crate::changes`]).
+    pub fn changes(&self) -> &ChangeFeed {
+        &self.changes
     }
 
     /// The signal for `queue`, created on first use.

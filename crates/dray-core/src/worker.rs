@@ -30,12 +30,15 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::changes::JobChange;
 use crate::duration::check_span;
 use crate::error::{Error, Result};
 use crate::job::{CancelToken, ContextInner, ContextOps, Job, JobContext, JobError, JobOptions};
 use crate::queue::{Queue, QueueConfig, ReceiveOptions};
 use crate::store::Store;
-use crate::types::{Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Message, QueueName};
+use crate::types::{
+    Completion, FailTo, FailureKind, LeaseRef, LeaseWrite, Message, MessageState, QueueName,
+};
 use crate::workflow::Workflow;
 use crate::workflow::WorkflowEngine;
 use crate::workflow::engine::{EngineOps, ErasedWorkflow, TypedWorkflow, WorkflowHandler};
@@ -245,15 +248,19 @@ struct Ops<S: Store> {
 impl<S: Store> ContextOps for Ops<S> {
     fn progress<'a>(
         &'a self,
+        queue: &'a QueueName,
         lease: LeaseRef,
         percent: u8,
         message: Option<&'a str>,
     ) -> BoxFuture<'a, Result<LeaseWrite>> {
         async move {
             let message = message.map(Error::storable);
-            self.store
+            let w = self
+                .store
                 .job_progress(lease, percent, message.as_deref())
-                .await
+                .await?;
+            crate::changes::record_progress(self.store.wake().changes(), queue, lease, &w, percent);
+            Ok(w)
         }
         .boxed()
     }
@@ -1031,13 +1038,7 @@ async fn release_claimed<S: Store>(shared: &Shared<S>, queue: &QueueName, messag
         }
     }
     let leases: Vec<LeaseRef> = messages.iter().map(Message::lease).collect();
-    if let Err(err) = shared
-        .store
-        .message_nack_many(queue, &leases, crate::NackAction::Release)
-        .await
-    {
-        tracing::warn!(%err, n = leases.len(), "dray: could not give back claimed jobs; their leases expire by themselves");
-    }
+    give_back(shared, queue, &leases, crate::NackAction::Release).await;
 }
 
 /// After the grace period: stop this queue's handlers and give their jobs back at once.
@@ -1063,8 +1064,27 @@ async fn release_running<S: Store>(shared: &Shared<S>, queue: &QueueName) {
     let action = crate::NackAction::Requeue {
         delay: Duration::ZERO,
     };
-    if let Err(err) = shared.store.message_nack_many(queue, &leases, action).await {
-        tracing::warn!(%err, "dray: could not release leases; they expire by themselves");
+    give_back(shared, queue, &leases, action).await;
+}
+
+/// Gives leases back as `action` says (a failure leaves them to expire by themselves) and
+/// records the change.
+async fn give_back<S: Store>(
+    shared: &Shared<S>,
+    queue: &QueueName,
+    leases: &[LeaseRef],
+    action: crate::NackAction,
+) {
+    match shared.store.message_nack_many(queue, leases, action).await {
+        Ok(w) => shared.store.wake().changes().record_write(
+            queue.as_str(),
+            leases,
+            &w,
+            action.next_state(),
+        ),
+        Err(err) => {
+            tracing::warn!(%err, n = leases.len(), "dray: could not give back jobs; their leases expire by themselves")
+        }
     }
 }
 
@@ -1321,7 +1341,19 @@ async fn fail<S: Store>(
         .job_fail(m.lease(), kind, &Error::storable(msg), to)
         .await
     {
-        Ok(w) => w.applied.contains(&m.id),
+        Ok(w) => {
+            let state = match next {
+                "retry" => MessageState::Retryable,
+                "dead" => MessageState::Dead,
+                _ => MessageState::Cancelled,
+            };
+            shared
+                .store
+                .wake()
+                .changes()
+                .record_write(&m.queue, &[m.lease()], &w, state);
+            w.applied.contains(&m.id)
+        }
         Err(err) => {
             tracing::warn!(%err, id = %m.id, "dray: could not record a failed attempt; its lease will expire and it runs again");
             false
@@ -1368,13 +1400,7 @@ async fn defer_unknown<S: Store>(shared: &Shared<S>, queue: &QueueName, m: &Mess
     let action = crate::NackAction::Defer {
         delay: UNKNOWN_KIND_DEFER,
     };
-    if let Err(err) = shared
-        .store
-        .message_nack_many(queue, &[m.lease()], action)
-        .await
-    {
-        tracing::warn!(%err, id = %m.id, "dray: could not give back a job; its lease expires by itself");
-    }
+    give_back(shared, queue, &[m.lease()], action).await;
     shared.emit(WorkerEvent::Deferred { id: m.id, kind });
 }
 
@@ -1416,12 +1442,28 @@ async fn completer<S: Store>(shared: Arc<Shared<S>>, mut rx: mpsc::UnboundedRece
                 }
             }
         };
+        let recorded = |c: &Completion| match &applied {
+            Some(None) => true,
+            Some(Some(a)) => a.contains(&c.lease.id),
+            None => false,
+        };
+        shared.store.wake().changes().record_with(|| {
+            completions
+                .iter()
+                .zip(&counters)
+                .filter(|(c, _)| recorded(c))
+                .map(|(c, jm)| {
+                    JobChange::new(
+                        c.lease.id,
+                        jm.queue(),
+                        MessageState::Completed,
+                        c.lease.attempt,
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
         for (c, jm) in completions.drain(..).zip(counters.drain(..)) {
-            let recorded = match &applied {
-                Some(None) => true,
-                Some(Some(a)) => a.contains(&c.lease.id),
-                None => false,
-            };
+            let recorded = recorded(&c);
             if recorded {
                 jm.completed.increment(1);
             } else {

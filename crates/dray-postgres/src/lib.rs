@@ -32,6 +32,7 @@ use dray_core::batch::{
     dedup_keys, fail_to_parts, list_limit, micros, queues_to_wake, redrive_key_taken,
     redrive_refused, settle_parts,
 };
+use dray_core::changes;
 use dray_core::claim::{ClaimCursors, ClaimKey, HEAD, claim_key};
 use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
@@ -281,8 +282,11 @@ impl PgStoreBuilder {
         let quoted = format!("\"{}\"", self.schema);
         let channel = format!("{}.dray", self.schema);
         let notifier = Arc::new(Notifier::default());
+        let hub = Arc::new(WakeHub::new());
+        hub.changes().set_relayed();
         let notifier_task = NotifierTask(tokio::spawn(notify_loop(
             notifier.clone(),
+            hub.clone(),
             pool.clone(),
             channel.clone(),
         )));
@@ -296,7 +300,7 @@ impl PgStoreBuilder {
                 pool,
                 worker_pool,
                 listen,
-                hub: Arc::new(WakeHub::new()),
+                hub,
                 listener: tokio::sync::OnceCell::new(),
                 notifier,
                 notifier_task,
@@ -534,30 +538,53 @@ impl Notifier {
     }
 }
 
-/// Sends what [`Notifier`] gathered, one statement at a time and at most one per
-/// [`NOTIFY_GAP`]; ends with the store.
-async fn notify_loop(notifier: Arc<Notifier>, pool: PgPool, channel: String) {
+/// Sends what [`Notifier`] gathered, and the job changes of the change feed while somebody
+/// watches (see [`dray_core::changes`]), one statement at a time and at most one per
+/// [`NOTIFY_GAP`]; while this process has change subscribers, it announces so every
+/// [`changes::WATCH_EVERY`]. Ends with the store.
+async fn notify_loop(notifier: Arc<Notifier>, hub: Arc<WakeHub>, pool: PgPool, channel: String) {
+    let feed = hub.changes();
     let mut last_sent: Option<tokio::time::Instant> = None;
+    let mut last_announced: Option<tokio::time::Instant> = None;
     loop {
-        notifier.ready.notified().await;
+        let announce_at = feed.subscribed().then(|| {
+            last_announced.map_or_else(tokio::time::Instant::now, |t| t + changes::WATCH_EVERY)
+        });
+        tokio::select! {
+            _ = notifier.ready.notified() => {}
+            _ = feed.ready().notified() => {}
+            _ = async {
+                match announce_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
         if let Some(t) = last_sent.map(|t| t + NOTIFY_GAP)
             && t > tokio::time::Instant::now()
         {
             tokio::time::sleep_until(t).await;
         }
-        let queues =
+        let mut payloads =
             std::mem::take(&mut *notifier.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        if queues.is_empty() {
+        let now = tokio::time::Instant::now();
+        if feed.subscribed() && last_announced.is_none_or(|t| t + changes::WATCH_EVERY <= now) {
+            payloads.push(changes::relay::WATCHING.to_owned());
+            last_announced = Some(now);
+        }
+        payloads.extend(changes::relay::encode(&feed.take_outgoing()));
+        if payloads.is_empty() {
             continue;
         }
-        last_sent = Some(tokio::time::Instant::now());
+        last_sent = Some(now);
         if let Err(err) = sqlx::query(sql::NOTIFY)
             .bind(&channel)
-            .bind(&queues)
+            .bind(&payloads)
             .execute(&pool)
             .await
         {
-            // Receivers elsewhere find the jobs at their next poll instead.
+            // Receivers elsewhere find the jobs at their next poll instead; watchers miss
+            // these changes.
             tracing::warn!(%err, "dray: cannot send wake-ups for new jobs; receivers will poll");
         }
     }
@@ -1084,6 +1111,7 @@ async fn listen_loop(
                     backoff = Duration::from_millis(50);
                     // Anything sent while we were away was missed: everyone re-checks.
                     hub.wake_all();
+                    hub.changes().missed();
                 }
                 Err(sqlx::Error::PoolClosed) => return,
                 Err(err) => {
@@ -1096,7 +1124,11 @@ async fn listen_loop(
         // `try_recv` is cancel-safe: a timeout loses no notification.
         let lost = match tokio::time::timeout(listen.check, l.try_recv()).await {
             Ok(Ok(Some(n))) => {
-                hub.wake(n.payload());
+                match changes::relay::parse(n.payload()) {
+                    changes::relay::Payload::Queue(q) => hub.wake(q),
+                    changes::relay::Payload::Watching => hub.changes().heard_watching(),
+                    changes::relay::Payload::Changes(c) => hub.changes().deliver(c),
+                }
                 None
             }
             Ok(Ok(None)) => {
@@ -1122,6 +1154,7 @@ async fn listen_loop(
             tracing::warn!("dray: {why}; polling meanwhile, reconnecting");
             listener = None;
             hub.wake_all();
+            hub.changes().missed();
         }
     }
 }

@@ -1,19 +1,24 @@
 //! Live events (server-sent events): a job's status and progress to its end, a workflow run's
-//! status and step changes to its end, and a stream of per-queue counts for dashboards.
+//! status and step changes to its end, and a stream of job state changes and per-queue counts
+//! for dashboards.
 //!
-//! One hub per server follows everything subscribers watch: each tick
-//! ([`crate::ServerConfig::event_tick`]) it reads every followed job in one query, each followed
-//! run once, and the queue counts once (only while someone follows them), and fans the
-//! snapshots out to every subscriber through watch channels. A thousand subscribers to a
-//! thousand jobs cost one query per tick, not a thousand; nothing is read while nobody
-//! listens.
+//! One hub per server follows everything subscribers watch. It is woken by the store's job
+//! change feed ([`dray_core::changes`]: NOTIFY on PostgreSQL, in process on SQLite): when
+//! followed jobs change, it reads them in one query, the queue counts once (only while someone
+//! follows them), and each followed run once, at most once per
+//! [`crate::ServerConfig::event_tick`], and fans the snapshots out to every subscriber through
+//! watch channels. Without a change it reads everything again every ten ticks, and the followed
+//! runs every tick (a step inside a running attempt changes no job state). A thousand
+//! subscribers to a thousand jobs cost one query per refresh, not a thousand; nothing is read
+//! while nobody listens. `/events` streams take the job changes from the feed directly, with
+//! no read at all.
 //!
 //! Every event carries an `id`: a fingerprint of the state it reports. A client that
 //! reconnects with `Last-Event-ID` gets nothing until the state differs from the one it saw
 //! last, then the current state (intermediate progress it missed is not replayed; the state
 //! it resumes to is always the latest).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,17 +26,22 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use dray_core::QueueName;
 use dray_core::api::QueueCounts;
+use dray_core::changes::{Changes, JobChange};
 use dray_core::workflow::{RunInfo, StepRecord};
 use dray_core::{Error, JobStatus, Message};
 use futures_util::{Stream, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{Notify, watch};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::P;
+use crate::extract::{P, Q};
 use crate::jobs::JobResult;
 use crate::workflows::RunResult;
 use crate::{App, ServerStore};
@@ -40,7 +50,7 @@ use crate::{App, ServerStore};
 /// names it, `id` is the fingerprint to resume from, `data` is its JSON.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct SseEvent {
-    /// `status`, `step`, `end`, `error`, `queues` or `queue`.
+    /// `status`, `step`, `end`, `error`, `queues`, `queue`, `job` or `missed`.
     pub event: String,
     /// Send back as `Last-Event-ID` to resume.
     pub id: String,
@@ -107,8 +117,12 @@ impl<S: ServerStore> Shared<S> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn refresh(&self) {
-        let ids = live_ids(&self.jobs);
+    /// Reads what `dirty` says changed (everything when it is `full`) and publishes it.
+    async fn refresh(&self, dirty: &Dirty) {
+        let mut ids = live_ids(&self.jobs);
+        if !dirty.full {
+            ids.retain(|id| dirty.jobs.contains(id));
+        }
         if !ids.is_empty() {
             self.count_read();
             match self.store.message_get_many(&ids).await {
@@ -134,7 +148,7 @@ impl<S: ServerStore> Shared<S> {
                 }
             }
         }
-        if self.queues.receiver_count() > 0 {
+        if self.queues.receiver_count() > 0 && (dirty.full || !dirty.jobs.is_empty()) {
             self.count_read();
             match self.store.queue_list().await {
                 Ok(list) => {
@@ -155,6 +169,44 @@ impl<S: ServerStore> Shared<S> {
     }
 }
 
+/// What changed since the hub's last refresh.
+#[derive(Default)]
+struct Dirty {
+    /// Read everything followed (a new follower, a gap in the feed, the fallback timer).
+    full: bool,
+    /// Jobs the feed reported changed.
+    jobs: HashSet<Uuid>,
+}
+
+impl Dirty {
+    fn add(
+        &mut self,
+        got: Option<Result<Changes, RecvError>>,
+        feed: &mut Option<Receiver<Changes>>,
+    ) {
+        match got {
+            Some(Ok(Changes::Jobs(changes))) => self.jobs.extend(changes.iter().map(|c| c.id)),
+            Some(Ok(Changes::Missed) | Err(RecvError::Lagged(_))) => self.full = true,
+            Some(Err(RecvError::Closed)) | None => {
+                *feed = None;
+                self.full = true;
+            }
+        }
+    }
+
+    fn any(&self) -> bool {
+        self.full || !self.jobs.is_empty()
+    }
+}
+
+/// The next item of the feed; never, without one.
+async fn next_change(feed: &mut Option<Receiver<Changes>>) -> Option<Result<Changes, RecvError>> {
+    match feed {
+        Some(rx) => Some(rx.recv().await),
+        None => std::future::pending().await,
+    }
+}
+
 impl<S: ServerStore> Hub<S> {
     /// A hub on `store`; its task runs until `shutdown` turns true or its sender is dropped.
     /// Must be called inside a tokio runtime.
@@ -168,19 +220,48 @@ impl<S: ServerStore> Hub<S> {
             reads: std::sync::atomic::AtomicU64::new(0),
         });
         let task = shared.clone();
+        let fallback = tick.saturating_mul(10);
         tokio::spawn(async move {
+            let mut feed: Option<Receiver<Changes>> = None;
+            let mut last = tokio::time::Instant::now();
             loop {
+                let mut dirty = Dirty::default();
                 if task.idle() {
+                    feed = None;
                     tokio::select! {
-                        _ = task.poke.notified() => {}
+                        _ = task.poke.notified() => dirty.full = true,
                         _ = shutdown.wait_for(|s| *s) => break,
                     }
                 }
-                task.refresh().await;
-                tokio::select! {
-                    _ = tokio::time::sleep(tick) => {}
-                    _ = shutdown.wait_for(|s| *s) => break,
+                if feed.is_none() {
+                    // PostgreSQL: the feed arrives over LISTEN (without it, the fallback
+                    // timer still refreshes).
+                    if let Err(e) = task.store.listen().await {
+                        tracing::warn!(target: "dray::http", error = %e, "dray: live events cannot LISTEN; refreshing on a timer");
+                    }
+                    feed = Some(task.store.wake().changes().subscribe());
                 }
+                if !dirty.any() {
+                    let runs = !lock(&task.runs).is_empty();
+                    let wait = if runs { tick } else { fallback };
+                    tokio::select! {
+                        got = next_change(&mut feed) => dirty.add(got, &mut feed),
+                        _ = task.poke.notified() => dirty.full = true,
+                        _ = tokio::time::sleep(wait) => dirty.full = true,
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
+                }
+                // At most one refresh per tick: gather what else changes until then.
+                let due = last + tick;
+                loop {
+                    tokio::select! {
+                        got = next_change(&mut feed) => dirty.add(got, &mut feed),
+                        _ = tokio::time::sleep_until(due) => break,
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+                last = tokio::time::Instant::now();
+                task.refresh(&dirty).await;
             }
         });
         Hub { shared }
@@ -415,20 +496,111 @@ pub async fn run_events<S: ServerStore>(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// Per-queue counts for dashboards: one `queues` event with every queue, then a `queue`
-/// event for each queue whose counts change. It does not end.
+/// Filters of `GET /api/v1/events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only the job changes of this queue (the counts still cover every queue).
+    #[param(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
+    pub queue: Option<String>,
+    /// `false`: the per-queue counts only, no `job` events (default `true`).
+    pub jobs: Option<bool>,
+}
+
+/// The `job` events of one subscriber: every change the store's feed reports (of one queue,
+/// when asked), a `missed` event where the feed had a gap, until the server shuts down.
+fn job_changes(
+    feed: Receiver<Changes>,
+    queue: Option<QueueName>,
+    shutdown: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let queue: Option<Arc<str>> = queue.map(|q| q.as_str().into());
+    futures_util::stream::unfold((feed, shutdown), move |(mut feed, mut shutdown)| {
+        let queue = queue.clone();
+        async move {
+            let got = tokio::select! {
+                got = feed.recv() => got,
+                _ = shutdown.wait_for(|s| *s) => return None,
+            };
+            let events: Vec<Event> = match got {
+                Ok(Changes::Jobs(changes)) => changes
+                    .iter()
+                    .filter(|c| queue.as_deref().is_none_or(|q| q == c.queue))
+                    .map(job_event)
+                    .collect(),
+                Ok(Changes::Missed) => vec![missed_event(None)],
+                Err(RecvError::Lagged(n)) => vec![missed_event(Some(n))],
+                Err(RecvError::Closed) => return None,
+            };
+            Some((events, (feed, shutdown)))
+        }
+    })
+    .flat_map(|events| futures_util::stream::iter(events.into_iter().map(Ok)))
+}
+
+/// A `job` event. It has no id: a client's `Last-Event-ID` stays the last counts it saw.
+fn job_event(change: &JobChange) -> Event {
+    Event::default()
+        .event("job")
+        .json_data(change)
+        .unwrap_or_else(|_| Event::default().event("job").data("{}"))
+}
+
+fn missed_event(batches: Option<u64>) -> Event {
+    Event::default()
+        .event("missed")
+        .json_data(serde_json::json!({
+            "detail": "job changes were lost here (the stream fell behind, or the database connection that carries them was lost); re-read what you show",
+            "batches": batches,
+        }))
+        .unwrap_or_else(|_| Event::default().event("missed").data("{}"))
+}
+
+/// Job state changes and per-queue counts, for dashboards: one `queues` event with every
+/// queue, then a `queue` event for each queue whose counts change, and a `job` event for each
+/// job that changes state (or reports progress) anywhere. It does not end.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events",
-    params(("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
-    responses((status = 200, description = "text/event-stream of `queues` and `queue` events", content_type = "text/event-stream", body = SseEvent),
+    params(EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
+    responses((status = 200, description = "text/event-stream of `queues`, `queue`, `job` and `missed` events", content_type = "text/event-stream", body = SseEvent),
         crate::openapi::ReadErrors))]
 pub async fn all_events<S: ServerStore>(
     State(app): State<App<S>>,
+    Q(q): Q<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let rx = app.hub().follow_queues();
-    let mut last = last_event_id(&headers);
+    let queue = q.queue.map(QueueName::new).transpose()?;
+    let jobs = if q.jobs.unwrap_or(true) {
+        // PostgreSQL: the changes of every process arrive over LISTEN.
+        app.store().listen().await?;
+        Some(job_changes(
+            app.store().wake().changes().subscribe(),
+            queue,
+            app.shutdown_signal(),
+        ))
+    } else {
+        None
+    };
+    let counts = queue_counts(
+        app.hub().follow_queues(),
+        app.shutdown_signal(),
+        last_event_id(&headers),
+    );
+    let stream = match jobs {
+        Some(jobs) => futures_util::stream::select(counts, jobs).left_stream(),
+        None => counts.right_stream(),
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The `queues` and `queue` events of one subscriber.
+fn queue_counts(
+    rx: watch::Receiver<Option<Vec<QueueCounts>>>,
+    shutdown: watch::Receiver<bool>,
+    mut last: Option<String>,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     let mut before: Option<HashMap<String, QueueCounts>> = None;
-    let stream = follow_stream(rx, app.shutdown_signal(), move |snap| {
+    follow_stream(rx, shutdown, move |snap| {
         let Some(list) = snap else {
             return (Vec::new(), false);
         };
@@ -448,6 +620,5 @@ pub async fn all_events<S: ServerStore>(
         };
         before = Some(list.iter().map(|q| (q.queue.clone(), q.clone())).collect());
         (events, false)
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    })
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use dray_core::{
-    Completion, Error, FailTo, FailureKind, LeaseRef, Message, QueueName, ReceiveOptions,
-    RetryPolicy,
+    Completion, Error, FailTo, FailureKind, LeaseRef, Message, MessageState, QueueName,
+    ReceiveOptions, RetryPolicy,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -223,6 +223,7 @@ pub async fn heartbeat<S: ServerStore>(
         if !w.applied.contains(&id) {
             return Err(lost(id, req.attempt));
         }
+        dray_core::changes::record_progress(store.wake().changes(), &queue, lease_ref, &w, p);
     }
     Ok(Json(Heartbeat {
         cancel_requested: w.cancel_requested.contains(&id),
@@ -239,7 +240,7 @@ pub async fn complete<S: ServerStore>(
     P((queue, id)): P<(String, Uuid)>,
     Body(req): Body<CompleteRequest>,
 ) -> ApiResult<Json<Applied>> {
-    QueueName::new(queue)?;
+    let queue = QueueName::new(queue)?;
     let lease = lease_of(id, req.attempt)?;
     let result = (!req.result.is_null())
         .then(|| serde_json::to_string(&req.result))
@@ -252,6 +253,12 @@ pub async fn complete<S: ServerStore>(
     if !w.applied.contains(&id) {
         return Err(lost(id, req.attempt));
     }
+    app.store().wake().changes().record_write(
+        queue.as_str(),
+        &[lease],
+        &w,
+        MessageState::Completed,
+    );
     Ok(Json(Applied { applied: true }))
 }
 
@@ -265,7 +272,7 @@ pub async fn fail<S: ServerStore>(
     P((queue, id)): P<(String, Uuid)>,
     Body(req): Body<FailRequest>,
 ) -> ApiResult<Json<Failed>> {
-    QueueName::new(queue)?;
+    let queue = QueueName::new(queue)?;
     let lease = lease_of(id, req.attempt)?;
     let (kind, to) = if req.permanent {
         (FailureKind::Permanent, FailTo::Dead)
@@ -281,6 +288,14 @@ pub async fn fail<S: ServerStore>(
     if !w.applied.contains(&id) {
         return Err(lost(id, req.attempt));
     }
+    let state = match to {
+        FailTo::Dead => MessageState::Dead,
+        _ => MessageState::Retryable,
+    };
+    app.store()
+        .wake()
+        .changes()
+        .record_write(queue.as_str(), &[lease], &w, state);
     Ok(Json(Failed {
         dead: to == FailTo::Dead || w.dead.contains(&id),
     }))

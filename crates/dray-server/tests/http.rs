@@ -210,35 +210,39 @@ struct Sse {
     data: Value,
 }
 
-/// Reads events from a stream until it closes or `until` says stop; bounded in time.
-async fn events(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    last_id: Option<&str>,
-    until: impl Fn(&Sse) -> bool,
-) -> Vec<Sse> {
-    use futures_util::StreamExt;
-    let mut req = http.get(url).bearer_auth(token);
-    if let Some(id) = last_id {
-        req = req.header("Last-Event-ID", id);
+/// An open event stream, read one event at a time.
+struct SseReader {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    buf: String,
+}
+
+impl SseReader {
+    async fn open(http: &reqwest::Client, url: &str, token: &str, last_id: Option<&str>) -> Self {
+        use futures_util::StreamExt;
+        let mut req = http.get(url).bearer_auth(token);
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        SseReader {
+            body: r.bytes_stream().map(|c| c.map(|c| c.to_vec())).boxed(),
+            buf: String::new(),
+        }
     }
-    let r = req.send().await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
-    let mut body = r.bytes_stream();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    let read = async {
-        while let Some(chunk) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+
+    /// The next event (keep-alive comments skipped), or `None` once the stream has closed.
+    async fn next(&mut self) -> Option<Sse> {
+        use futures_util::StreamExt;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
                 let mut e = Sse {
                     event: String::new(),
                     id: String::new(),
@@ -253,21 +257,46 @@ async fn events(
                         e.data = serde_json::from_str(v).unwrap();
                     }
                 }
-                if e.event.is_empty() {
-                    continue; // a keep-alive comment
+                if !e.event.is_empty() {
+                    return Some(e);
                 }
+            }
+            let chunk = self.body.next().await?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    }
+
+    /// Events until one for which `until` is true (included), within 20 s.
+    async fn until(&mut self, until: impl Fn(&Sse) -> bool) -> Vec<Sse> {
+        let mut out = Vec::new();
+        let read = async {
+            while let Some(e) = self.next().await {
                 let stop = until(&e);
                 out.push(e);
                 if stop {
                     return;
                 }
             }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), read)
+        };
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("the event stream delivers within 20 s");
+        out
+    }
+}
+
+/// Reads events from a stream until it closes or `until` says stop; bounded in time.
+async fn events(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    last_id: Option<&str>,
+    until: impl Fn(&Sse) -> bool,
+) -> Vec<Sse> {
+    SseReader::open(http, url, token, last_id)
         .await
-        .expect("the event stream delivers within 20 s");
-    out
+        .until(until)
+        .await
 }
 
 async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
@@ -994,26 +1023,136 @@ async fn live_job_events<S: ServerStore>(store: S) {
         .get(&format!("/api/v1/jobs/{}/events", uuid::Uuid::now_v7()))
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
-    // The dashboard stream: every queue first, then a queue whose counts change.
-    let events_url = s.url("/api/v1/events");
-    let http = s.http.clone();
-    let admin = s.admin.clone();
-    let follow = tokio::spawn(async move {
-        events(&http, &events_url, &admin, None, |e| e.event == "queue").await
-    });
-    wait_for("the dashboard stream to start", || async { true }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    s.post("/api/v1/jobs", json!({"kind": "py.x", "queue": "dash"}))
-        .await;
-    let dash = follow.await.unwrap();
-    assert_eq!(dash[0].event, "queues");
-    let last = dash.last().unwrap();
-    assert_eq!(
-        (last.event.as_str(), last.data["queue"].as_str()),
-        ("queue", Some("dash"))
-    );
     worker.shutdown().await.unwrap();
     s.stop().await;
+}
+
+/// The dashboard stream: every queue's counts first, then each queue whose counts change, and
+/// each job's state changes, made by this process or (PostgreSQL) by another one: here a
+/// worker on a store handle of its own, as a separate process would have.
+async fn dashboard_job_changes<S: ServerStore>(store: S, worker_store: S) {
+    let s = Server::start(store.clone(), |_| {}).await;
+    worker_store.listen().await.unwrap();
+    let mut all = SseReader::open(&s.http, &s.url("/api/v1/events"), &s.admin, None).await;
+    let mut one = SseReader::open(
+        &s.http,
+        &s.url("/api/v1/events?queue=http-jobs"),
+        &s.admin,
+        None,
+    )
+    .await;
+    let mut counts =
+        SseReader::open(&s.http, &s.url("/api/v1/events?jobs=false"), &s.admin, None).await;
+    for r in [&mut all, &mut one, &mut counts] {
+        assert_eq!(r.next().await.unwrap().event, "queues");
+    }
+    // The subscriptions are known to the worker's store handle (PostgreSQL: by NOTIFY; a
+    // process that starts listening later hears the next announcement, within 5 s).
+    wait_for("the worker's store to hear of the watchers", || async {
+        worker_store.wake().changes().watched()
+    })
+    .await;
+    let worker = Worker::new(worker_store.clone())
+        .register(CountToJob)
+        .start()
+        .unwrap();
+    let (_, e) = s
+        .post("/api/v1/jobs", json!({"kind": "count_to", "input": 2}))
+        .await;
+    let id = e["id"].as_str().unwrap().to_owned();
+    s.post("/api/v1/jobs", json!({"kind": "py.x", "queue": "dash"}))
+        .await;
+    let mine = |e: &Sse| e.event == "job" && e.data["id"] == id.as_str();
+    let done = |e: &Sse| mine(e) && e.data["state"] == "completed";
+    let seen = one.until(done).await;
+    let states: Vec<(&str, Option<i64>, Option<i64>)> = seen
+        .iter()
+        // An enqueue handed straight to a waiting receiver of the same process is never
+        // `available`.
+        .filter(|e| mine(e) && e.data["state"] != "available")
+        .map(|e| {
+            (
+                e.data["state"].as_str().unwrap(),
+                e.data["attempt"].as_i64(),
+                e.data["progress"].as_i64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("running", Some(1), None),
+            ("running", Some(1), Some(50)),
+            ("running", Some(1), Some(100)),
+            ("completed", Some(1), None),
+        ],
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|e| e.event != "job" || e.data["queue"] == "http-jobs"),
+        "the queue filter holds: {seen:?}"
+    );
+    // The unfiltered stream has the other queue's job too, and the counts as they change.
+    let everything = all.until(done).await;
+    assert!(
+        everything.iter().any(|e| e.event == "job"
+            && e.data["queue"] == "dash"
+            && e.data["state"] == "available"),
+        "{everything:?}"
+    );
+    // A cancel through the API is a change too.
+    let (_, later) = s
+        .post(
+            "/api/v1/jobs",
+            json!({"kind": "py.x", "queue": "http-jobs", "delay_secs": 3600}),
+        )
+        .await;
+    let later = later["id"].as_str().unwrap().to_owned();
+    let (st, _) = s
+        .post(&format!("/api/v1/jobs/{later}/cancel"), json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let cancelled = one
+        .until(|e| {
+            e.event == "job" && e.data["id"] == later.as_str() && e.data["state"] == "cancelled"
+        })
+        .await;
+    assert!(
+        cancelled.iter().any(|e| e.event == "job"
+            && e.data["id"] == later.as_str()
+            && e.data["state"] == "scheduled"),
+        "{cancelled:?}"
+    );
+    // Counts only: `queue` events, never a `job` event.
+    let c = counts
+        .until(|e| e.event == "queue" && e.data["queue"] == "dash")
+        .await;
+    assert!(c.iter().all(|e| e.event == "queue"), "{c:?}");
+    // A bad filter is refused before any stream.
+    let (st, p) = s.get("/api/v1/events?queue=no%20spaces").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{p}");
+    worker.shutdown().await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_job_changes_on_sqlite() {
+    common::on_sqlite(|store| dashboard_job_changes(store.clone(), store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_job_changes_on_postgres_across_store_handles() {
+    common::on_postgres(|store| async move {
+        let other = dray::PgStore::builder(common::pg_url())
+            .schema(store.schema())
+            .max_connections(4)
+            .connect()
+            .await
+            .unwrap();
+        dashboard_job_changes(store, other).await;
+    })
+    .await;
 }
 
 async fn workflows_resource<S: ServerStore>(store: S) {

@@ -88,6 +88,8 @@ pub(crate) trait EngineOps: RunOps {
     fn defer<'a>(&'a self, queue: &'a QueueName, lease: LeaseRef) -> BoxFuture<'a, Result<()>>;
     fn prune(&self, older_than: std::time::Duration, limit: u32) -> BoxFuture<'_, Result<u64>>;
     fn wake(&self, queue: &str);
+    /// The store's job change feed.
+    fn changes(&self) -> &crate::changes::ChangeFeed;
 }
 
 /// A worker's workflow engine on store `S`: the batchers, started on first use.
@@ -204,6 +206,9 @@ impl<S: WorkflowStore> EngineOps for WorkflowEngine<S> {
     }
     fn wake(&self, queue: &str) {
         self.store.wake().wake(queue);
+    }
+    fn changes(&self) -> &crate::changes::ChangeFeed {
+        self.store.wake().changes()
     }
 }
 
@@ -352,8 +357,22 @@ impl Drive {
             .await;
         if matches!(written, Ok(true)) {
             crate::metrics::run_ended(&loaded.run.name, status);
+            // The driving job completes, as any job does.
+            self.record(crate::MessageState::Completed, Some(self.job.attempt()));
         }
         settled(written)
+    }
+
+    /// Records the driving job's change on the store's change feed.
+    fn record(&self, state: crate::MessageState, attempt: Option<i32>) {
+        self.engine.changes().record_with(|| {
+            Some(crate::changes::JobChange::new(
+                self.job.id(),
+                self.job.queue(),
+                state,
+                attempt,
+            ))
+        });
     }
 
     /// A transient failure: the run retries from its last completed step, or fails once its
@@ -448,6 +467,13 @@ impl Drive {
 
     async fn suspend(&self, s: Suspend) -> Result<Handled, JobError> {
         let queue = self.job.inner.queue.clone();
+        let state = match s.wake_at {
+            Some(t) if t <= Utc::now() => crate::MessageState::Available,
+            _ if s.signal.is_none() && s.child.is_none() && s.wake_at.is_none() => {
+                crate::MessageState::Available
+            }
+            _ => crate::MessageState::Scheduled,
+        };
         let r = self
             .write(RunOp::Suspend {
                 record: s.record,
@@ -459,6 +485,10 @@ impl Drive {
             .await;
         // This worker's fetcher may be waiting: let it look again for the next due time.
         self.engine.wake(queue.as_str());
+        if matches!(r, Ok(true)) {
+            // Suspending gives the attempt back uncounted.
+            self.record(state, Some((self.job.attempt() - 1).max(0)));
+        }
         settled(r)
     }
 
