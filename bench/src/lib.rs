@@ -1180,10 +1180,23 @@ async fn http_followed_drain<S: RawStore>(
     extra: &mut serde_json::Map<String, serde_json::Value>,
 ) -> BenchResult<f64> {
     let (base, token, server) = local_server(store).await?;
-    // The same drain twice on one server: without subscribers, then with them.
-    let alone = followed_drain(store, n, &base, &token, &server, 0).await?;
-    let followed = followed_drain(store, n, &base, &token, &server, H2_SUBSCRIBERS).await?;
+    // The same drain three times on one server: without subscribers, with 1,000 following
+    // jobs, and with one dashboard taking every job change from `/events`.
+    let alone = followed_drain(store, n, &base, &token, &server, 0, false).await?;
+    let followed = followed_drain(store, n, &base, &token, &server, H2_SUBSCRIBERS, false).await?;
+    let watched = followed_drain(store, n, &base, &token, &server, 0, true).await?;
     server.stop().await?;
+    extra.insert(
+        "jobs_per_s_with_dashboard".into(),
+        watched.rate.round().into(),
+    );
+    extra.insert("dashboard_job_events".into(), watched.job_events.into());
+    if let Some(t) = watched.tx_per_job {
+        extra.insert(
+            "db_tx_per_job_with_dashboard".into(),
+            ((t * 1000.0).round() / 1000.0).into(),
+        );
+    }
     extra.insert("subscribers".into(), H2_SUBSCRIBERS.into());
     extra.insert("subscribers_ended".into(), followed.ended.into());
     extra.insert(
@@ -1214,6 +1227,8 @@ struct Drained {
     tx_per_job: Option<f64>,
     hub_reads_per_s: f64,
     ended: usize,
+    /// `job` events the dashboard stream delivered (0 without one).
+    job_events: usize,
 }
 
 /// PostgreSQL's backends report their transaction counts when idle, at most every
@@ -1227,9 +1242,36 @@ async fn followed_drain<S: RawStore>(
     token: &str,
     server: &ServerHandle<S>,
     subscribers: usize,
+    dashboard: bool,
 ) -> BenchResult<Drained> {
     use futures_util::StreamExt;
     prefill_analyzed(store, n).await?;
+    let http = reqwest::Client::new();
+    let job_events = Arc::new(AtomicUsize::new(0));
+    let dashboard = if dashboard {
+        let r = http
+            .get(format!("{base}/api/v1/events?queue={QUEUE}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| format!("H2: dashboard: {e}"))?;
+        let job_events = job_events.clone();
+        Some(tokio::spawn(async move {
+            let mut body = r.bytes_stream();
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    if buf[..end].starts_with("event: job\n") {
+                        job_events.fetch_add(1, Ordering::Relaxed);
+                    }
+                    buf.drain(..end + 2);
+                }
+            }
+        }))
+    } else {
+        None
+    };
     let followed: Vec<dray::uuid::Uuid> = if subscribers == 0 {
         Vec::new()
     } else {
@@ -1245,7 +1287,6 @@ async fn followed_drain<S: RawStore>(
             .map(|m| m.id)
             .collect()
     };
-    let http = reqwest::Client::new();
     let ended = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
     for id in &followed {
@@ -1317,6 +1358,14 @@ async fn followed_drain<S: RawStore>(
     for s in streams {
         let _ = s.await;
     }
+    if let Some(d) = dashboard {
+        // Untimed: a claim and a completion of every job reach the dashboard.
+        let deadline = Instant::now() + STALL;
+        while job_events.load(Ordering::Relaxed) < 2 * n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        d.abort();
+    }
     tokio::time::sleep(STATS_SETTLE).await;
     let tx_per_job = match (tx_start, store.transactions().await?) {
         (Some(a), Some(b)) => Some((b - a) as f64 / n as f64),
@@ -1327,6 +1376,7 @@ async fn followed_drain<S: RawStore>(
         tx_per_job,
         hub_reads_per_s: reads as f64 / secs,
         ended: ended.load(Ordering::Relaxed),
+        job_events: job_events.load(Ordering::Relaxed),
     })
 }
 

@@ -90,8 +90,9 @@ pub struct ServerConfig {
     /// Origins a browser frontend may call from (CORS): empty for none (the default), `*`
     /// for any.
     pub cors_origins: Vec<String>,
-    /// How often live-event streams are refreshed: one batched read per tick serves every
-    /// subscriber (default 100 ms).
+    /// The shortest time between two refreshes of the live-event streams (default 100 ms):
+    /// the job change feed wakes the refresh, one batched read serves every subscriber, and
+    /// without changes everything is read again every ten ticks.
     pub event_tick: Duration,
     /// How long a checked token is trusted before it is looked up again (default 5 s): a
     /// token revoked by `dray tokens revoke` stops working within this; one revoked through
