@@ -39,7 +39,8 @@ pub use store::{Store, StoreConnection};
 pub use types::{
     AttemptError, CallbackSettle, CallbackStatus, CancelOutcome, ClaimParams, Completion, Enqueued,
     FailTo, FailureKind, JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport,
-    NackAction, NewMessage, Priority, QueueGauge, QueueName, QueueStats, RescueReport, RunAt,
+    NackAction, NewMessage, Priority, QueueGauge, QueueName, QueueStats, RebuiltIndex,
+    RescueReport, RunAt,
 };
 pub use wake::WakeHub;
 pub use worker::{Secret, Worker, WorkerConfig, WorkerEvent, WorkerHandle};

@@ -16,7 +16,7 @@ use crate::error::Result;
 use crate::types::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, FailTo, FailureKind,
     JobFilter, LeaseRef, LeaseWrite, Message, MigrationReport, NackAction, NewMessage, QueueGauge,
-    QueueName, QueueStats, RescueReport,
+    QueueName, QueueStats, RebuiltIndex, RescueReport,
 };
 use crate::wake::WakeHub;
 
@@ -200,6 +200,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         older_than: Duration,
         limit: u32,
     ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Gives back the space a burst of jobs left in the unfinished jobs' indexes, where the
+    /// store's indexes keep it: PostgreSQL B-trees keep emptied pages for their own reuse, so
+    /// after a million jobs went through, the indexes of a nearly empty table stay at their
+    /// high-water size. Rebuilds (without blocking writers) each index larger than
+    /// [`crate::batch::INDEX_SLACK_BYTES`] and four times what its entries need; answers what
+    /// it rebuilt. The maintenance leader calls it every
+    /// [`crate::worker::COMPACT_EVERY`]. A store with nothing of the kind to do (SQLite, whose
+    /// freed pages go back to the file's free list for every table) does nothing.
+    fn job_table_compact(&self) -> impl Future<Output = Result<Vec<RebuiltIndex>>> + Send {
+        async { Ok(Vec::new()) }
+    }
 
     /// Takes or renews leadership of role `name` for `ttl` (database clock): true when
     /// `holder` holds it now. Fails over when the holder stops renewing.

@@ -618,6 +618,18 @@ pub struct LeaseWrite {
     pub cancel_requested: Vec<Uuid>,
 }
 
+/// An index a store rebuilt to give back the space a burst of jobs left in it (see
+/// [`crate::Store::job_table_compact`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuiltIndex {
+    /// The index.
+    pub name: String,
+    /// Its size before, in bytes.
+    pub bytes_before: u64,
+    /// Its size after, in bytes.
+    pub bytes_after: u64,
+}
+
 /// What a sweep of expired leases did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RescueReport {

@@ -1535,6 +1535,8 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
     let every = shared.config.maintenance_interval;
     let mut gauges = crate::metrics::QueueGauges::new();
     let mut sampled: Option<Instant> = None;
+    let mut compacted: Option<Instant> = None;
+    let mut compacting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let leader = match shared
             .store
@@ -1558,6 +1560,29 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
                     tracing::warn!(%err, "dray: sampling the outbox gauges failed");
                 }
             }
+        }
+        if leader
+            && compacted.is_none_or(|at| at.elapsed() >= COMPACT_EVERY)
+            && compacting.as_ref().is_none_or(|t| t.is_finished())
+        {
+            // On a task of its own: a rebuild may wait for locks, and the sweep must not.
+            compacted = Some(Instant::now());
+            let store = shared.store.clone();
+            compacting = Some(tokio::spawn(async move {
+                match store.job_table_compact().await {
+                    Ok(rebuilt) => {
+                        for r in rebuilt {
+                            tracing::info!(
+                                index = %r.name, bytes_before = r.bytes_before, bytes_after = r.bytes_after,
+                                "dray: rebuilt an index of the unfinished jobs to give back the space a burst left in it"
+                            );
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "dray: rebuilding a bloated index failed; trying again later")
+                    }
+                }
+            }));
         }
         if leader {
             match shared.store.message_rescue_expired(None).await {
@@ -1610,10 +1635,19 @@ async fn maintenance<S: Store>(shared: Arc<Shared<S>>, stop: CancelToken) {
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                if let Some(t) = compacting {
+                    t.abort();
+                }
+                return;
+            }
         }
     }
 }
+
+/// How often the maintenance leader looks for bloated indexes of the unfinished jobs (see
+/// [`Store::job_table_compact`]): one catalog query, and a rebuild only where one is due.
+pub const COMPACT_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the maintenance leader samples the per-queue (and outbox) gauges: one query on
 /// the unfinished jobs per interval, whatever the number of workers.

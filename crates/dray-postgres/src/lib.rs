@@ -38,8 +38,8 @@ use dray_core::migrate::{self, Migration, SchemaMode};
 use dray_core::{
     CallbackSettle, CancelOutcome, ClaimParams, Completion, Enqueued, Error, FailTo, FailureKind,
     JobFilter, LeaseRef, LeaseWrite, Message, MessageState, MigrationReport, NackAction,
-    NewMessage, Priority, QueueGauge, QueueName, QueueStats, RescueReport, Result, RunAt, Store,
-    WakeHub,
+    NewMessage, Priority, QueueGauge, QueueName, QueueStats, RebuiltIndex, RescueReport, Result,
+    RunAt, Store, WakeHub,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
@@ -694,6 +694,79 @@ impl PgStore {
     /// The schema holding Dray's tables.
     pub fn schema(&self) -> &str {
         &self.inner.schema
+    }
+
+    /// Rebuilds, with `REINDEX INDEX CONCURRENTLY` (writers are not blocked), each index of
+    /// the unfinished jobs' table that is larger than `slack` bytes and four times what its
+    /// entries need (the entry count is the one the last VACUUM or ANALYZE recorded; an index
+    /// never counted is left alone). First drops what an interrupted rebuild left behind (an
+    /// invalid `…_ccnew` index). A rebuild waits at most 5 s for each lock it needs (a
+    /// transaction held open elsewhere makes it give up; the next call tries again). What
+    /// [`Store::job_table_compact`] runs, with [`dray_core::batch::INDEX_SLACK_BYTES`].
+    pub async fn rebuild_bloated_indexes(&self, slack: u64) -> Result<Vec<RebuiltIndex>> {
+        let op = "rebuild_bloated_indexes";
+        let table = format!("\"{}\".dray_jobs", self.inner.schema);
+        let indexes: Vec<(String, i64, f32, bool)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_relation_size(c.oid), c.reltuples, i.indisvalid
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE i.indrelid = to_regclass($1) ORDER BY c.relname",
+        )
+        .bind(&table)
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(Error::db(op))?;
+        let quoted = |name: &str| format!("\"{}\".\"{}\"", self.inner.schema, name);
+        for (name, _, _, valid) in &indexes {
+            if !valid && name.contains("_ccnew") {
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP INDEX CONCURRENTLY IF EXISTS {}",
+                    quoted(name)
+                )))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(Error::db(op))?;
+            }
+        }
+        let mut rebuilt = Vec::new();
+        for (name, bytes, entries, valid) in indexes {
+            let bytes = bytes.max(0) as u64;
+            if !valid
+                || entries < 0.0
+                || !dray_core::batch::index_bloated(bytes, f64::from(entries), slack)
+            {
+                continue;
+            }
+            let mut conn = self.inner.pool.acquire().await.map_err(Error::db(op))?;
+            sqlx::raw_sql("SET lock_timeout = '5s'")
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db(op))?;
+            let done = sqlx::raw_sql(AssertSqlSafe(format!(
+                "REINDEX INDEX CONCURRENTLY {}",
+                quoted(&name)
+            )))
+            .execute(&mut *conn)
+            .await;
+            let reset = sqlx::raw_sql("RESET lock_timeout")
+                .execute(&mut *conn)
+                .await;
+            if let Err(err) = done {
+                // What it left (an invalid copy) goes at the next call's start.
+                return Err(Error::db(op)(err));
+            }
+            reset.map_err(Error::db(op))?;
+            let after: i64 = sqlx::query_scalar("SELECT pg_relation_size(to_regclass($1))")
+                .bind(quoted(&name))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Error::db(op))?;
+            rebuilt.push(RebuiltIndex {
+                name,
+                bytes_before: bytes,
+                bytes_after: after.max(0) as u64,
+            });
+        }
+        Ok(rebuilt)
     }
 
     /// Drops the schema and everything in it. For tests and `dray` tooling; irreversible.
@@ -1671,6 +1744,11 @@ impl Store for PgStore {
     /// yet), rows of a history whose retention is shorter than an hour, and rows that finished
     /// before schema version 9, still in the hot table. Answers how many rows went (the
     /// dropped partitions' count is the planner's estimate).
+    async fn job_table_compact(&self) -> Result<Vec<RebuiltIndex>> {
+        self.rebuild_bloated_indexes(dray_core::batch::INDEX_SLACK_BYTES)
+            .await
+    }
+
     async fn job_prune(&self, older_than: Duration, limit: u32) -> Result<u64> {
         let op = "job_prune";
         let sql = &self.inner.sql;
