@@ -666,6 +666,19 @@ where
     })
 }
 
+/// Below this size an index of the unfinished jobs is never rebuilt (see
+/// [`crate::Store::job_table_compact`]): 4 MiB, "a few MB" of slack that a steady load
+/// reuses.
+pub const INDEX_SLACK_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Whether an index of `bytes` holding about `entries` entries should be rebuilt: it is above
+/// [`INDEX_SLACK_BYTES`] and more than four times what its entries need (64 bytes each,
+/// generously, plus a few pages).
+pub fn index_bloated(bytes: u64, entries: f64, slack: u64) -> bool {
+    let needed = entries.max(0.0) * 64.0 + 65_536.0;
+    bytes > slack && bytes as f64 > 4.0 * needed
+}
+
 #[cfg(test)]
 mod sweep_tests {
     use super::*;
@@ -730,17 +743,4 @@ mod sweep_tests {
         );
         assert_eq!(sweep(&c, 100), vec![(None, SWEEP_WINDOW)]);
     }
-}
-
-/// Below this size an index of the unfinished jobs is never rebuilt (see
-/// [`crate::Store::job_table_compact`]): 4 MiB, "a few MB" of slack that a steady load
-/// reuses.
-pub const INDEX_SLACK_BYTES: u64 = 4 * 1024 * 1024;
-
-/// Whether an index of `bytes` holding about `entries` entries should be rebuilt: it is above
-/// [`INDEX_SLACK_BYTES`] and more than four times what its entries need (64 bytes each,
-/// generously, plus a few pages).
-pub fn index_bloated(bytes: u64, entries: f64, slack: u64) -> bool {
-    let needed = entries.max(0.0) * 64.0 + 65_536.0;
-    bytes > slack && bytes as f64 > 4.0 * needed
 }

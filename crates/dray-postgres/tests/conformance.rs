@@ -819,7 +819,10 @@ async fn a_burst_gives_its_index_space_back() {
         assert_eq!((a.id, b.duplicate), (b.id, true));
         let got = q.receive("burst", 10, Duration::ZERO).await.unwrap();
         assert_eq!(got.len(), 3);
-        assert_eq!(q.ack("burst", got.iter().map(|m| m.lease())).await.unwrap(), 3);
+        assert_eq!(
+            q.ack("burst", got.iter().map(|m| m.lease())).await.unwrap(),
+            3
+        );
     })
     .await
 }
