@@ -45,7 +45,7 @@ def main(path):
         print("# " + json.dumps(m))
     print()
     print(f"{'workload':<13} {'system':<26} {'median':>10} {'min-max':>21} {'unit':>7}  {'Dray/this':>9}  notes")
-    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "paced-insert", "W3", "W3-remote", "W4", "W5", "H1", "H2"]
+    order = ["plain-insert", "W1-single", "W1-batch", "floor", "W2", "W2-tuned", "paced-insert", "W3", "W3-remote", "W4", "W5", "H1", "H2", "W6"]
     workloads = sorted({k[0] for k in runs} | {k[0] for k in unavailable}, key=lambda w: order.index(w) if w in order else 99)
     for w in workloads:
         for (wk, system, store), note in unavailable.items():
@@ -70,6 +70,18 @@ def main(path):
                 notes = (f"{e['subscribers_ended']}/{e['subscribers']} subscribers saw the end; "
                          f"without them {e['jobs_per_s_without_subscribers']:.0f} jobs/s; db tx/job "
                          f"{e['db_tx_per_job_without']} -> {e['db_tx_per_job_with']}; hub reads {e['hub_reads_per_s']:.0f}/s")
+                if "jobs_per_s_with_dashboard" in e:
+                    notes += (f"; with one /events dashboard {e['jobs_per_s_with_dashboard']:.0f} jobs/s, "
+                              f"{e['dashboard_job_events']} job events, db tx/job {e.get('db_tx_per_job_with_dashboard')}")
+            phased = [e for e in ex if "phases" in e]
+            if phased:
+                e = phased[len(phased) // 2]
+                ph = e["phases"]
+                names = [p for p in ("clean", "held", "recovery") if p in ph]
+                notes = ("p50 " + "/".join(f"{ph[p]['p50_ms']:.2f}" for p in names) + " ms, p99 "
+                         + "/".join(f"{ph[p]['p99_ms']:.2f}" for p in names) + " ms (" + "/".join(names) + ")")
+                if "held_p99_over_clean" in e:
+                    notes += f"; held p99 / clean p99 {e['held_p99_over_clean']:.2f}"
             d = 2 if units[w] in LOWER_IS_BETTER else 1  # latencies to the hundredth of a ms
             print(f"{w:<13} {system + ' (' + store + ')':<26} {med:>10.{d}f} {min(values):>10.{d}f}-{max(values):<10.{d}f} {units[w]:>7}  {ratio:>9}  {notes}")
     def med(w, system):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Dray and its peers interleaved, rep by rep, on one PostgreSQL, then prints the
-# side-by-side table with Dray/peer ratios. Usage: bench/compare.sh   (env: DRAY_BENCH_DATABASE_URL,
-# N=20000, REPS=3, OUT=bench/results.jsonl)
+# side-by-side table with Dray/peer ratios; then W6 (latency while VACUUM is held back, 4 minutes
+# of steady load) once. Usage: bench/compare.sh   (env: DRAY_BENCH_DATABASE_URL, N=20000, REPS=3,
+# OUT=bench/results.jsonl, W6=1 to run W6, 0 not to)
 set -euo pipefail
 cd "$(dirname "$0")"
 URL=${DRAY_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -36,4 +37,8 @@ for rep in $(seq 1 "$REPS"); do
     esac
   done
 done
+if [ "${W6:-1}" = 1 ]; then
+  echo "W6 (4 minutes)" >&2
+  "$DRAY" --database "$URL" --json bench --reps 1 --workload W6 | tail -n +2 >> "$OUT"
+fi
 python3 compare.py "$OUT"

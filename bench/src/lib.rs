@@ -514,6 +514,15 @@ async fn one<S: RawStore>(store: &S, cfg: &BenchConfig, w: Workload) -> BenchRes
             }
             if let Some(sizes) = store.table_sizes().await? {
                 extra.insert("tables_after".into(), sizes);
+                if w == Workload::W2 {
+                    // Untimed: what the hot table comes back to once VACUUM (autovacuum, after
+                    // a burst) and the maintenance leader's index rebuild have run.
+                    store.vacuum_hot().await?;
+                    store.job_table_compact().await?;
+                    if let Some(sizes) = store.table_sizes().await? {
+                        extra.insert("tables_after_vacuum_and_compact".into(), sizes);
+                    }
+                }
             }
             n as f64 / secs
         }

@@ -49,6 +49,9 @@ pub trait RawStore: dray_server::ServerStore {
     /// Sizes of Dray's job tables (bytes, indexes and TOAST included) and their dead row
     /// versions, as one JSON object; `None` where the database cannot tell (SQLite).
     fn table_sizes(&self) -> impl Future<Output = BenchResult<Option<serde_json::Value>>> + Send;
+    /// VACUUMs the unfinished jobs' table (PostgreSQL; nothing on SQLite), as autovacuum
+    /// would after a burst.
+    fn vacuum_hot(&self) -> impl Future<Output = BenchResult<()>> + Send;
 }
 
 const PG_CLAIM: &str = "
@@ -92,6 +95,16 @@ impl RawStore for PgStore {
             .bind(n as i64)
             .execute(self.pool())
             .await?;
+        Ok(())
+    }
+
+    async fn vacuum_hot(&self) -> BenchResult<()> {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "VACUUM \"{}\".dray_jobs",
+            self.schema()
+        )))
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
@@ -276,6 +289,10 @@ impl RawStore for SqliteStore {
 
     async fn table_sizes(&self) -> BenchResult<Option<serde_json::Value>> {
         Ok(None)
+    }
+
+    async fn vacuum_hot(&self) -> BenchResult<()> {
+        Ok(())
     }
 
     async fn reopen(&self, _url: &str) -> BenchResult<Self> {
