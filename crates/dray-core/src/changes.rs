@@ -43,6 +43,10 @@ pub const WATCH_TTL: Duration = Duration::from_secs(15);
 /// Batches a subscriber may fall behind by before it gets [`Changes::Missed`].
 pub const FEED_CAPACITY: usize = 1024;
 
+/// Changes a relayed feed keeps waiting for its relay; past that (the database is slow or
+/// unreachable) it drops them and sends watchers [`Changes::Missed`] instead.
+pub const MAX_OUTGOING: usize = 100_000;
+
 /// One job's change of state (or progress).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -94,6 +98,8 @@ pub struct ChangeFeed {
     /// Milliseconds after `epoch` until which somebody (here or elsewhere) watches.
     watched_until: AtomicU64,
     outgoing: Mutex<Vec<JobChange>>,
+    /// Changes were dropped since the relay last took the outgoing ones.
+    overflowed: AtomicBool,
     ready: Notify,
 }
 
@@ -105,6 +111,7 @@ impl Default for ChangeFeed {
             epoch: Instant::now(),
             watched_until: AtomicU64::new(0),
             outgoing: Mutex::new(Vec::new()),
+            overflowed: AtomicBool::new(false),
             ready: Notify::new(),
         }
     }
@@ -135,7 +142,13 @@ impl ChangeFeed {
             return;
         }
         if self.relayed.load(Ordering::Relaxed) {
-            lock(&self.outgoing).extend(changes);
+            let mut out = lock(&self.outgoing);
+            if out.len() + changes.len() > MAX_OUTGOING {
+                self.overflowed.store(true, Ordering::Relaxed);
+            } else {
+                out.extend(changes);
+            }
+            drop(out);
             self.ready.notify_one();
         } else {
             let _ = self.local.send(Changes::Jobs(changes.into()));
@@ -193,9 +206,11 @@ impl ChangeFeed {
         &self.ready
     }
 
-    /// The recorded changes not sent yet.
-    pub fn take_outgoing(&self) -> Vec<JobChange> {
-        std::mem::take(&mut *lock(&self.outgoing))
+    /// The recorded changes not sent yet, and whether some were dropped before them (see
+    /// [`MAX_OUTGOING`]).
+    pub fn take_outgoing(&self) -> (Vec<JobChange>, bool) {
+        let out = std::mem::take(&mut *lock(&self.outgoing));
+        (out, self.overflowed.swap(false, Ordering::Relaxed))
     }
 
     /// Delivers relayed changes to this process's subscribers.
@@ -286,6 +301,8 @@ pub mod relay {
     pub const WATCHING: &str = "!w";
     /// The prefix of a payload carrying changes.
     pub const CHANGES: &str = "!c";
+    /// The payload telling watchers that a process dropped changes.
+    pub const MISSED: &str = "!m";
     /// The largest payload made (PostgreSQL refuses payloads of 8,000 bytes or more).
     pub const MAX_PAYLOAD: usize = 7_900;
 
@@ -296,6 +313,8 @@ pub mod relay {
         Queue(&'a str),
         /// Somebody watches.
         Watching,
+        /// A process dropped changes.
+        Missed,
         /// Changes (the entries that could not be read are left out).
         Changes(Vec<JobChange>),
     }
@@ -354,6 +373,8 @@ pub mod relay {
     pub fn parse(payload: &str) -> Payload<'_> {
         if payload == WATCHING {
             Payload::Watching
+        } else if payload == MISSED {
+            Payload::Missed
         } else if let Some(rest) = payload.strip_prefix(CHANGES) {
             Payload::Changes(rest.split(';').filter_map(entry).collect())
         } else {
@@ -393,6 +414,7 @@ mod tests {
         assert_eq!(back, changes);
         assert_eq!(parse("emails"), Payload::Queue("emails"));
         assert_eq!(parse(relay::WATCHING), Payload::Watching);
+        assert_eq!(parse(relay::MISSED), Payload::Missed);
         assert_eq!(encode(&[]), Vec::<String>::new());
         // A damaged entry costs only itself.
         let p = format!("{};bogus;{}", &payloads[0][..], "running,1,,zz,q");
@@ -426,10 +448,20 @@ mod tests {
         let feed = ChangeFeed::default();
         feed.set_relayed();
         feed.record_with(|| vec![change(1, "q")]);
-        assert!(feed.take_outgoing().is_empty(), "not watched: not recorded");
+        assert_eq!(
+            feed.take_outgoing(),
+            (vec![], false),
+            "not watched: not recorded"
+        );
         feed.heard_watching();
         feed.record_with(|| vec![change(3, "q")]);
-        assert_eq!(feed.take_outgoing(), vec![change(3, "q")]);
+        assert_eq!(feed.take_outgoing(), (vec![change(3, "q")], false));
+        // A relay that cannot keep up: changes past the bound are dropped, and said so.
+        feed.record_with(|| (0..MAX_OUTGOING as u128).map(|i| change(i, "q")));
+        feed.record_with(|| vec![change(5, "q")]);
+        let (kept, dropped) = feed.take_outgoing();
+        assert_eq!((kept.len(), dropped), (MAX_OUTGOING, true));
+        assert_eq!(feed.take_outgoing(), (vec![], false));
         let mut rx = feed.subscribe();
         feed.deliver(vec![change(4, "q")]);
         feed.missed();

@@ -572,7 +572,11 @@ async fn notify_loop(notifier: Arc<Notifier>, hub: Arc<WakeHub>, pool: PgPool, c
             payloads.push(changes::relay::WATCHING.to_owned());
             last_announced = Some(now);
         }
-        payloads.extend(changes::relay::encode(&feed.take_outgoing()));
+        let (outgoing, dropped) = feed.take_outgoing();
+        if dropped {
+            payloads.push(changes::relay::MISSED.to_owned());
+        }
+        payloads.extend(changes::relay::encode(&outgoing));
         if payloads.is_empty() {
             continue;
         }
@@ -1200,6 +1204,7 @@ async fn listen_loop(
                 match changes::relay::parse(n.payload()) {
                     changes::relay::Payload::Queue(q) => hub.wake(q),
                     changes::relay::Payload::Watching => hub.changes().heard_watching(),
+                    changes::relay::Payload::Missed => hub.changes().missed(),
                     changes::relay::Payload::Changes(c) => hub.changes().deliver(c),
                 }
                 None
