@@ -190,6 +190,12 @@ impl ChangeFeed {
         rx
     }
 
+    /// True when the feed carries the changes of every process sharing the database (see
+    /// [`ChangeFeed::set_relayed`]), false when only this process's.
+    pub fn relayed(&self) -> bool {
+        self.relayed.load(Ordering::Relaxed)
+    }
+
     /// True while this process has subscribers.
     pub fn subscribed(&self) -> bool {
         self.local.receiver_count() > 0

@@ -7,8 +7,10 @@
 //! followed jobs change, it reads them in one query, the queue counts once (only while someone
 //! follows them), and each followed run once, at most once per
 //! [`crate::ServerConfig::event_tick`], and fans the snapshots out to every subscriber through
-//! watch channels. Without a change it reads everything again every ten ticks, and the followed
-//! runs every tick (a step inside a running attempt changes no job state). A thousand
+//! watch channels. Without a change it reads everything again every ten ticks, and every tick
+//! while runs are followed (a step inside a running attempt changes no job state) or where the
+//! feed carries this process's changes only (SQLite: other processes on the file change jobs
+//! too). A thousand
 //! subscribers to a thousand jobs cost one query per refresh, not a thousand; nothing is read
 //! while nobody listens. `/events` streams take the job changes from the feed directly, with
 //! no read at all.
@@ -242,8 +244,12 @@ impl<S: ServerStore> Hub<S> {
                     feed = Some(task.store.wake().changes().subscribe());
                 }
                 if !dirty.any() {
-                    let runs = !lock(&task.runs).is_empty();
-                    let wait = if runs { tick } else { fallback };
+                    // Runs change without a job change (a step inside an attempt); a feed
+                    // that is not relayed (SQLite) misses other processes' changes: those are
+                    // read every tick, as without a feed.
+                    let poll = !lock(&task.runs).is_empty()
+                        || (!task.store.wake().changes().relayed() && !task.idle());
+                    let wait = if poll { tick } else { fallback };
                     tokio::select! {
                         got = next_change(&mut feed) => dirty.add(got, &mut feed),
                         _ = task.poke.notified() => dirty.full = true,
