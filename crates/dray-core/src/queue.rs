@@ -237,6 +237,35 @@ impl<S: Store> std::fmt::Debug for Queue<S> {
     }
 }
 
+/// Acknowledges leases (completed) and records the change on the store's change feed.
+async fn ack_recorded<S: Store>(
+    store: &S,
+    queue: &QueueName,
+    refs: &[LeaseRef],
+) -> Result<LeaseWrite> {
+    let w = store.message_ack_many(queue, refs).await?;
+    store
+        .wake()
+        .changes()
+        .record_write(queue.as_str(), refs, &w, MessageState::Completed);
+    Ok(w)
+}
+
+/// Gives leases back as `action` says and records the change on the store's change feed.
+pub(crate) async fn give_back<S: Store>(
+    store: &S,
+    queue: &QueueName,
+    refs: &[LeaseRef],
+    action: NackAction,
+) -> Result<LeaseWrite> {
+    let w = store.message_nack_many(queue, refs, action).await?;
+    store
+        .wake()
+        .changes()
+        .record_write(queue.as_str(), refs, &w, action.next_state());
+    Ok(w)
+}
+
 impl<S: Store> Queue<S> {
     /// A handle with the default [`QueueConfig`].
     pub fn new(store: S) -> Self {
@@ -428,20 +457,8 @@ impl<S: Store> Queue<S> {
                 id,
                 attempt: Some(message.attempt),
             };
-            match self
-                .store
-                .message_nack_many(&queue, &[lease], NackAction::Release)
-                .await
-            {
-                Ok(w) => self.store.wake().changes().record_write(
-                    queue.as_str(),
-                    &[lease],
-                    &w,
-                    MessageState::Available,
-                ),
-                Err(err) => {
-                    tracing::warn!(%err, %id, "dray: cannot give back a message whose receiver left; it returns when its lease expires")
-                }
+            if let Err(err) = give_back(&self.store, &queue, &[lease], NackAction::Release).await {
+                tracing::warn!(%err, %id, "dray: cannot give back a message whose receiver left; it returns when its lease expires");
             }
         }
         Ok(Enqueued {
@@ -681,13 +698,7 @@ impl<S: Store> Queue<S> {
         refs: impl IntoIterator<Item = R>,
     ) -> Result<u64> {
         let (queue, refs) = Self::refs(queue, refs)?;
-        let w = self.store.message_ack_many(&queue, &refs).await?;
-        self.store.wake().changes().record_write(
-            queue.as_str(),
-            &refs,
-            &w,
-            MessageState::Completed,
-        );
+        let w = ack_recorded(&self.store, &queue, &refs).await?;
         Ok(w.applied.len() as u64)
     }
 
@@ -695,16 +706,7 @@ impl<S: Store> Queue<S> {
     /// taken back meanwhile.
     pub async fn ack_lease(&self, message: &Message) -> Result<()> {
         let queue = QueueName::new(message.queue.as_str())?;
-        let w = self
-            .store
-            .message_ack_many(&queue, &[message.lease()])
-            .await?;
-        self.store.wake().changes().record_write(
-            queue.as_str(),
-            &[message.lease()],
-            &w,
-            MessageState::Completed,
-        );
+        let w = ack_recorded(&self.store, &queue, &[message.lease()]).await?;
         Self::fenced(message, w)
     }
 
@@ -737,12 +739,7 @@ impl<S: Store> Queue<S> {
     ) -> Result<LeaseWrite> {
         check_span("delay", action.delay(), Duration::ZERO)?;
         let (queue, refs) = Self::refs(queue, refs)?;
-        let w = self.store.message_nack_many(&queue, &refs, action).await?;
-        self.store
-            .wake()
-            .changes()
-            .record_write(queue.as_str(), &refs, &w, action.next_state());
-        Ok(w)
+        give_back(&self.store, &queue, &refs, action).await
     }
 
     /// Extends leases: each now ends `by` from the database's `now()` (a heartbeat). Returns

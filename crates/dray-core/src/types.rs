@@ -413,6 +413,18 @@ pub enum FailTo {
     Cancelled,
 }
 
+impl FailTo {
+    /// The state a failed attempt sends its job to, unless it went dead instead (a retry out
+    /// of attempts).
+    pub fn next_state(self) -> MessageState {
+        match self {
+            FailTo::Retry(_) => MessageState::Retryable,
+            FailTo::Dead => MessageState::Dead,
+            FailTo::Cancelled => MessageState::Cancelled,
+        }
+    }
+}
+
 /// A finished attempt to record as completed.
 #[derive(Clone, Debug)]
 pub struct Completion {

@@ -1075,16 +1075,8 @@ async fn give_back<S: Store>(
     leases: &[LeaseRef],
     action: crate::NackAction,
 ) {
-    match shared.store.message_nack_many(queue, leases, action).await {
-        Ok(w) => shared.store.wake().changes().record_write(
-            queue.as_str(),
-            leases,
-            &w,
-            action.next_state(),
-        ),
-        Err(err) => {
-            tracing::warn!(%err, n = leases.len(), "dray: could not give back jobs; their leases expire by themselves")
-        }
+    if let Err(err) = crate::queue::give_back(&shared.store, queue, leases, action).await {
+        tracing::warn!(%err, n = leases.len(), "dray: could not give back jobs; their leases expire by themselves");
     }
 }
 
@@ -1342,16 +1334,11 @@ async fn fail<S: Store>(
         .await
     {
         Ok(w) => {
-            let state = match next {
-                "retry" => MessageState::Retryable,
-                "dead" => MessageState::Dead,
-                _ => MessageState::Cancelled,
-            };
             shared
                 .store
                 .wake()
                 .changes()
-                .record_write(&m.queue, &[m.lease()], &w, state);
+                .record_write(&m.queue, &[m.lease()], &w, to.next_state());
             w.applied.contains(&m.id)
         }
         Err(err) => {

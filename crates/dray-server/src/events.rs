@@ -10,10 +10,9 @@
 //! watch channels. Without a change it reads everything again every ten ticks, and every tick
 //! while runs are followed (a step inside a running attempt changes no job state) or where the
 //! feed carries this process's changes only (SQLite: other processes on the file change jobs
-//! too). A thousand
-//! subscribers to a thousand jobs cost one query per refresh, not a thousand; nothing is read
-//! while nobody listens. `/events` streams take the job changes from the feed directly, with
-//! no read at all.
+//! too). A thousand subscribers to a thousand jobs cost one query per refresh, not a thousand;
+//! nothing is read while nobody listens. `/events` streams take the job changes from the feed
+//! directly, with no read at all.
 //!
 //! Every event carries an `id`: a fingerprint of the state it reports. A client that
 //! reconnects with `Last-Event-ID` gets nothing until the state differs from the one it saw

@@ -288,14 +288,10 @@ pub async fn fail<S: ServerStore>(
     if !w.applied.contains(&id) {
         return Err(lost(id, req.attempt));
     }
-    let state = match to {
-        FailTo::Dead => MessageState::Dead,
-        _ => MessageState::Retryable,
-    };
     app.store()
         .wake()
         .changes()
-        .record_write(queue.as_str(), &[lease], &w, state);
+        .record_write(queue.as_str(), &[lease], &w, to.next_state());
     Ok(Json(Failed {
         dead: to == FailTo::Dead || w.dead.contains(&id),
     }))
